@@ -1,0 +1,186 @@
+"""Command-line options shared by train.py, data_sampling.py, test.py and demo.py.
+
+Option names and defaults follow the original scripts so that existing command lines keep
+working; `resolve_options` turns the raw strings into the forms the modules read
+(see docs/DESIGN.md)."""
+import os
+import string
+
+import yaml
+
+from utils import UserError
+
+DEFAULT_CHARACTER = "0123456789abcdefghijklmnopqrstuvwxyz"
+ARCHITECTURE_OPTIONS = ("Transformation", "FeatureExtraction", "SequenceModeling", "Prediction",
+                        "num_fiducial", "input_channel", "output_channel", "hidden_size",
+                        "imgH", "imgW", "rgb", "PAD", "character", "sensitive", "character_file",
+                        "batch_max_length")
+STAGE_CHOICES = {
+    "Transformation": ("None", "TPS"),
+    "FeatureExtraction": ("VGG", "RCNN", "ResNet"),
+    "SequenceModeling": ("None", "BiLSTM"),
+    "Prediction": ("CTC", "Attn"),
+}
+
+
+def add_data_args(parser):
+    group = parser.add_argument_group("data")
+    group.add_argument("--train_data", help="root folder of the training LMDBs (and of the query sets)")
+    group.add_argument("--valid_data", help="root folder of the validation LMDBs")
+    group.add_argument("--select_data", default="MJ-ST",
+                       help="'-'-separated names of datasets under --train_data; a name selects every LMDB "
+                            "whose relative path has a component equal to it")
+    group.add_argument("--batch_ratio", default="0.5-0.5",
+                       help="'-'-separated share of each --select_data name in a batch")
+    group.add_argument("--total_data_usage_ratio", default="1.0",
+                       help="labelled fraction of each selected dataset (the first part); the rest is the "
+                            "unlabelled pool that data_sampling.py queries")
+    group.add_argument("--batch_max_length", type=int, default=25, help="maximum label length")
+    group.add_argument("--imgH", type=int, default=32, help="height of the input image")
+    group.add_argument("--imgW", type=int, default=100, help="width of the input image")
+    group.add_argument("--rgb", action="store_true", help="use RGB input")
+    group.add_argument("--character", default=DEFAULT_CHARACTER, help="character label set")
+    group.add_argument("--character_file", default="",
+                       help="read the character set from this UTF-8 file (overrides --character)")
+    group.add_argument("--sensitive", action="store_true",
+                       help="case-sensitive mode: the 94 printable ASCII characters")
+    group.add_argument("--PAD", action="store_true", help="keep the aspect ratio and pad when resizing")
+    group.add_argument("--data_filtering_off", action="store_true",
+                       help="keep labels that are too long or hold characters outside the charset")
+    group.add_argument("--workers", type=int, default=4, help="number of data loading workers")
+    group.add_argument("--batch_size", type=int, default=192, help="input batch size")
+    group.add_argument("--manualSeed", type=int, default=1111, help="random seed")
+    return group
+
+
+def add_model_args(parser, required=True):
+    group = parser.add_argument_group("model")
+    for name, choices in STAGE_CHOICES.items():
+        group.add_argument(f"--{name}", required=required, default=None,
+                           help=f"stage: {' | '.join(choices)}")
+    group.add_argument("--num_fiducial", type=int, default=None, help="number of TPS fiducial points (20)")
+    group.add_argument("--input_channel", type=int, default=None, help="input channels of the feature extractor (1)")
+    group.add_argument("--output_channel", type=int, default=None, help="output channels of the feature extractor (512)")
+    group.add_argument("--hidden_size", type=int, default=None, help="LSTM hidden size (256)")
+    return group
+
+
+MODEL_DEFAULTS = {"num_fiducial": 20, "input_channel": 1, "output_channel": 512, "hidden_size": 256}
+
+
+def add_runtime_args(parser):
+    group = parser.add_argument_group("runtime")
+    group.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    group.add_argument("--amp", action="store_true",
+                       help="mixed precision: bf16 autocast on CPU, fp16 autocast with gradient scaling on CUDA")
+    group.add_argument("--bins", type=int, default=15, help="number of bins of the calibration metrics")
+    group.add_argument("--no_progress", action="store_true", help="no progress bar")
+    return group
+
+
+def load_opt_yaml(model_path):
+    """Options saved beside a checkpoint by train.py, or {} when there are none."""
+    if not model_path:
+        return {}
+    path = os.path.join(os.path.dirname(os.path.abspath(model_path)), "opt.yaml")
+    if not os.path.isfile(path):
+        return {}
+    with open(path, encoding="utf-8") as f:
+        return yaml.safe_load(f) or {}
+
+
+def fill_from_saved(opt, argv_given):
+    """Take architecture options the user did not give from the opt.yaml beside --saved_model."""
+    saved = load_opt_yaml(getattr(opt, "saved_model", ""))
+    for name in ARCHITECTURE_OPTIONS:
+        if name in saved and name not in argv_given:
+            setattr(opt, name, saved[name])
+    return saved
+
+
+def given_options(parser, argv):
+    """Destinations of the options that appear on the command line (abbreviations included)."""
+    given = set()
+    for token in argv:
+        if not token.startswith("--"):
+            continue
+        flag = token.split("=", 1)[0]
+        matches = [a for a in parser._actions if any(s == flag for s in a.option_strings)]
+        if not matches:
+            matches = [a for a in parser._actions if any(s.startswith(flag) for s in a.option_strings)]
+        if len(matches) == 1:
+            given.add(matches[0].dest)
+    return given
+
+
+def resolve_charset(opt):
+    if getattr(opt, "character_file", ""):
+        path = opt.character_file
+        if not os.path.isfile(path):
+            raise UserError(f"--character_file {path}: no such file")
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+        chars = []
+        for ch in text:
+            if ch not in "\r\n" and ch not in chars:
+                chars.append(ch)
+        if not chars:
+            raise UserError(f"--character_file {path}: the file holds no characters")
+        return "".join(chars)
+    if getattr(opt, "sensitive", False):
+        return string.printable[:-6]
+    if len(set(opt.character)) != len(opt.character):
+        raise UserError("--character: the charset repeats a character; list each character once")
+    return opt.character
+
+
+def parse_ratio(value, flag):
+    try:
+        ratio = float(value)
+    except (TypeError, ValueError):
+        raise UserError(f"{flag} {value!r}: not a number; give a fraction such as 0.1") from None
+    if not 0.0 <= ratio <= 1.0:
+        raise UserError(f"{flag} {value}: must lie between 0 and 1")
+    return ratio
+
+
+def resolve_options(opt):
+    """Normalise the raw option strings in place (see docs/DESIGN.md) and return opt."""
+    if isinstance(opt.select_data, str):
+        opt.select_data = [name for name in opt.select_data.split("-") if name]
+    if not opt.select_data:
+        raise UserError("--select_data is empty; name at least one dataset, e.g. --select_data MJ-ST")
+    if isinstance(opt.batch_ratio, str):
+        parts = opt.batch_ratio.split("-")
+        try:
+            opt.batch_ratio = [float(p) for p in parts]
+        except ValueError:
+            raise UserError(f"--batch_ratio {'-'.join(parts)}: not '-'-separated numbers, e.g. 0.5-0.5") from None
+    if len(opt.batch_ratio) != len(opt.select_data):
+        raise UserError(f"--select_data names {len(opt.select_data)} datasets but --batch_ratio gives "
+                        f"{len(opt.batch_ratio)} shares; give one share per dataset")
+    if any(r <= 0 for r in opt.batch_ratio):
+        raise UserError("--batch_ratio: every share must be positive")
+    opt.total_data_usage_ratio = parse_ratio(opt.total_data_usage_ratio, "--total_data_usage_ratio")
+    for name, choices in STAGE_CHOICES.items():
+        value = getattr(opt, name, None)
+        if value is None:
+            raise UserError(f"--{name} is required (no opt.yaml beside --saved_model gives it); "
+                            f"choose one of {', '.join(choices)}")
+        if value not in choices:
+            raise UserError(f"--{name} {value}: unknown; choose one of {', '.join(choices)}")
+    for name, default in MODEL_DEFAULTS.items():
+        if getattr(opt, name, None) is None:
+            setattr(opt, name, default)
+    opt.character = resolve_charset(opt)
+    if opt.rgb:
+        opt.input_channel = 3
+    if opt.batch_size < 1:
+        raise UserError("--batch_size must be at least 1")
+    return opt
+
+
+def save_opt_yaml(opt, path):
+    from utils import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(dict(sorted(vars(opt).items())), sort_keys=False, allow_unicode=True))
