@@ -84,12 +84,6 @@ def default_exp_name(opt):
     return "-".join(parts)
 
 
-def make_converter(opt):
-    if opt.Prediction == "CTC":
-        return utils.CTCLabelConverter(opt.character)
-    return utils.AttnLabelConverter(opt.character)
-
-
 def make_optimizer(model, opt):
     params = [p for p in model.parameters() if p.requires_grad]
     if opt.adam:
@@ -190,7 +184,7 @@ def main(opt):
     is_main = rank == 0
     device = utils.select_device(opt.device, local_rank)
     utils.set_seed(opt.manualSeed)
-    converter = make_converter(opt)
+    converter = utils.make_converter(opt.Prediction, opt.character)
     opt.num_class = len(converter.character)
     criterion = calibrators.get_calibrator(opt.calibrator, opt)
     valid_criterion = calibrators.get_calibrator("CE", opt)

@@ -1,10 +1,18 @@
 """Shared helpers: user errors, atomic writes, label converters, decoding, calibration metrics,
-annotator-noise simulation and small logging helpers."""
+annotator-noise simulation, logging, devices and distributed runs."""
 import contextlib
 import functools
+import hashlib
+import math
 import os
+import random
 import sys
 import tempfile
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
 
 
 class UserError(Exception):
@@ -42,8 +50,6 @@ def atomic_path(path):
 
 
 def atomic_torch_save(obj, path):
-    import torch
-
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
 
@@ -52,3 +58,582 @@ def atomic_write_text(path, text):
     with atomic_path(path) as tmp:
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(text)
+
+
+# ---------------------------------------------------------------------------------------------
+# Label converters
+# ---------------------------------------------------------------------------------------------
+
+def _unknown_character_error(text, char):
+    return UserError(f"label {text!r} holds {char!r}, which is not in the character set; add it with "
+                     f"--character or --character_file (or use --sensitive for the 94 printable ASCII "
+                     f"characters), or leave out --data_filtering_off so such labels are filtered")
+
+
+class AttnLabelConverter:
+    """Text <-> indices for the attention decoder: `[GO]` = 0, `[s]` = 1, characters from 2."""
+
+    prediction = "Attn"
+    GO, EOS = 0, 1
+
+    def __init__(self, character):
+        self.character = ["[GO]", "[s]"] + list(character)
+        self.dict = {char: i for i, char in enumerate(self.character)}
+
+    def encode(self, texts, batch_max_length=25, device=None):
+        """`(text, lengths)`: `text` (B, L+2) long, [GO] in column 0, the characters, [s], then 0
+        ([GO]) padding; `lengths` (B,) = characters + 1 for [s]. Texts longer than L are cut to L
+        (the original cut the text but not its length)."""
+        rows, lengths = [], []
+        width = batch_max_length + 2
+        for text in texts:
+            kept = text[:batch_max_length]
+            row = [self.GO] + [self._index(text, char) for char in kept] + [self.EOS]
+            rows.append(row + [self.GO] * (width - len(row)))
+            lengths.append(len(kept) + 1)
+        return (torch.tensor(rows, dtype=torch.long, device=device).view(len(rows), width),
+                torch.tensor(lengths, dtype=torch.long, device=device))
+
+    def _index(self, text, char):
+        index = self.dict.get(char)
+        if index is None or index < 2:
+            raise _unknown_character_error(text, char)
+        return index
+
+    def decode(self, index, lengths=None):
+        """Rows of indices -> strings, every row in full as the original (`lengths` is accepted for
+        the common signature and not used), so a string carries `[s]` and what follows; see
+        `strip_eos`. Use `decode_predictions` for model outputs."""
+        return ["".join(self.character[i] for i in row) for row in _as_index_rows(index)]
+
+    @staticmethod
+    def strip_eos(text):
+        """The part of a decoded string before the first `[s]`."""
+        return text.split("[s]", 1)[0]
+
+
+class CTCLabelConverter:
+    """Text <-> indices for CTC: the blank `[CTCblank]` = 0, characters from 1."""
+
+    prediction = "CTC"
+    BLANK = 0
+
+    def __init__(self, character):
+        self.character = ["[CTCblank]"] + list(character)
+        self.dict = {char: i + 1 for i, char in enumerate(character)}
+
+    def encode(self, texts, batch_max_length=25, device=None):
+        """`(text, lengths)`: `text` (B, L) long padded with 0, `lengths` (B,) = characters (cut to L)."""
+        rows, lengths = [], []
+        for text in texts:
+            kept = text[:batch_max_length]
+            row = []
+            for char in kept:
+                index = self.dict.get(char)
+                if index is None:
+                    raise _unknown_character_error(text, char)
+                row.append(index)
+            rows.append(row + [self.BLANK] * (batch_max_length - len(row)))
+            lengths.append(len(row))
+        return (torch.tensor(rows, dtype=torch.long, device=device).view(len(rows), batch_max_length),
+                torch.tensor(lengths, dtype=torch.long, device=device))
+
+    def decode(self, index, lengths=None):
+        """Greedy-path rows -> strings: within the first `lengths[i]` frames (all when None), drop
+        repeats of the previous frame, then blanks."""
+        index = _as_index(index)
+        keep = ctc_keep_mask(index)
+        if lengths is not None:
+            lengths = torch.as_tensor(lengths).detach().cpu().long().view(-1, 1)
+            keep &= torch.arange(index.size(1)).unsqueeze(0) < lengths
+        return ["".join(self.character[i] for i in row) for row in _split_rows(index[keep], keep)]
+
+
+CONVERTERS = {"Attn": AttnLabelConverter, "CTC": CTCLabelConverter}
+
+
+def make_converter(prediction, character):
+    """The converter for a prediction head by name (`Attn` or `CTC`)."""
+    if prediction not in CONVERTERS:
+        raise UserError(f"--Prediction {prediction}: unknown; choose one of {', '.join(CONVERTERS)}")
+    return CONVERTERS[prediction](character)
+
+
+def _as_index(index):
+    """A (B, T) long CPU tensor from a tensor or nested lists (a single row becomes B = 1)."""
+    index = torch.as_tensor(index).detach().cpu().long()
+    return index.unsqueeze(0) if index.dim() == 1 else index
+
+
+def _as_index_rows(index):
+    return _as_index(index).tolist()
+
+
+def _split_rows(values, mask):
+    """The masked values of each row, as lists (values = tensor[mask], row-major)."""
+    counts = mask.sum(1).tolist()
+    return [part.tolist() for part in torch.split(values, counts)]
+
+
+def ctc_keep_mask(index):
+    """(B, T) bool: frames whose symbol starts a run and is not the blank (greedy CTC collapse)."""
+    previous = torch.full_like(index[:, :1], -1)
+    starts = index != torch.cat([previous, index[:, :-1]], dim=1)
+    return starts & (index != CTCLabelConverter.BLANK)
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoding, confidence and per-step uncertainty
+# ---------------------------------------------------------------------------------------------
+
+def _is_ctc(converter):
+    return getattr(converter, "prediction", None) == "CTC"
+
+
+def token_mask(logits, converter):
+    """(B, T) bool: the steps that make up the prediction. Attn: up to and including the first
+    `[s]` (every step when none is produced). CTC: every frame, since a frame that hesitates between
+    a character and the blank is uncertainty about the text too."""
+    index = logits.argmax(-1)
+    if _is_ctc(converter):
+        return torch.ones_like(index, dtype=torch.bool)
+    return _attn_steps(index)[0]
+
+
+def _attn_steps(index):
+    """Mask of counted steps and the number of characters before [s], per row."""
+    steps = index.size(1)
+    eos = index == AttnLabelConverter.EOS
+    has_eos = eos.any(1)
+    first = torch.where(has_eos, eos.int().argmax(1), torch.full_like(has_eos, steps, dtype=torch.long))
+    counted = torch.where(has_eos, first + 1, first)
+    mask = torch.arange(steps, device=index.device).unsqueeze(0) < counted.unsqueeze(1)
+    return mask, first
+
+
+def decode_predictions(logits, converter):
+    """Greedy decoding of (B, T, C) logits -> `(texts, word_conf, char_conf)`, in fp32 on the CPU.
+
+    Attn: the text stops before the first `[s]`; `word_conf` is the product of the per-step maximum
+    probabilities up to and including `[s]` (all steps when no `[s]` is produced); `char_conf[i]`
+    holds those factors (so its product is `word_conf[i]`).
+    CTC: the text is the collapsed greedy path; `word_conf` is the probability of that text under
+    the model, summed over all its alignments, exp(-CTC loss) (as the original's beam-1 prefix
+    search scored it), so blank frames that nearly emitted a character lower it; `char_conf[i]`
+    holds the maximum probability of the frame that emitted each character."""
+    logits = logits.detach().float()
+    probs = logits.softmax(-1)
+    max_prob, index = probs.max(-1)
+    if _is_ctc(converter):
+        keep = ctc_keep_mask(index)
+        word_conf = _ctc_text_probability(logits, index, keep)
+        emitted = keep
+    else:
+        emitted, first = _attn_steps(index)
+        word_conf = torch.where(emitted, max_prob, torch.ones_like(max_prob)).prod(1)
+        keep = torch.arange(index.size(1), device=index.device).unsqueeze(0) < first.unsqueeze(1)
+    keep, emitted, index, max_prob = keep.cpu(), emitted.cpu(), index.cpu(), max_prob.cpu()
+    texts = ["".join(converter.character[i] for i in row) for row in _split_rows(index[keep], keep)]
+    char_conf = list(torch.split(max_prob[emitted], emitted.sum(1).tolist()))
+    return texts, word_conf.cpu(), char_conf
+
+
+def _ctc_text_probability(logits, index, keep):
+    """P(collapsed greedy text | x) per row = exp(-CTC loss of that text)."""
+    batch, steps = index.shape
+    if steps == 0 or batch == 0:
+        return torch.ones(batch, device=logits.device)
+    # Pack the kept symbols to the left of each row; dropped frames scatter into a spare column.
+    position = torch.where(keep, keep.long().cumsum(1) - 1, torch.full_like(index, steps))
+    targets = torch.zeros(batch, steps + 1, dtype=torch.long, device=index.device)
+    targets.scatter_(1, position, torch.where(keep, index, torch.zeros_like(index)))
+    log_probs = logits.log_softmax(-1).transpose(0, 1)
+    input_lengths = torch.full((batch,), steps, dtype=torch.long, device=index.device)
+    nll = F.ctc_loss(log_probs, targets[:, :steps], input_lengths, keep.sum(1), blank=0, reduction="none")
+    return torch.exp(-nll)
+
+
+def mean_margin(probs, mask):
+    """Mean over the counted steps of top-1 minus top-2 probability, per row (0 for no steps)."""
+    top = probs.float().topk(2, dim=-1).values
+    return _masked_mean(top[..., 0] - top[..., 1], mask)
+
+
+def mean_entropy(probs, mask):
+    """Mean over the counted steps of the entropy (nats) of each step's distribution, per row."""
+    probs = probs.float()
+    entropy = -torch.special.xlogy(probs, probs).sum(-1)
+    return _masked_mean(entropy, mask)
+
+
+def _masked_mean(values, mask):
+    mask = mask.to(values.device)
+    total = torch.where(mask, values, torch.zeros_like(values)).sum(-1)
+    return total / mask.sum(-1).clamp(min=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Temperature scaling
+# ---------------------------------------------------------------------------------------------
+
+def apply_temperature(logits, temperature):
+    """Logits divided by a positive temperature."""
+    if not temperature > 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+    return logits / temperature
+
+
+def fit_temperature(logits, targets, mask=None, target_lengths=None, max_iter=100):
+    """The temperature T > 0 minimising the NLL of the labels under softmax(logits / T).
+
+    Token form (Attn; `target_lengths` None): `logits` (..., C), `targets` (...) class indices,
+    `mask` the counted tokens (default `targets != 0`: the labels incl. `[s]`, no padding).
+    CTC form (`target_lengths` given): the CTC negative log-likelihood (blank 0) of `targets`
+    (B, S) under (B, T, C) logits, summed over samples (not divided by target length, which would
+    weight the likelihood by the data and bias T); `mask` (B,) picks samples.
+    LBFGS on log T in fp32; returns 1.0 when nothing is counted."""
+    logits = logits.detach().float()
+    targets = targets.detach().to(logits.device).long()
+    if target_lengths is None:
+        mask = (targets != 0) if mask is None else mask.to(logits.device).bool()
+        logits, targets = logits[mask], targets[mask]
+        if targets.numel() == 0:
+            return 1.0
+
+        def nll(temperature):
+            return F.cross_entropy(logits / temperature, targets)
+    else:
+        target_lengths = target_lengths.detach().to(logits.device).long()
+        if mask is not None:
+            mask = mask.to(logits.device).bool()
+            logits, targets, target_lengths = logits[mask], targets[mask], target_lengths[mask]
+        if logits.size(0) == 0:
+            return 1.0
+        input_lengths = torch.full((logits.size(0),), logits.size(1), dtype=torch.long, device=logits.device)
+
+        def nll(temperature):
+            log_probs = (logits / temperature).log_softmax(-1).transpose(0, 1)
+            return F.ctc_loss(log_probs, targets, input_lengths, target_lengths, blank=0,
+                              reduction="sum", zero_infinity=True) / targets.size(0)
+
+    log_t = torch.zeros((), device=logits.device, requires_grad=True)
+    optimizer = torch.optim.LBFGS([log_t], lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad()
+        loss = nll(log_t.clamp(-6.0, 6.0).exp())
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    temperature = float(log_t.detach().clamp(-6.0, 6.0).exp())
+    return temperature if math.isfinite(temperature) else 1.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Calibration metrics
+# ---------------------------------------------------------------------------------------------
+
+def _as_float64(values):
+    if torch.is_tensor(values):
+        return values.detach().cpu().double().reshape(-1)
+    return torch.from_numpy(np.asarray(values, dtype=np.float64).reshape(-1))
+
+
+def _pairs(confidence, correct):
+    confidence, correct = _as_float64(confidence), _as_float64(correct)
+    if confidence.numel() != correct.numel():
+        raise ValueError(f"{confidence.numel()} confidences but {correct.numel()} correctness values")
+    return confidence, correct
+
+
+def equal_width_bins(confidence, bins=15):
+    """Bin index of each confidence in `bins` equal-width bins over [0, 1]. Bins are closed on the
+    right, (lo, hi], except the first, which also holds 0 ([0, hi]); values outside [0, 1] go to the
+    nearest end bin. So 1.0 falls in the last bin and an edge value in the bin below it (as the
+    original's `conf > lo and conf <= hi`, which however dropped conf = 0)."""
+    confidence = torch.as_tensor(confidence).double()
+    inner_edges = torch.linspace(0.0, 1.0, bins + 1, dtype=torch.float64)[1:-1]
+    return torch.bucketize(confidence, inner_edges, right=False)
+
+
+def _bin_stats(bin_index, confidence, correct, bins):
+    count = torch.zeros(bins, dtype=torch.float64).index_add_(0, bin_index, torch.ones_like(confidence))
+    conf_sum = torch.zeros(bins, dtype=torch.float64).index_add_(0, bin_index, confidence)
+    acc_sum = torch.zeros(bins, dtype=torch.float64).index_add_(0, bin_index, correct)
+    filled = count > 0
+    safe = count.clamp(min=1)
+    return count, conf_sum / safe, acc_sum / safe, filled
+
+
+def reliability_bins(confidence, correct, bins=15):
+    """Per equal-width bin: `count`, mean `confidence`, `accuracy` (NaN for empty bins), `edges`."""
+    confidence, correct = _pairs(confidence, correct)
+    count, conf, acc, filled = _bin_stats(equal_width_bins(confidence, bins), confidence, correct, bins)
+    nan = torch.full_like(conf, float("nan"))
+    return {"count": count, "confidence": torch.where(filled, conf, nan),
+            "accuracy": torch.where(filled, acc, nan),
+            "edges": torch.linspace(0.0, 1.0, bins + 1, dtype=torch.float64)}
+
+
+def calibration_metrics(confidence, correct, bins=15):
+    """ECE, ACE, MCE, Brier score, accuracy and mean confidence of (confidence, correct) pairs.
+
+    ece: equal-width bins (see `equal_width_bins`), sum over bins of n_b / N * |acc_b - conf_b|.
+    ace: the same sum over `bins` equal-count bins of the samples sorted by confidence (sizes
+         differ by at most one; the original reported this one as its "ECE" and put the remainder
+         in its last bin).
+    mce: the largest |acc_b - conf_b| over non-empty equal-width bins.
+    brier: mean (conf - correct)^2.
+    Empty input: every metric NaN and n = 0."""
+    confidence, correct = _pairs(confidence, correct)
+    n = confidence.numel()
+    if n == 0:
+        nan = float("nan")
+        return {"ece": nan, "ace": nan, "mce": nan, "brier": nan, "accuracy": nan, "confidence": nan, "n": 0}
+    count, conf, acc, filled = _bin_stats(equal_width_bins(confidence, bins), confidence, correct, bins)
+    gap = (acc - conf).abs()
+    ece = (gap * count).sum() / n
+    mce = gap[filled].max()
+
+    order = torch.sort(confidence, stable=True).indices
+    adaptive_index = torch.div(torch.arange(n, dtype=torch.long) * bins, n, rounding_mode="floor")
+    a_count, a_conf, a_acc, _ = _bin_stats(adaptive_index, confidence[order], correct[order], bins)
+    ace = ((a_acc - a_conf).abs() * a_count).sum() / n
+
+    return {"ece": ece.item(), "ace": ace.item(), "mce": mce.item(),
+            "brier": ((confidence - correct) ** 2).mean().item(),
+            "accuracy": correct.mean().item(), "confidence": confidence.mean().item(), "n": n}
+
+
+def reliability_diagram(confidence, correct, path, bins=15, title=""):
+    """Write a reliability diagram (PNG) to `path` atomically: accuracy per equal-width confidence
+    bin, the gap to the bin's mean confidence, the diagonal, and the metrics in the title."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    stats = reliability_bins(confidence, correct, bins)
+    metrics = calibration_metrics(confidence, correct, bins)
+    edges = stats["edges"].numpy()
+    centres, width = (edges[:-1] + edges[1:]) / 2, 1.0 / bins
+    filled = (stats["count"] > 0).numpy()
+    acc, conf = stats["accuracy"].numpy()[filled], stats["confidence"].numpy()[filled]
+
+    figure = Figure(figsize=(5, 5), dpi=100)
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot(1, 1, 1)
+    axes.bar(centres[filled], acc, width=width, edgecolor="black", color="tab:blue", label="accuracy")
+    axes.bar(centres[filled], conf - acc, bottom=acc, width=width, edgecolor="tab:red", color="tab:red",
+             alpha=0.3, hatch="//", label="gap to confidence")
+    axes.plot([0, 1], [0, 1], "k--", linewidth=1, label="perfect calibration")
+    axes.set_xlim(0, 1)
+    axes.set_ylim(0, 1)
+    axes.set_xlabel("confidence")
+    axes.set_ylabel("accuracy")
+    axes.legend(loc="upper left", fontsize=8)
+    summary = (f"ECE {metrics['ece']:.4f}  ACE {metrics['ace']:.4f}  MCE {metrics['mce']:.4f}  "
+               f"Brier {metrics['brier']:.4f}  n={metrics['n']}")
+    axes.set_title(f"{title}\n{summary}" if title else summary, fontsize=9)
+    figure.tight_layout()
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, format="png")
+
+
+# ---------------------------------------------------------------------------------------------
+# Simulated annotator noise
+# ---------------------------------------------------------------------------------------------
+
+def _identity_text(identity):
+    if isinstance(identity, (tuple, list)):
+        return "\t".join(str(part) for part in identity)
+    return str(identity)
+
+
+def sample_rng(seed, identity):
+    """A `random.Random` fixed by `seed` and the sample identity alone (blake2b, not the salted
+    built-in `hash`), so a sample draws the same numbers in every run, process and order."""
+    digest = hashlib.blake2b(f"{seed}\n{_identity_text(identity)}".encode("utf-8"), digest_size=16).digest()
+    return random.Random(int.from_bytes(digest, "little"))
+
+
+def corrupt_label(label, identity, noise_ratio, charset, seed):
+    """With probability `noise_ratio`, `label` with one character, at a random position, replaced by
+    a different character of `charset`; else `label` unchanged. Deterministic per (seed, identity);
+    the first draw decides, so the words corrupted at a ratio are also corrupted at any larger one.
+    An empty label, or a charset with no other character, stays unchanged."""
+    if not label or noise_ratio <= 0:
+        return label
+    rng = sample_rng(seed, identity)
+    if rng.random() >= noise_ratio:
+        return label
+    position = rng.randrange(len(label))
+    choices = [char for char in dict.fromkeys(charset) if char != label[position]]
+    if not choices:
+        return label
+    return label[:position] + rng.choice(choices) + label[position + 1:]
+
+
+# ---------------------------------------------------------------------------------------------
+# Logging
+# ---------------------------------------------------------------------------------------------
+
+class Averager:
+    """Weighted running mean. `add(value, n=1)`: a float or a tensor (each element counts n times);
+    tensors are summed on their device, so adding does not wait for the GPU."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self):
+        self.total = 0.0
+        self.count = 0
+
+    def add(self, value, n=1):
+        if torch.is_tensor(value):
+            value = value.detach()
+            self.total = self.total + value.float().sum() * n
+            self.count += value.numel() * n
+        else:
+            self.total = self.total + float(value) * n
+            self.count += n
+
+    def val(self):
+        """The mean so far, or 0.0 before anything was added."""
+        if self.count == 0:
+            return 0.0
+        return float(self.total) / self.count
+
+
+class Logger:
+    """Tee lines to stdout and to a UTF-8 log file (appended, flushed per line)."""
+
+    def __init__(self, path=None, echo=True):
+        self.echo = echo
+        self.file = None
+        if path:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            self.file = open(path, "a", encoding="utf-8")
+
+    def log(self, *lines):
+        text = "\n".join(str(line) for line in lines)
+        if self.echo:
+            print(text, flush=True)
+        if self.file is not None:
+            self.file.write(text + "\n")
+            self.file.flush()
+
+    __call__ = log
+
+    def close(self):
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def format_metrics(metrics, digits=4):
+    """`name=value` pairs on one line; floats with `digits` decimals, NaN as 'nan'."""
+    parts = []
+    for name, value in metrics.items():
+        if torch.is_tensor(value) and value.numel() == 1:
+            value = value.item()
+        if isinstance(value, float):
+            parts.append(f"{name}={value:.{digits}f}")
+        else:
+            parts.append(f"{name}={value}")
+    return " ".join(parts)
+
+
+# ---------------------------------------------------------------------------------------------
+# Devices, mixed precision, seeds and distributed runs
+# ---------------------------------------------------------------------------------------------
+
+def select_device(name="auto", local_rank=0):
+    """torch.device for --device: auto (cuda:<local_rank> when CUDA is there, else cpu), cpu,
+    cuda (cuda:<local_rank>) or cuda:N."""
+    name = (name or "auto").strip().lower()
+    if name == "auto":
+        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    if name == "cpu":
+        return torch.device("cpu")
+    if name == "cuda" or name.startswith("cuda:"):
+        index = local_rank if name == "cuda" else name[5:]
+        if not str(index).isdigit():
+            raise UserError(f"--device {name}: not a device; use auto, cpu, cuda or cuda:N")
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {name}: CUDA is not available here; use --device cpu or auto")
+        if int(index) >= torch.cuda.device_count():
+            raise UserError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s); "
+                            f"use cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
+        return torch.device(f"cuda:{int(index)}")
+    raise UserError(f"--device {name}: not a device; use auto, cpu, cuda or cuda:N")
+
+
+def autocast_context(device, enabled):
+    """Mixed precision for the forward pass: bf16 autocast on CPU, fp16 on CUDA; a no-op when off."""
+    if not enabled:
+        return contextlib.nullcontext()
+    device_type = torch.device(device).type
+    dtype = torch.float16 if device_type == "cuda" else torch.bfloat16
+    return torch.autocast(device_type=device_type, dtype=dtype)
+
+
+def set_seed(seed):
+    """Seed Python's, NumPy's and torch's (CPU and CUDA) generators."""
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
+
+
+def init_distributed():
+    """Join the process group torchrun describes in RANK / WORLD_SIZE / LOCAL_RANK (nccl on CUDA,
+    else gloo). Returns `(rank, world_size, local_rank, distributed)`; (0, 1, 0, False) when the
+    run is not launched with more than one process."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1 or "RANK" not in os.environ:
+        return 0, 1, 0, False
+    rank = int(os.environ["RANK"])
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group(backend=backend, init_method="env://")
+    return rank, world_size, local_rank, True
+
+
+def _distributed():
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def is_main_process():
+    return not _distributed() or dist.get_rank() == 0
+
+
+def barrier():
+    if _distributed():
+        dist.barrier()
+
+
+def all_gather_object(obj):
+    """A list of `obj` from every process, in rank order (`[obj]` without a process group)."""
+    if not _distributed():
+        return [obj]
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def broadcast_flag(flag):
+    """Rank 0's boolean, on every process (the flag itself without a process group)."""
+    if not _distributed():
+        return bool(flag)
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    value = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
+    dist.broadcast(value, src=0)
+    return bool(value.item())

@@ -1,0 +1,259 @@
+"""test.py and demo.py on a model whose output is known in closed form.
+
+The model (None-VGG-None-CTC, charset "ab") has its CTC head's weight zeroed, so every frame's
+logits equal the head's bias whatever the image: blank -60, 'a' BETA, 'b' 0. Greedy decoding
+reads "a" on every image, and since the blank is out of reach the only alignment of "a" is
+'a' on all T frames, so the word confidence is P("a") = p**T with p = e^BETA / (e^BETA + 1)
+(T = 24 feature columns for VGG at imgW 100). BETA is chosen so that p**T = 0.7."""
+import csv
+import importlib.util
+import io
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+import dataset
+from model import Model, save_weights
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FRAMES = 24
+CONF = 0.7
+BETA = math.log(CONF ** (1 / FRAMES) / (1 - CONF ** (1 / FRAMES)))
+ARCH = {"Transformation": "None", "FeatureExtraction": "VGG", "SequenceModeling": "None", "Prediction": "CTC",
+        "output_channel": 16, "hidden_size": 8, "input_channel": 1, "num_fiducial": 20, "imgH": 32, "imgW": 100,
+        "rgb": False, "PAD": False, "character": "ab", "sensitive": False, "character_file": "",
+        "batch_max_length": 5}
+RUNTIME = ["--device", "cpu", "--workers", "0", "--batch_size", "4"]
+
+
+def confidence_at(temperature):
+    """P("a") under logits / temperature: every frame must emit 'a' (the blank's share, e^-60/T
+    relative, is far below the tolerances used)."""
+    p = 1.0 / (1.0 + math.exp(-BETA / temperature))
+    return p ** FRAMES
+
+
+def png_bytes(shade):
+    buffer = io.BytesIO()
+    Image.new("L", (24, 10), color=shade).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def write_set(path, labels, corrupt=0):
+    samples = [(png_bytes(40 * k % 256), label, None) for k, label in enumerate(labels)]
+    samples += [(b"not an image at all", "a", None)] * corrupt
+    dataset.write_lmdb(path, samples)
+
+
+def load_script(name):
+    # `test` would import Python's own test package: load the scripts from their files.
+    spec = importlib.util.spec_from_file_location(f"script_{name}", os.path.join(ROOT, f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("eval_scripts")
+    opt = type("Opt", (), dict(ARCH, num_class=3))()
+    model = Model(opt)
+    with torch.no_grad():
+        model.Prediction.weight.zero_()
+        model.Prediction.bias.copy_(torch.tensor([-60.0, BETA, 0.0]))
+    model_dir = root / "saved_models" / "exp"
+    model_dir.mkdir(parents=True)
+    save_weights(model, model_dir / "best_accuracy.pth")
+    (model_dir / "opt.yaml").write_text(yaml.safe_dump(ARCH))
+
+    eval_root = root / "evaluation"
+    write_set(eval_root / "IIIT5k_3000", ["a", "a", "a"], corrupt=1)  # all right, one undecodable
+    write_set(eval_root / "SVT", ["b"])                                 # wrong, edit similarity 0
+    write_set(eval_root / "CUTE80", ["ab", "ab"])                       # wrong, edit similarity 1/2
+    write_set(eval_root / "set10", ["b"])
+    write_set(eval_root / "set2", ["a"])
+    write_set(root / "valid", ["a", "a"])
+    (root / "empty").mkdir()
+
+    images = root / "images"
+    (images / "sub").mkdir(parents=True)
+    for name in ("img1.png", "img2.png", "sub/img3.png"):
+        (images / name).write_bytes(png_bytes(90))
+    (images / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n but then nothing")
+    (images / "notes.txt").write_text("not an image")
+    return {"root": root, "model": str(model_dir / "best_accuracy.pth"), "model_dir": model_dir,
+            "eval": str(eval_root), "valid": str(root / "valid"), "empty": str(root / "empty"),
+            "images": str(images)}
+
+
+def run_script(name, args, cwd):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    return subprocess.run([sys.executable, os.path.join(ROOT, f"{name}.py"), *args, *RUNTIME],
+                          capture_output=True, text=True, cwd=cwd, env=env, timeout=120)
+
+
+def table_row(stdout, first_cell):
+    for line in stdout.splitlines():
+        if line.split("  ")[0].strip() == first_cell:
+            return line.split()
+    raise AssertionError(f"no row {first_cell!r} in:\n{stdout}")
+
+
+def test_benchmark_run_figures_order_and_outputs(world):
+    result = run_script("test", ["--eval_data", world["eval"], "--saved_model", world["model"],
+                                 "--benchmark_all_eval"], cwd=world["root"])
+    assert result.returncode == 0, result.stderr
+    out_dir = world["model_dir"] / "test_results" / "best_accuracy"
+    report = json.loads((out_dir / "results.json").read_text())
+
+    names = [s["name"] for s in report["sets"]]
+    assert names == ["IIIT5k_3000", "SVT", "CUTE80"]  # benchmark order, not alphabetical; set2/set10 ignored
+    assert report["absent"] == ["IC03_860", "IC03_867", "IC13_857", "IC13_1015", "IC15_1811", "IC15_2077", "SVTP"]
+    assert report["temperature"] is None
+    c = CONF
+    iiit, svt, cute = report["sets"]
+    assert (iiit["n"], iiit["skipped"], svt["n"], cute["n"]) == (3, 1, 1, 2)
+    assert iiit["accuracy"] == pytest.approx(100.0) and svt["accuracy"] == 0 and cute["accuracy"] == 0
+    assert (iiit["norm_ED"], svt["norm_ED"], cute["norm_ED"]) == pytest.approx((1.0, 0.0, 0.5))
+    for key in ("ece", "ace", "mce"):
+        assert iiit[key] == pytest.approx(1 - c, abs=1e-5)
+        assert svt[key] == pytest.approx(c, abs=1e-5)
+        assert cute[key] == pytest.approx(c, abs=1e-5)
+    assert iiit["brier"] == pytest.approx((1 - c) ** 2, abs=1e-5)
+    assert cute["brier"] == pytest.approx(c ** 2, abs=1e-5)
+    assert all(s["images_per_s"] > 0 for s in report["sets"])
+
+    total, mean = report["total"], report["mean_over_sets"]
+    assert (total["n"], total["skipped"], mean["sets"]) == (6, 1, 3)
+    assert total["accuracy"] == pytest.approx(50.0)               # 3 right of 6 samples
+    assert total["norm_ED"] == pytest.approx((3 * 1.0 + 0.0 + 2 * 0.5) / 6)
+    assert total["ece"] == pytest.approx(abs(0.5 - c), abs=1e-5)  # one bin: accuracy 0.5 at confidence c
+    assert total["mce"] == pytest.approx(abs(0.5 - c), abs=1e-5)
+    assert total["brier"] == pytest.approx((3 * (1 - c) ** 2 + 3 * c ** 2) / 6, abs=1e-5)
+    assert mean["accuracy"] == pytest.approx(100.0 / 3)
+    assert mean["norm_ED"] == pytest.approx(0.5)
+    assert mean["ece"] == pytest.approx((1 - c + c + c) / 3, abs=1e-5)
+
+    for name in names:
+        png = out_dir / f"reliability_{name}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert report["sets"][names.index(name)]["reliability_diagram"] == str(png)
+
+    row = table_row(result.stdout, "CUTE80")
+    assert row[:8] == ["CUTE80", "2", "0.00", "0.5000", f"{c:.4f}", f"{c:.4f}", f"{c:.4f}", f"{c * c:.4f}"]
+    assert table_row(result.stdout, "total")[:4] == ["total", "6", "50.00", f"{4 / 6:.4f}"]
+    assert table_row(result.stdout, "mean of 3 sets")[4:7] == ["33.33", "0.5000", f"{(1 + c) / 3:.4f}"]
+    assert "absent: IC03_860, IC03_867, IC13_857, IC13_1015, IC15_1811, IC15_2077, SVTP" in result.stdout
+    lines = result.stdout.splitlines()
+    header = next(line for line in lines if line.startswith("set "))
+    # aligned: each number ends where its column title ends
+    assert [line.index("0.5000") + 6 for line in lines if line.startswith("CUTE80")] == [header.index("norm_ED") + 7]
+
+
+def test_every_lmdb_separately_in_natural_order_with_temperature(world, tmp_path):
+    json_path = tmp_path / "out" / "r.json"
+    result = run_script("test", ["--eval_data", world["eval"], "--saved_model", world["model"],
+                                 "--temperature", "2", "--output", str(tmp_path / "figs"),
+                                 "--output_json", str(json_path)], cwd=world["root"])
+    assert result.returncode == 0, result.stderr
+    report = json.loads(json_path.read_text())
+    # dataset.find_lmdbs's natural order (numbers by value; upper case before lower, as natsort)
+    assert [s["name"] for s in report["sets"]] == ["CUTE80", "IIIT5k_3000", "SVT", "set2", "set10"]
+    assert report["absent"] == [] and report["temperature"] == 2.0
+    c2 = confidence_at(2.0)
+    by_name = {s["name"]: s for s in report["sets"]}
+    assert by_name["set2"]["ece"] == pytest.approx(1 - c2, abs=1e-5)
+    assert by_name["set10"]["ece"] == pytest.approx(c2, abs=1e-5)
+    assert sorted(os.listdir(tmp_path / "figs")) == sorted(f"reliability_{n}.png" for n in by_name)
+
+
+def test_temperature_auto_sharpens_when_every_prediction_is_right(world, tmp_path, capsys):
+    # All validation labels are "a", which P("a") = p(T)**24 makes likelier as T falls, so the
+    # fitted temperature is below 1 and the confidences on the correct set rise towards 1.
+    script = load_script("test")
+    out = script.main(script.parse_args(["--eval_data", os.path.join(world["eval"], "set2"),
+                                         "--saved_model", world["model"], "--temperature", "auto",
+                                         "--valid_data", world["valid"], "--output", str(tmp_path),
+                                         *RUNTIME]))
+    temperature = out["temperature"]
+    assert 0 < temperature < 1
+    (only,) = out["sets"]
+    assert only["ece"] == pytest.approx(1 - confidence_at(temperature), abs=1e-5)
+    assert only["ece"] < 1 - CONF
+    assert f"temperature {temperature:.4f}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("case, message", [
+    ("missing_model", "--saved_model"),
+    ("missing_folder", "--eval_data"),
+    ("empty_folder", "no LMDB"),
+    ("model_does_not_fit", "does not fit"),
+    ("auto_without_valid", "--valid_data"),
+    ("no_benchmark_set", "--benchmark_all_eval"),
+    ("bad_temperature", "--temperature"),
+])
+def test_test_py_errors_exit_2_with_one_line(world, tmp_path, capsys, case, message):
+    args = {"missing_model": ["--eval_data", world["eval"], "--saved_model", str(tmp_path / "nope.pth")],
+            "missing_folder": ["--eval_data", str(tmp_path / "nowhere"), "--saved_model", world["model"]],
+            "empty_folder": ["--eval_data", world["empty"], "--saved_model", world["model"]],
+            "model_does_not_fit": ["--eval_data", world["eval"], "--saved_model", world["model"],
+                                   "--output_channel", "32"],
+            "auto_without_valid": ["--eval_data", world["eval"], "--saved_model", world["model"],
+                                   "--temperature", "auto"],
+            "no_benchmark_set": ["--eval_data", os.path.join(world["eval"], "set2"), "--saved_model",
+                                 world["model"], "--benchmark_all_eval"],
+            "bad_temperature": ["--eval_data", world["eval"], "--saved_model", world["model"],
+                                "--temperature", "-1"]}[case]
+    script = load_script("test")
+    with pytest.raises(SystemExit) as exit_info:
+        script.utils.exit_on_user_error(script.main)(script.parse_args(args + ["--output", str(tmp_path)] + RUNTIME))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0]
+
+
+def test_test_py_as_a_command_exits_2_without_traceback(world, tmp_path):
+    result = run_script("test", ["--eval_data", world["empty"], "--saved_model", world["model"]], cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: --eval_data") and "Traceback" not in result.stderr
+
+
+def test_demo_table_csv_and_skipped_file(world, tmp_path):
+    csv_path = tmp_path / "pred.csv"
+    result = run_script("demo", ["--image_folder", world["images"], "--saved_model", world["model"],
+                                 "--temperature", "2", "--csv", str(csv_path)], cwd=world["root"])
+    assert result.returncode == 0, result.stderr
+    c2 = confidence_at(2.0)
+    rows = [line.split() for line in result.stdout.splitlines() if line.startswith(("img", "sub"))]
+    assert rows == [["img1.png", "a", f"{c2:.4f}"], ["img2.png", "a", f"{c2:.4f}"],
+                    [os.path.join("sub", "img3.png"), "a", f"{c2:.4f}"]]
+    assert "skipped 1 undecodable file(s): broken.png" in result.stdout
+    assert "notes.txt" not in result.stdout
+
+    with open(csv_path, newline="", encoding="utf-8") as f:
+        records = list(csv.DictReader(f))
+    assert [r["file"] for r in records] == ["img1.png", "img2.png", os.path.join("sub", "img3.png"), "broken.png"]
+    assert [r["prediction"] for r in records[:3]] == ["a", "a", "a"]
+    assert all(float(r["confidence"]) == pytest.approx(c2, abs=1e-5) for r in records[:3])
+    assert records[3]["status"].startswith("skipped") and records[3]["confidence"] == ""
+    assert [p.name for p in tmp_path.iterdir()] == ["pred.csv"]  # no temporary left behind
+
+
+def test_demo_errors_exit_2(world, tmp_path, capsys):
+    script = load_script("demo")
+    for args, message in ((["--image_folder", str(tmp_path / "none"), "--saved_model", world["model"]],
+                           "--image_folder"),
+                          (["--image_folder", world["images"], "--saved_model", world["model"],
+                            "--temperature", "auto"], "--temperature")):
+        with pytest.raises(SystemExit) as exit_info:
+            script.utils.exit_on_user_error(script.main)(script.parse_args(args + RUNTIME))
+        assert exit_info.value.code == 2
+        assert message in capsys.readouterr().err

@@ -1,0 +1,372 @@
+"""utils: converters, decoding and confidence, calibration metrics, temperature scaling, simulated
+annotator noise, logging and device helpers. Expected values are worked out by hand in comments."""
+import itertools
+import math
+import random
+
+import pytest
+import torch
+
+import utils
+from utils import UserError
+
+torch.set_num_threads(1)
+
+
+def logits_from_probs(rows):
+    """Logits whose softmax is exactly the given probability rows."""
+    return torch.tensor(rows, dtype=torch.float64).log().float()
+
+
+def peaked(num_class, winner, p):
+    """A distribution with `p` on `winner` and the rest spread evenly."""
+    row = [(1.0 - p) / (num_class - 1)] * num_class
+    row[winner] = p
+    return row
+
+
+# ------------------------------------------------------------------------------ converters
+
+def test_attn_encode_layout():
+    converter = utils.AttnLabelConverter("abc")  # [GO]=0 [s]=1 a=2 b=3 c=4
+    text, lengths = converter.encode(["ab", "", "cab"], batch_max_length=4)
+    assert text.dtype == torch.long and text.shape == (3, 6)
+    assert text.tolist() == [[0, 2, 3, 1, 0, 0],
+                             [0, 1, 0, 0, 0, 0],
+                             [0, 4, 2, 3, 1, 0]]
+    assert lengths.tolist() == [3, 1, 4]
+    assert converter.character[:2] == ["[GO]", "[s]"] and converter.dict["c"] == 4
+
+
+def test_attn_encode_cuts_long_labels_and_their_length():
+    converter = utils.AttnLabelConverter("abc")
+    text, lengths = converter.encode(["abcabc"], batch_max_length=4)
+    assert text.tolist() == [[0, 2, 3, 4, 2, 1]]
+    assert lengths.tolist() == [5]
+
+
+def test_attn_round_trip():
+    charset = "0123456789abcdefghijklmnopqrstuvwxyz"
+    converter = utils.AttnLabelConverter(charset)
+    rng = random.Random(0)
+    texts = ["".join(rng.choice(charset) for _ in range(rng.randint(0, 25))) for _ in range(50)]
+    text, lengths = converter.encode(texts, batch_max_length=25)
+    decoded = converter.decode(text[:, 1:], lengths)
+    assert [converter.strip_eos(d) for d in decoded] == texts
+    assert decoded[0].startswith(texts[0] + "[s]")  # as the original: [s] and the padding follow
+
+
+def test_ctc_encode_layout_and_round_trip():
+    converter = utils.CTCLabelConverter("ab")  # blank=0 a=1 b=2
+    text, lengths = converter.encode(["ab", "", "abba"], batch_max_length=4)
+    assert text.tolist() == [[1, 2, 0, 0], [0, 0, 0, 0], [1, 2, 2, 1]]
+    assert lengths.tolist() == [2, 0, 4]
+    assert converter.character == ["[CTCblank]", "a", "b"]
+    # Decoding collapses repeats: the label path "abba" reads "aba".
+    assert converter.decode(text, lengths) == ["ab", "", "aba"]
+
+
+def test_ctc_decode_round_trips_an_alignment_with_blanks_between_repeats():
+    charset = "abcdefgh"
+    converter = utils.CTCLabelConverter(charset)
+    rng = random.Random(1)
+    texts = ["".join(rng.choice("abc") for _ in range(rng.randint(0, 8))) for _ in range(40)]
+    # The alignment c1 - c2 - c3 ... (a blank after every character) decodes to the text itself.
+    rows = [[converter.dict[ch] for ch in t] for t in texts]
+    aligned = torch.zeros(len(texts), 16, dtype=torch.long)
+    for i, row in enumerate(rows):
+        for j, index in enumerate(row):
+            aligned[i, 2 * j] = index
+    assert converter.decode(aligned, torch.full((len(texts),), 16)) == texts
+    # Only the first `length` frames count.
+    assert converter.decode(torch.tensor([[1, 0, 2, 0, 3]]), torch.tensor([3])) == ["ab"]
+
+
+@pytest.mark.parametrize("cls", [utils.AttnLabelConverter, utils.CTCLabelConverter])
+def test_out_of_charset_character_is_a_user_error(cls):
+    converter = cls("abc")
+    with pytest.raises(UserError) as err:
+        converter.encode(["ab", "aXb"])
+    message = str(err.value)
+    assert "'X'" in message and "--character" in message and "--sensitive" in message
+    assert "\n" not in message
+
+
+def test_attn_special_tokens_are_not_characters():
+    with pytest.raises(UserError):
+        utils.AttnLabelConverter("abc").encode(["[s]"])
+
+
+def test_make_converter_by_name():
+    assert isinstance(utils.make_converter("CTC", "ab"), utils.CTCLabelConverter)
+    assert isinstance(utils.make_converter("Attn", "ab"), utils.AttnLabelConverter)
+    with pytest.raises(UserError, match="--Prediction"):
+        utils.make_converter("Transformer", "ab")
+
+
+# ------------------------------------------------------------------------------ decoding
+
+def test_decode_predictions_attn_stops_at_eos():
+    converter = utils.AttnLabelConverter("abc")  # [GO]=0 [s]=1 a=2 b=3 c=4
+    c = 5
+    logits = logits_from_probs([
+        [peaked(c, 2, 0.9), peaked(c, 3, 0.8), peaked(c, 1, 0.7), peaked(c, 4, 0.6)],  # a b [s] c
+        [peaked(c, 4, 0.5), peaked(c, 4, 0.6), peaked(c, 2, 0.7), peaked(c, 3, 0.8)],  # c c a b, no [s]
+    ])
+    texts, word_conf, char_conf = utils.decode_predictions(logits, converter)
+    assert texts == ["ab", "ccab"]
+    # Row 0: 0.9 * 0.8 * 0.7 (up to and including [s]) = 0.504; row 1: 0.5*0.6*0.7*0.8 = 0.168.
+    assert word_conf.dtype == torch.float32
+    assert word_conf.tolist() == pytest.approx([0.504, 0.168], abs=1e-6)
+    assert char_conf[0].tolist() == pytest.approx([0.9, 0.8, 0.7], abs=1e-6)
+    assert char_conf[1].tolist() == pytest.approx([0.5, 0.6, 0.7, 0.8], abs=1e-6)
+    mask = utils.token_mask(logits, converter)
+    assert mask.tolist() == [[True, True, True, False], [True, True, True, True]]
+
+
+def brute_force_ctc_probability(probs, text_indices):
+    """Sum over every path whose collapse is the text of the product of its frame probabilities."""
+    steps, num_class = probs.shape
+    total = 0.0
+    for path in itertools.product(range(num_class), repeat=steps):
+        collapsed = [s for t, s in enumerate(path) if s != 0 and (t == 0 or path[t - 1] != s)]
+        if collapsed == text_indices:
+            total += math.prod(probs[t, s].item() for t, s in enumerate(path))
+    return total
+
+
+def test_decode_predictions_ctc_collapses_and_scores_the_text():
+    converter = utils.CTCLabelConverter("ab")  # blank=0 a=1 b=2
+    rows = [
+        [[0.1, 0.8, 0.1], [0.2, 0.6, 0.2], [0.1, 0.2, 0.7], [0.5, 0.3, 0.2]],  # a a b - -> "ab"
+        [[0.1, 0.7, 0.2], [0.6, 0.3, 0.1], [0.2, 0.7, 0.1], [0.9, 0.05, 0.05]],  # a - a - -> "aa"
+        [[0.9, 0.05, 0.05], [0.8, 0.1, 0.1], [0.7, 0.2, 0.1], [0.6, 0.3, 0.1]],  # all blank -> ""
+    ]
+    probs = torch.tensor(rows, dtype=torch.float64)
+    texts, word_conf, char_conf = utils.decode_predictions(probs.log().float(), converter)
+    assert texts == ["ab", "aa", ""]
+    expected = [brute_force_ctc_probability(probs[i], [converter.dict[ch] for ch in texts[i]]) for i in range(3)]
+    assert word_conf.tolist() == pytest.approx(expected, rel=1e-5)
+    # char_conf: the max probability of the frame that emitted each character.
+    assert char_conf[0].tolist() == pytest.approx([0.8, 0.7], abs=1e-6)
+    assert char_conf[1].tolist() == pytest.approx([0.7, 0.7], abs=1e-6)
+    assert char_conf[2].numel() == 0
+    assert utils.token_mask(probs.log(), converter).all()
+
+
+def test_decode_predictions_returns_fp32_for_half_precision_input():
+    converter = utils.AttnLabelConverter("abc")
+    logits = torch.randn(3, 6, 5, generator=torch.Generator().manual_seed(0))
+    texts, conf, char_conf = utils.decode_predictions(logits.bfloat16(), converter)
+    assert conf.dtype == torch.float32 and all(c.dtype == torch.float32 for c in char_conf)
+    assert len(texts) == 3 and ((conf > 0) & (conf <= 1)).all()
+
+
+def test_margin_and_entropy_over_counted_steps():
+    probs = torch.tensor([[[0.7, 0.2, 0.1], [0.5, 0.5, 0.0], [1.0, 0.0, 0.0]]])
+    mask = torch.tensor([[True, True, False]])
+    # margins 0.5 and 0.0 counted -> 0.25; the third step is not counted.
+    assert utils.mean_margin(probs, mask).tolist() == pytest.approx([0.25])
+    # entropies: -(0.7 ln 0.7 + 0.2 ln 0.2 + 0.1 ln 0.1) = 0.801819, ln 2 = 0.693147 -> mean 0.747483
+    assert utils.mean_entropy(probs, mask).tolist() == pytest.approx([0.747483], abs=1e-5)
+    assert utils.mean_margin(probs, torch.zeros(1, 3, dtype=torch.bool)).tolist() == [0.0]
+
+
+# ------------------------------------------------------------------------------ temperature
+
+def test_fit_temperature_recovers_a_known_temperature():
+    generator = torch.Generator().manual_seed(0)
+    z = 3.0 * torch.randn(4000, 10, generator=generator)
+    labels = torch.multinomial((z / 2.0).softmax(-1), 1, generator=generator).squeeze(1) + 1
+    mask = torch.ones_like(labels, dtype=torch.bool)
+    # Labels are 1-based here so that none is mistaken for the ignored index 0 by default.
+    logits = torch.cat([torch.full((4000, 1), -1e4), z], dim=1)
+    assert utils.fit_temperature(logits, labels) == pytest.approx(2.0, abs=0.15)
+    assert utils.fit_temperature(logits, labels, mask) == pytest.approx(2.0, abs=0.15)
+    scaled = utils.apply_temperature(logits, 2.0)
+    assert torch.allclose(scaled, logits / 2.0)
+
+
+def test_fit_temperature_ctc_form_recovers_a_known_temperature():
+    # Texts drawn from the CTC model itself at T0 = 2: sample a path frame by frame from
+    # softmax(z / 2) and collapse it; the CTC likelihood of those texts peaks near T = 2.
+    generator = torch.Generator().manual_seed(1)
+    batch, steps, num_class = 400, 10, 6
+    z = 3.0 * torch.randn(batch, steps, num_class, generator=generator)
+    paths = torch.multinomial((z / 2.0).softmax(-1).view(-1, num_class), 1, generator=generator).view(batch, steps)
+    keep = utils.ctc_keep_mask(paths)
+    lengths = keep.sum(1)
+    targets = torch.zeros(batch, steps, dtype=torch.long)
+    for i in range(batch):
+        targets[i, :lengths[i]] = paths[i][keep[i]]
+    assert utils.fit_temperature(z, targets, target_lengths=lengths) == pytest.approx(2.0, abs=0.15)
+
+
+def test_fit_temperature_with_nothing_counted_is_one():
+    assert utils.fit_temperature(torch.randn(2, 3, 4), torch.zeros(2, 3, dtype=torch.long)) == 1.0
+
+
+# ------------------------------------------------------------------------------ metrics
+
+def test_metrics_small_case_by_hand():
+    conf = [0.1, 0.3, 0.35, 0.75, 0.9, 1.0]
+    correct = [0, 0, 1, 1, 0, 1]
+    m = utils.calibration_metrics(conf, correct, bins=5)
+    # Equal-width bins of 0.2: {0.1} acc 0 conf 0.1 gap 0.1; {0.3, 0.35} acc 0.5 conf 0.325 gap 0.175;
+    # {0.75} acc 1 gap 0.25; {0.9, 1.0} acc 0.5 conf 0.95 gap 0.45.
+    # ECE = (1*0.1 + 2*0.175 + 1*0.25 + 2*0.45) / 6 = 1.6 / 6; MCE = 0.45.
+    assert m["ece"] == pytest.approx(1.6 / 6)
+    assert m["mce"] == pytest.approx(0.45)
+    # Brier = (0.01 + 0.09 + 0.4225 + 0.0625 + 0.81 + 0) / 6 = 1.395 / 6.
+    assert m["brier"] == pytest.approx(1.395 / 6)
+    assert m["n"] == 6 and m["accuracy"] == pytest.approx(0.5) and m["confidence"] == pytest.approx(3.4 / 6)
+    # Equal-count bins of 2 after sorting: {0.1, 0.3} acc 0 conf 0.2 gap 0.2; {0.35, 0.75} acc 1
+    # conf 0.55 gap 0.45; {0.9, 1.0} acc 0.5 conf 0.95 gap 0.45. ACE = (0.4 + 0.9 + 0.9) / 6 = 2.2 / 6.
+    assert utils.calibration_metrics(conf, correct, bins=3)["ace"] == pytest.approx(2.2 / 6)
+
+
+def test_metrics_perfectly_calibrated_is_zero():
+    conf = torch.tensor([0.5, 0.5, 0.5, 0.5, 1.0, 1.0])
+    correct = torch.tensor([1, 0, 1, 0, 1, 1])
+    m = utils.calibration_metrics(conf, correct, bins=3)
+    assert m["ece"] == pytest.approx(0.0) and m["ace"] == pytest.approx(0.0) and m["mce"] == pytest.approx(0.0)
+    assert m["brier"] == pytest.approx(4 * 0.25 / 6)
+
+
+def test_metrics_all_wrong_at_full_confidence():
+    m = utils.calibration_metrics(torch.ones(7), torch.zeros(7))
+    assert m["ece"] == pytest.approx(1.0) and m["ace"] == pytest.approx(1.0)
+    assert m["mce"] == pytest.approx(1.0) and m["brier"] == pytest.approx(1.0)
+
+
+def test_bin_edges_zero_in_first_one_in_last_and_right_closed():
+    assert utils.equal_width_bins(torch.tensor([0.0, 0.25, 0.5, 0.51, 1.0]), bins=2).tolist() == [0, 0, 0, 1, 1]
+    # conf 0 counts: alone in the first bin with a wrong answer -> ECE 0 there; 1.0 right in the last.
+    assert utils.calibration_metrics([0.0, 1.0], [0, 1], bins=15)["ece"] == pytest.approx(0.0)
+
+
+def test_metrics_of_nothing_are_nan():
+    m = utils.calibration_metrics(torch.zeros(0), torch.zeros(0))
+    assert m["n"] == 0
+    assert all(math.isnan(m[k]) for k in ("ece", "ace", "mce", "brier"))
+
+
+def test_reliability_diagram_writes_a_png(tmp_path):
+    generator = torch.Generator().manual_seed(0)
+    conf = torch.rand(200, generator=generator)
+    correct = (torch.rand(200, generator=generator) < conf).float()
+    path = tmp_path / "sub" / "reliability.png"
+    utils.reliability_diagram(conf, correct, path, bins=10, title="test")
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000
+    assert [p.name for p in path.parent.iterdir()] == ["reliability.png"]  # no temporary left behind
+
+
+# ------------------------------------------------------------------------------ noise
+
+CHARSET = "0123456789abcdefghijklmnopqrstuvwxyz"
+
+
+def words(count, seed=0):
+    rng = random.Random(seed)
+    return ["".join(rng.choice(CHARSET) for _ in range(rng.randint(1, 12))) for _ in range(count)]
+
+
+def test_corrupt_label_changes_the_given_share_by_one_character():
+    labels = words(1000)
+    changed = []
+    for index, label in enumerate(labels, start=1):
+        noisy = utils.corrupt_label(label, ("MJ/train", index), 0.3, CHARSET, seed=1111)
+        assert len(noisy) == len(label)
+        diff = [i for i, (a, b) in enumerate(zip(label, noisy)) if a != b]
+        assert len(diff) in (0, 1)
+        if diff:
+            assert noisy[diff[0]] in CHARSET
+            changed.append(index)
+    # Binomial(1000, 0.3): mean 300, sd sqrt(210) = 14.5; allow 4 sd.
+    assert abs(len(changed) - 300) < 58
+
+
+def test_corrupt_label_is_repeatable_and_seed_dependent():
+    labels = words(300, seed=2)
+
+    def corrupted(seed, ratio=0.3):
+        return {i for i, label in enumerate(labels)
+                if utils.corrupt_label(label, ("ST", i), ratio, CHARSET, seed) != label}
+
+    first = [utils.corrupt_label(label, ("ST", i), 0.3, CHARSET, 7) for i, label in enumerate(labels)]
+    again = [utils.corrupt_label(label, ("ST", i), 0.3, CHARSET, 7) for i, label in enumerate(labels)]
+    assert first == again
+    assert corrupted(7) != corrupted(8)
+    assert corrupted(7, 0.3) <= corrupted(7, 0.6)  # a larger ratio corrupts a superset
+    assert corrupted(7, 0.0) == set()
+
+
+def test_corrupt_label_edge_cases():
+    assert utils.corrupt_label("", ("x", 1), 1.0, CHARSET, 0) == ""
+    assert utils.corrupt_label("aaa", ("x", 1), 1.0, "a", 0) == "aaa"
+    noisy = utils.corrupt_label("a", ("x", 1), 1.0, "ab", 0)
+    assert noisy == "b"
+
+
+# ------------------------------------------------------------------------------ logging
+
+def test_averager_is_weighted():
+    avg = utils.Averager()
+    assert avg.val() == 0.0
+    avg.add(2.0)
+    avg.add(torch.tensor(4.0), n=3)
+    assert avg.val() == pytest.approx((2.0 + 12.0) / 4)
+    avg.add(torch.tensor([1.0, 3.0]))
+    assert avg.val() == pytest.approx((14.0 + 4.0) / 6)
+    avg.reset()
+    assert avg.val() == 0.0
+
+
+def test_logger_tees_to_file_and_stdout(tmp_path, capsys):
+    path = tmp_path / "logs" / "log.txt"
+    with utils.Logger(str(path)) as log:
+        log.log("first")
+        log("second", "third")
+    assert path.read_text(encoding="utf-8") == "first\nsecond\nthird\n"
+    assert capsys.readouterr().out == "first\nsecond\nthird\n"
+
+
+def test_format_metrics_one_line():
+    assert utils.format_metrics({"acc": 0.91234, "n": 10, "ece": float("nan")}) == "acc=0.9123 n=10 ece=nan"
+
+
+# ------------------------------------------------------------------------------ devices and runs
+
+def test_select_device():
+    assert utils.select_device("cpu") == torch.device("cpu")
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert utils.select_device("auto").type == expected
+    for bad in ("gpu0", "cuda:x", "cuda:99"):
+        with pytest.raises(UserError, match="--device"):
+            utils.select_device(bad)
+
+
+def test_autocast_context():
+    a = torch.randn(4, 4)
+    with utils.autocast_context(torch.device("cpu"), enabled=True):
+        assert (a @ a).dtype == torch.bfloat16
+    with utils.autocast_context(torch.device("cpu"), enabled=False):
+        assert (a @ a).dtype == torch.float32
+
+
+def test_single_process_helpers(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.delenv("RANK", raising=False)
+    assert utils.init_distributed() == (0, 1, 0, False)
+    assert utils.is_main_process()
+    assert utils.all_gather_object({"a": 1}) == [{"a": 1}]
+    assert utils.broadcast_flag(True) is True
+    utils.barrier()
+
+
+def test_set_seed_repeats_draws():
+    utils.set_seed(5)
+    first = (random.random(), torch.rand(3).tolist())
+    utils.set_seed(5)
+    assert (random.random(), torch.rand(3).tolist()) == first
