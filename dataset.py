@@ -1,0 +1,776 @@
+"""LMDB datasets in the deep-text-recognition-benchmark format: reading, selecting, splitting,
+batch-balanced loading, collation and atomic writing (see docs/DESIGN.md, "Data layer")."""
+import bisect
+import collections.abc
+import io
+import json
+import math
+import os
+import shutil
+import tempfile
+
+import lmdb
+import numpy as np
+import torch
+from natsort import natsorted
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from utils import UserError
+
+NUM_SAMPLES_KEY = b"num-samples"
+QUERY_META_KEY = b"query-meta"
+NOISE_SCOPES = ("queried", "all")
+COMMIT_EVERY = 1000
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+
+
+def image_key(index):
+    return b"image-%09d" % index
+
+
+def label_key(index):
+    return b"label-%09d" % index
+
+
+def origin_key(index):
+    return b"origin-%09d" % index
+
+
+def open_lmdb(path):
+    """Read-only environment tuned for many readers (one per DataLoader worker)."""
+    try:
+        return lmdb.open(os.fspath(path), readonly=True, lock=False, readahead=False, meminit=False,
+                         max_readers=64)
+    except lmdb.Error as err:
+        raise UserError(f"{path}: cannot open the LMDB ({err}); check the dataset path") from None
+
+
+# py-lmdb refuses to open one environment twice in a process, so every reader of an LMDB in this
+# process shares one, keyed by the data file's identity (a rebuilt LMDB at the same path is new).
+_ENVS = {}
+
+
+def env_key(path):
+    try:
+        st = os.stat(os.path.join(path, "data.mdb"))
+    except OSError:
+        raise UserError(f"{path}: not an LMDB folder (no data.mdb); check the dataset path") from None
+    return (os.path.realpath(path), st.st_dev, st.st_ino)
+
+
+def shared_env(path):
+    """This process's read-only environment for the LMDB at path, opened on first use."""
+    key = env_key(path)
+    cached = _ENVS.get(key)
+    if cached is not None:
+        owner, env = cached
+        if owner == os.getpid():
+            return env
+        # Inherited through fork: it is read-only and lock-free, so closing it here only unmaps
+        # this process's copy; the parent's stays usable.
+        env.close()
+    env = open_lmdb(path)
+    _ENVS[key] = (os.getpid(), env)
+    return env
+
+
+def forget_env(path):
+    """Close this process's environments of path (before the LMDB there is replaced)."""
+    real = os.path.realpath(path)
+    for key in [k for k in _ENVS if k[0] == real]:
+        owner, env = _ENVS.pop(key)
+        if owner == os.getpid():
+            env.close()
+
+
+def read_num_samples(txn, path):
+    raw = txn.get(NUM_SAMPLES_KEY)
+    if raw is None:
+        raise UserError(f"{path}: LMDB without a 'num-samples' key; rebuild it with create_lmdb_dataset.py")
+    try:
+        return int(raw)
+    except ValueError:
+        raise UserError(f"{path}: 'num-samples' is not an integer ({raw[:20]!r}); rebuild the LMDB") from None
+
+
+def decode_image(buf, rgb):
+    """PIL image in RGB or L mode, or None when the bytes are not a readable image."""
+    try:
+        with Image.open(io.BytesIO(buf)) as img:
+            img.load()
+            return img.convert("RGB" if rgb else "L")
+    except Exception:  # Pillow raises many types for bad bytes (OSError, SyntaxError, ValueError...)
+        return None
+
+
+def lowercases_labels(opt):
+    """Whether labels are lower-cased before filtering and training.
+
+    The original lower-cases whenever --sensitive is off. A charset that itself holds upper-case
+    letters (typically from --character_file) asks for case-sensitive labels, so lower-casing
+    would make those letters unreachable: only a caseless or all-lower-case charset lower-cases."""
+    if getattr(opt, "sensitive", False):
+        return False
+    return not any(ch != ch.lower() for ch in opt.character)
+
+
+class LabelRules:
+    """Label normalisation and filtering derived from the options."""
+
+    def __init__(self, opt):
+        self.lower = lowercases_labels(opt)
+        self.charset = frozenset(opt.character)
+        self.max_length = opt.batch_max_length
+        self.filtering = not getattr(opt, "data_filtering_off", False)
+
+    def normalise(self, label):
+        return label.lower() if self.lower else label
+
+    def reject_reason(self, label):
+        """None when the (normalised) label is kept, else a short reason."""
+        if not label:
+            return "empty"
+        if len(label) > self.max_length:
+            return "too long"
+        if not self.charset.issuperset(label):
+            return "out of charset"
+        return None
+
+    def clean(self, label):
+        """Drop characters the model cannot emit (only matters with --data_filtering_off)."""
+        if self.charset.issuperset(label):
+            return label
+        return "".join(ch for ch in label if ch in self.charset)
+
+
+def iter_labels(txn, num_samples):
+    """(index, label) for every label key 1..num_samples, by one cursor sweep (keys sort by index)."""
+    cursor = txn.cursor()
+    if not cursor.set_range(b"label-"):
+        return
+    for key, value in cursor:
+        if not key.startswith(b"label-"):
+            break
+        try:
+            index = int(key[6:])
+        except ValueError:
+            continue
+        if 1 <= index <= num_samples:
+            yield index, value.decode("utf-8", errors="replace")
+
+
+class LmdbDataset(Dataset):
+    """One leaf LMDB. Items are `(image, label, identity)`; `image` is None when it does not decode.
+
+    `relpath` is the leaf's path relative to the root given by the user (identity's first part).
+    `noise_ratio` > 0 passes every label through `utils.corrupt_label` once, here, so that a sample
+    keeps the same wrong label every epoch."""
+
+    def __init__(self, root, opt, relpath=".", noise_ratio=0.0, noise_seed=None):
+        self.root = os.fspath(root)
+        self.relpath = relpath
+        self.rgb = bool(getattr(opt, "rgb", False))
+        self.rules = LabelRules(opt)
+        self.charset = opt.character
+        self.noisy_labels = {}
+        self.num_corrupted = 0
+        self.num_undecodable = 0  # counted in this process only; loaders count skips per batch
+        self.filter_counts = collections.Counter()
+        self._env = None
+        self._env_pid = None
+        with shared_env(self.root).begin(write=False) as txn:
+            self.num_total = read_num_samples(txn, self.root)
+            self.is_query = txn.get(QUERY_META_KEY) is not None
+            self.indices = self._filtered_indices(txn)
+        if noise_ratio:
+            self.add_noise(noise_ratio, getattr(opt, "manualSeed", 0) if noise_seed is None else noise_seed)
+
+    def _filtered_indices(self, txn):
+        if not self.rules.filtering:
+            return np.arange(1, self.num_total + 1, dtype=np.int64)
+        kept = np.zeros(self.num_total + 1, dtype=bool)
+        seen = 0
+        for index, label in iter_labels(txn, self.num_total):
+            seen += 1
+            reason = self.rules.reject_reason(self.rules.normalise(label))
+            if reason is None:
+                kept[index] = True
+            else:
+                self.filter_counts[reason] += 1
+        if seen < self.num_total:
+            self.filter_counts["missing label"] += self.num_total - seen
+        return np.flatnonzero(kept).astype(np.int64)
+
+    @property
+    def num_filtered(self):
+        return sum(self.filter_counts.values())
+
+    def restrict(self, start, stop):
+        """Keep only filtered positions [start, stop) (the labelled/unlabelled split)."""
+        self.indices = self.indices[start:stop]
+
+    def exclude(self, indices):
+        """Drop the given 1-based LMDB indices; returns how many were present."""
+        if not len(indices):
+            return 0
+        drop = np.isin(self.indices, np.fromiter(indices, dtype=np.int64))
+        self.indices = self.indices[~drop]
+        return int(drop.sum())
+
+    def add_noise(self, noise_ratio, seed):
+        """Corrupt the labels of the current samples through utils.corrupt_label and count changes.
+
+        Query sets key the noise by each sample's origin, so a sample gets the same annotator
+        error whichever set it is read from."""
+        import utils  # at call time: the noise model lives in utils and may be patched in tests
+
+        self.noisy_labels = {}
+        wanted = np.zeros(self.num_total + 1, dtype=bool)
+        wanted[self.indices] = True
+        with shared_env(self.root).begin(write=False) as txn:
+            for index, raw in iter_labels(txn, self.num_total):
+                if not wanted[index]:
+                    continue
+                label = self.rules.clean(self.rules.normalise(raw))
+                identity = read_origin(txn, index) if self.is_query else None
+                identity = identity or (self.relpath, index)
+                noisy = utils.corrupt_label(label, identity, noise_ratio, self.charset, seed)
+                if self.rules.filtering and len(noisy) > self.rules.max_length:
+                    noisy = noisy[: self.rules.max_length]  # must still fit the model's decoder
+                if noisy != label:
+                    self.noisy_labels[index] = noisy
+        self.num_corrupted = len(self.noisy_labels)
+
+    @property
+    def identities(self):
+        return IdentityView([self])
+
+    def __len__(self):
+        return len(self.indices)
+
+    def _txn(self):
+        # Looked up on first use in each process (each DataLoader worker), then kept.
+        if self._env is None or self._env_pid != os.getpid():
+            self._env = shared_env(self.root)
+            self._env_pid = os.getpid()
+        return self._env.begin(write=False)
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_env"] = None
+        state["_env_pid"] = None
+        return state
+
+    def __getitem__(self, i):
+        index = int(self.indices[i])
+        with self._txn() as txn:
+            raw_label = txn.get(label_key(index))
+            buf = txn.get(image_key(index))
+        if index in self.noisy_labels:
+            label = self.noisy_labels[index]
+        else:
+            label = self.rules.clean(self.rules.normalise((raw_label or b"").decode("utf-8", errors="replace")))
+        image = decode_image(buf, self.rgb) if buf is not None else None
+        if image is None:
+            self.num_undecodable += 1
+        return image, label, (self.relpath, index)
+
+
+def read_origin(txn, index):
+    raw = txn.get(origin_key(index))
+    if raw is None:
+        return None
+    relpath, _, idx = raw.decode("utf-8").rpartition("\t")
+    return (relpath, int(idx))
+
+
+class IdentityView(collections.abc.Sequence):
+    """Read-only list of `(relpath, index)` over datasets, built on demand (millions of samples
+    would otherwise cost a tuple each)."""
+
+    def __init__(self, parts):
+        self.parts = [p for p in parts if len(p)]
+        self.ends = np.cumsum([len(p) for p in self.parts]).tolist()
+
+    def __len__(self):
+        return self.ends[-1] if self.ends else 0
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        k = bisect.bisect_right(self.ends, i)
+        part = self.parts[k]
+        local = i - (self.ends[k - 1] if k else 0)
+        return (part.relpath, int(part.indices[local]))
+
+    def __iter__(self):
+        for part in self.parts:
+            for index in part.indices.tolist():
+                yield (part.relpath, index)
+
+
+class SelectedDataset(Dataset):
+    """Concatenation of leaf LmdbDatasets in natural order of their relative paths."""
+
+    def __init__(self, leaves):
+        self.leaves = list(leaves)
+        self.refresh()
+
+    def refresh(self):
+        self.parts = [leaf for leaf in self.leaves if len(leaf)]
+        self.ends = np.cumsum([len(p) for p in self.parts]).tolist()
+
+    def __len__(self):
+        return self.ends[-1] if self.ends else 0
+
+    def __getitem__(self, i):
+        if i < 0:
+            i += len(self)
+        k = bisect.bisect_right(self.ends, i)
+        return self.parts[k][i - (self.ends[k - 1] if k else 0)]
+
+    @property
+    def identities(self):
+        return IdentityView(self.parts)
+
+    @property
+    def num_corrupted(self):
+        return sum(leaf.num_corrupted for leaf in self.leaves)
+
+    @property
+    def num_filtered(self):
+        return sum(leaf.num_filtered for leaf in self.leaves)
+
+
+def find_lmdbs(root):
+    """Relative POSIX paths of every leaf LMDB (a folder holding data.mdb) below root, natural order.
+
+    Hidden folders are skipped: they hold writes in progress (see write_lmdb)."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        if "data.mdb" in filenames:
+            rel = os.path.relpath(dirpath, root)
+            found.append("." if rel == "." else rel.replace(os.sep, "/"))
+    return natsorted(found)
+
+
+def selects(relpath, name, root):
+    if name == "/":
+        return True
+    parts = relpath.split("/") if relpath != "." else [os.path.basename(os.path.abspath(root))]
+    return name in parts
+
+
+def check_root(root, flag):
+    what = f"{flag} {root}" if flag else f"data folder {root}"
+    if not root:
+        raise UserError(f"{flag or 'data folder'} is not set; give the folder that holds the LMDBs")
+    if not os.path.isdir(root):
+        raise UserError(f"{what}: no such folder")
+    leaves = find_lmdbs(root)
+    if not leaves:
+        raise UserError(f"{what}: holds no LMDB (no data.mdb below it); build one with create_lmdb_dataset.py "
+                        "or `make data`")
+    return leaves
+
+
+def select_leaves(root, select_data, flag=None):
+    leaves = check_root(root, flag)
+    names = [select_data] if isinstance(select_data, str) else list(select_data)
+    chosen = []
+    for name in names:
+        hits = [leaf for leaf in leaves if selects(leaf, name, root)]
+        if not hits:
+            raise UserError(f"--select_data {name}: no LMDB below {root} has a path component '{name}'; "
+                            f"found: {', '.join(leaves)}")
+        chosen.extend(h for h in hits if h not in chosen)
+    return natsorted(chosen)
+
+
+def group_by_relpath(identities):
+    grouped = collections.defaultdict(list)
+    for relpath, index in identities:
+        grouped[relpath].append(int(index))
+    return grouped
+
+
+def hierarchical_dataset(root, opt, select_data="/", split=None, exclude=None, noise_ratio=0.0,
+                         noise_scope="queried", flag=None):
+    """Every selected leaf LMDB below root as one dataset; returns `(dataset, log_text)`.
+
+    The labelled/unlabelled boundary is taken on the filtered samples before `exclude`, so it
+    stays put when queried samples are later excluded from the pool."""
+    if split not in (None, "labelled", "unlabelled"):
+        raise ValueError(f"split must be None, 'labelled' or 'unlabelled', not {split!r}")
+    check_noise(noise_ratio, noise_scope)
+    relpaths = select_leaves(root, select_data, flag)
+    leaves = [LmdbDataset(os.path.join(root, rel), opt, relpath=rel) for rel in relpaths]
+
+    ratio = float(getattr(opt, "total_data_usage_ratio", 1.0))
+    pool = [leaf for leaf in leaves if not leaf.is_query]
+    total = sum(len(leaf) for leaf in pool)
+    boundary = int(total * ratio)
+    labelled_count = {}
+    offset = 0
+    for leaf in pool:
+        start = min(max(boundary - offset, 0), len(leaf))
+        labelled_count[leaf.relpath] = start
+        offset += len(leaf)
+        if split == "labelled":
+            leaf.restrict(0, start)
+        elif split == "unlabelled":
+            leaf.restrict(start, len(leaf))
+    if split == "unlabelled":
+        leaves = pool
+
+    excluded = collections.Counter()
+    if exclude:
+        for rel, indices in group_by_relpath(exclude).items():
+            for leaf in leaves:
+                if leaf.relpath == rel:
+                    excluded[rel] += leaf.exclude(indices)
+
+    for leaf in leaves:
+        if noise_ratio and (noise_scope == "all" or leaf.is_query):
+            leaf.add_noise(noise_ratio, getattr(opt, "manualSeed", 0))
+
+    dataset = SelectedDataset(leaves)
+    lines = []
+    for leaf in leaves:
+        lines.append(describe_leaf(leaf, split, labelled_count.get(leaf.relpath), excluded[leaf.relpath]))
+    return dataset, "\n".join(lines) + "\n"
+
+
+def describe_leaf(leaf, split, labelled, excluded):
+    text = f"sub-directory:\t/{leaf.relpath}\t num samples: {len(leaf)}"
+    details = [f"of {leaf.num_total} in the LMDB"]
+    if leaf.num_filtered:
+        reasons = ", ".join(f"{n} {why}" for why, n in sorted(leaf.filter_counts.items()))
+        details.append(f"filtered out {leaf.num_filtered} ({reasons})")
+    if leaf.is_query:
+        details.append("query set, used in full")
+    elif split is not None:
+        kept = leaf.num_total - leaf.num_filtered
+        details.append(f"labelled {labelled}, unlabelled {kept - labelled}")
+    if excluded:
+        details.append(f"excluded {excluded} already queried")
+    if leaf.num_corrupted:
+        details.append(f"corrupted labels {leaf.num_corrupted}")
+    return f"{text} ({'; '.join(details)})"
+
+
+def check_noise(noise_ratio, noise_scope):
+    if not 0.0 <= float(noise_ratio) <= 1.0:
+        raise UserError(f"--noise_ratio {noise_ratio}: must lie between 0 and 1")
+    if noise_scope not in NOISE_SCOPES:
+        raise UserError(f"--noise_scope {noise_scope}: unknown; choose one of {', '.join(NOISE_SCOPES)}")
+
+
+class Batch_Balanced_Dataset:
+    """One shuffled loader per --select_data name; `get_batch()` draws the batch_ratio share of
+    each and concatenates them. `opt.batch_size` is the batch of this rank."""
+
+    def __init__(self, opt, log=None, rank=0, world_size=1):
+        names = list(opt.select_data)
+        ratios = [float(r) for r in opt.batch_ratio]
+        if not names:
+            raise UserError("--select_data is empty; name at least one dataset under --train_data")
+        if len(names) != len(ratios):
+            raise UserError(f"--select_data names {len(names)} datasets but --batch_ratio gives {len(ratios)} "
+                            "shares; give one share per dataset")
+        noise_ratio = float(getattr(opt, "noise_ratio", 0.0) or 0.0)
+        noise_scope = getattr(opt, "noise_scope", "queried") or "queried"
+        check_noise(noise_ratio, noise_scope)
+        self.names = names
+        self.rgb = bool(getattr(opt, "rgb", False))
+        self.num_samples = {}
+        self.batch_sizes = {}
+        self.corrupted = {}
+        self.skipped_images = 0
+        self.skipped_by_name = collections.Counter()
+        self.datasets = {}
+        self.data_loader_list = []
+        self.dataloader_iter_list = []
+        collate = AlignCollate(opt.imgH, opt.imgW, opt.PAD, channels=3 if self.rgb else 1)
+        rule = "-" * 80
+        lines = [rule, f"dataset_root: {opt.train_data}", f"opt.select_data: {names}",
+                 f"opt.batch_ratio: {ratios}"]
+        if noise_ratio:
+            lines.append(f"label noise: ratio {noise_ratio} on {noise_scope} samples, seed {opt.manualSeed}")
+        for name, ratio in zip(names, ratios):
+            batch = max(round(opt.batch_size * ratio), 1)
+            dataset, leaf_log = hierarchical_dataset(opt.train_data, opt, select_data=[name], split="labelled",
+                                                     noise_ratio=noise_ratio, noise_scope=noise_scope,
+                                                     flag="--train_data")
+            lines.append(rule)
+            lines.append(leaf_log.rstrip("\n"))
+            unlabelled = sum(leaf.num_total - leaf.num_filtered - len(leaf)
+                             for leaf in dataset.leaves if not leaf.is_query)
+            lines.append(f"num total samples of {name}: {len(dataset)} labelled (total_data_usage_ratio "
+                         f"{opt.total_data_usage_ratio}), {unlabelled} unlabelled, "
+                         f"{dataset.num_filtered} filtered out, {dataset.num_corrupted} corrupted labels")
+            if len(dataset) == 0:
+                raise UserError(f"--select_data {name}: no labelled sample (after filtering and "
+                                f"--total_data_usage_ratio {opt.total_data_usage_ratio}); raise the ratio or "
+                                "check --batch_max_length / --character")
+            shard = shard_dataset(dataset, rank, world_size, opt.manualSeed)
+            if len(shard) < batch:
+                raise UserError(f"--select_data {name}: {len(shard)} labelled samples per process, fewer than its "
+                                f"batch of {batch}; lower --batch_size or raise --total_data_usage_ratio")
+            lines.append(f"num samples of {name} per batch: {opt.batch_size} x {ratio} (batch_ratio) = {batch}")
+            self.num_samples[name] = len(dataset)
+            self.batch_sizes[name] = batch
+            self.corrupted[name] = dataset.num_corrupted
+            self.datasets[name] = dataset
+            loader = DataLoader(shard, batch_size=batch, shuffle=True, num_workers=int(opt.workers),
+                                collate_fn=collate, pin_memory=torch.cuda.is_available(), drop_last=True,
+                                persistent_workers=int(opt.workers) > 0,
+                                generator=torch.Generator().manual_seed(int(opt.manualSeed) + rank))
+            self.data_loader_list.append(loader)
+            self.dataloader_iter_list.append(iter(loader))
+        lines.append(rule)
+        lines.append(f"Total_batch_size: {'+'.join(str(b) for b in self.batch_sizes.values())} = "
+                     f"{sum(self.batch_sizes.values())}")
+        lines.append(rule)
+        self.log_text = "\n".join(lines) + "\n"
+        print(self.log_text, end="")
+        if log is not None:
+            log.write(self.log_text)
+            log.flush()
+
+    @property
+    def num_corrupted(self):
+        return sum(self.corrupted.values())
+
+    def next_from(self, k):
+        try:
+            return next(self.dataloader_iter_list[k])
+        except StopIteration:
+            self.dataloader_iter_list[k] = iter(self.data_loader_list[k])
+            return next(self.dataloader_iter_list[k])
+
+    def get_batch(self):
+        images, labels, identities = [], [], []
+        for k, name in enumerate(self.names):
+            batch_images, batch_labels, batch_ids = self.next_from(k)
+            skipped = self.batch_sizes[name] - len(batch_labels)
+            if skipped:
+                self.skipped_images += skipped
+                self.skipped_by_name[name] += skipped
+            images.append(batch_images)
+            labels.extend(batch_labels)
+            identities.extend(batch_ids)
+        return torch.cat(images, 0), labels, identities
+
+    def skipped_report(self):
+        """One line for the logs: undecodable images met so far (skipped, never trained on)."""
+        per_name = ", ".join(f"{n} {c}" for n, c in self.skipped_by_name.items()) or "none"
+        return f"undecodable images skipped: {self.skipped_images} ({per_name})"
+
+
+def shard_dataset(dataset, rank, world_size, seed):
+    """This rank's disjoint share: a permutation shared by all ranks (same seed), every world_size-th."""
+    if world_size <= 1:
+        return dataset
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(int(seed)))
+    return Subset(dataset, order[rank::world_size].tolist())
+
+
+class AlignCollate:
+    """Collate `(image, label, identity)` items into `(images (B, C, imgH, imgW) in [-1, 1], labels,
+    identities)`, dropping items whose image is None."""
+
+    def __init__(self, imgH=32, imgW=100, keep_ratio_with_pad=False, channels=None):
+        self.imgH = imgH
+        self.imgW = imgW
+        self.keep_ratio_with_pad = keep_ratio_with_pad
+        self.channels = channels
+
+    def __call__(self, batch):
+        batch = [item for item in batch if item is not None and item[0] is not None]
+        if not batch:
+            return torch.empty(0, self.channels or 1, self.imgH, self.imgW), [], []
+        images, labels, identities = zip(*batch)
+        arrays = self.padded(images) if self.keep_ratio_with_pad else self.resized(images)
+        if arrays.ndim == 3:
+            arrays = arrays[:, :, :, None]
+        tensor = torch.from_numpy(arrays).permute(0, 3, 1, 2).float()
+        return tensor.div_(127.5).sub_(1.0), list(labels), list(identities)
+
+    def resized(self, images):
+        size = (self.imgW, self.imgH)
+        return np.stack([np.asarray(img.resize(size, Image.BICUBIC)) for img in images])
+
+    def padded(self, images):
+        """Resize to imgH keeping the ratio (at most imgW wide), then fill the right side with
+        copies of the last column, as the original NormalizePAD."""
+        widths = [min(self.imgW, math.ceil(self.imgH * img.width / img.height)) for img in images]
+        first = np.asarray(images[0])
+        canvas = np.zeros((len(images), self.imgH, self.imgW) + first.shape[2:], dtype=np.uint8)
+        for k, (img, w) in enumerate(zip(images, widths)):
+            canvas[k, :, :w] = np.asarray(img.resize((w, self.imgH), Image.BICUBIC))
+        last = np.minimum(np.arange(self.imgW)[None, :], np.asarray(widths)[:, None] - 1)
+        shape = (len(images), 1, self.imgW) + (1,) * (canvas.ndim - 3)
+        return np.take_along_axis(canvas, last.reshape(shape), axis=2)
+
+
+class RawDataset(Dataset):
+    """Image files below a folder, naturally sorted, for inference: items `(image, path, path)`."""
+
+    def __init__(self, root, opt):
+        if not os.path.isdir(root):
+            raise UserError(f"--image_folder {root}: no such folder")
+        self.rgb = bool(getattr(opt, "rgb", False))
+        paths = []
+        for dirpath, _, filenames in os.walk(root):
+            paths.extend(os.path.join(dirpath, f) for f in filenames if f.lower().endswith(IMAGE_EXTENSIONS))
+        self.paths = []
+        self.skipped = []
+        for path in natsorted(paths):
+            reason = check_image_file(path)
+            if reason:
+                self.skipped.append((path, reason))
+            else:
+                self.paths.append(path)
+        for path, reason in self.skipped:
+            print(f"skipped {path}: {reason}")
+        if not self.paths:
+            raise UserError(f"--image_folder {root}: holds no readable image ({', '.join(IMAGE_EXTENSIONS)})")
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        path = self.paths[i]
+        with open(path, "rb") as f:
+            image = decode_image(f.read(), self.rgb)
+        return image, path, path
+
+
+def check_image_file(path):
+    """None when Pillow can read the file's image header and data, else the reason."""
+    try:
+        with Image.open(path) as img:
+            img.verify()
+    except Exception as err:
+        return f"undecodable image ({type(err).__name__}: {err})"
+    return None
+
+
+def write_lmdb(output_path, samples, meta=None, overwrite=False):
+    """Write `(image_bytes, label, origin)` samples as a new LMDB at output_path; returns the count.
+
+    Built in a hidden sibling folder and renamed into place, so an interrupted run leaves nothing
+    half-written. `meta` (a dict) makes it a query set (`query-meta` key)."""
+    output_path = os.path.abspath(os.fspath(output_path))
+    check_output(output_path, overwrite)
+    parent = os.path.dirname(output_path)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix="." + os.path.basename(output_path) + ".", suffix=".tmp", dir=parent)
+    try:
+        count = write_into(tmp, samples, meta)
+        replace_dir(tmp, output_path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return count
+
+
+def check_output(path, overwrite):
+    if not os.path.exists(path):
+        return
+    if not os.path.isdir(path):
+        raise UserError(f"output {path} exists and is not a folder; choose another output path")
+    contents = os.listdir(path)
+    if not contents:
+        return
+    if "data.mdb" not in contents:
+        raise UserError(f"output {path} is a non-empty folder that is not an LMDB; choose another output path")
+    if not overwrite:
+        raise UserError(f"output {path} already holds an LMDB; remove it or choose another output path")
+
+
+def replace_dir(src, dst):
+    if os.path.isdir(dst):
+        forget_env(dst)
+        # A folder cannot be renamed onto a non-empty one: move the old one aside first.
+        trash = tempfile.mkdtemp(prefix="." + os.path.basename(dst) + ".", suffix=".old", dir=os.path.dirname(dst))
+        os.replace(dst, os.path.join(trash, "old"))
+        os.replace(src, dst)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(src, dst)
+
+
+def write_into(path, samples, meta):
+    env = lmdb.open(path, map_size=64 << 20, meminit=False)
+    try:
+        count = 0
+        pending = []
+        for image_bytes, label, origin in samples:
+            count += 1
+            pending.append((image_key(count), bytes(image_bytes)))
+            pending.append((label_key(count), label.encode("utf-8")))
+            if origin is not None:
+                pending.append((origin_key(count), f"{origin[0]}\t{int(origin[1])}".encode("utf-8")))
+            if len(pending) >= 2 * COMMIT_EVERY:
+                put_all(env, pending)
+                pending = []
+        pending.append((NUM_SAMPLES_KEY, str(count).encode()))
+        if meta is not None:
+            pending.append((QUERY_META_KEY, json.dumps(meta, sort_keys=True).encode("utf-8")))
+        put_all(env, pending)
+        env.sync()
+    finally:
+        env.close()
+    return count
+
+
+def put_all(env, items):
+    """Commit items in one transaction, doubling the map size until they fit."""
+    while True:
+        try:
+            with env.begin(write=True) as txn:
+                for key, value in items:
+                    txn.put(key, value)
+            return
+        except lmdb.MapFullError:
+            env.set_mapsize(env.info()["map_size"] * 2)
+
+
+def is_query_set(path):
+    """Whether the leaf LMDB at path carries a `query-meta` key (written by data_sampling.py)."""
+    if not os.path.isfile(os.path.join(path, "data.mdb")):
+        return False
+    with shared_env(path).begin(write=False) as txn:
+        return txn.get(QUERY_META_KEY) is not None
+
+
+def read_query_meta(path):
+    """The decoded `query-meta` dict of a query set, or None."""
+    with shared_env(path).begin(write=False) as txn:
+        raw = txn.get(QUERY_META_KEY)
+    return None if raw is None else json.loads(raw.decode("utf-8"))
+
+
+def read_query_origins(root):
+    """Union of the origins `(relpath, index)` of every query set below root."""
+    origins = set()
+    if not os.path.isdir(root):
+        raise UserError(f"--train_data {root}: no such folder")
+    for rel in find_lmdbs(root):
+        path = os.path.join(root, rel)
+        with shared_env(path).begin(write=False) as txn:
+            if txn.get(QUERY_META_KEY) is None:
+                continue
+            for index in range(1, read_num_samples(txn, path) + 1):
+                origin = read_origin(txn, index)
+                if origin is not None:
+                    origins.add(origin)
+    return origins
