@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from natsort import natsorted
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, RandomSampler, Subset
 
 from utils import UserError
 
@@ -520,18 +520,23 @@ class Batch_Balanced_Dataset:
                                 f"--total_data_usage_ratio {opt.total_data_usage_ratio}); raise the ratio or "
                                 "check --batch_max_length / --character")
             shard = shard_dataset(dataset, rank, world_size, opt.manualSeed)
-            if len(shard) < batch:
-                raise UserError(f"--select_data {name}: {len(shard)} labelled samples per process, fewer than its "
-                                f"batch of {batch}; lower --batch_size or raise --total_data_usage_ratio")
+            small = len(shard) < batch
+            if small:
+                # A query set can be smaller than its batch share in early rounds: draw it with
+                # replacement so every batch keeps its mix instead of stopping the run.
+                lines.append(f"{name}: {len(shard)} labelled samples per process, fewer than its batch of "
+                             f"{batch}; drawn with replacement")
             lines.append(f"num samples of {name} per batch: {opt.batch_size} x {ratio} (batch_ratio) = {batch}")
             self.num_samples[name] = len(dataset)
             self.batch_sizes[name] = batch
             self.corrupted[name] = dataset.num_corrupted
             self.datasets[name] = dataset
-            loader = DataLoader(shard, batch_size=batch, shuffle=True, num_workers=int(opt.workers),
+            generator = torch.Generator().manual_seed(int(opt.manualSeed) + rank)
+            sampler = RandomSampler(shard, replacement=small, num_samples=batch if small else None,
+                                    generator=generator)
+            loader = DataLoader(shard, batch_size=batch, sampler=sampler, num_workers=int(opt.workers),
                                 collate_fn=collate, pin_memory=torch.cuda.is_available(), drop_last=True,
-                                persistent_workers=int(opt.workers) > 0,
-                                generator=torch.Generator().manual_seed(int(opt.manualSeed) + rank))
+                                persistent_workers=int(opt.workers) > 0)
             self.data_loader_list.append(loader)
             self.dataloader_iter_list.append(iter(loader))
         lines.append(rule)

@@ -63,7 +63,7 @@ def get_args_parser():
     group.add_argument("--B", type=float, default=16.0, help="exponential base of robust's global trust")
     group.add_argument("--t", type=float, default=0.5, help="transition point (fraction of training) of robust")
     group.add_argument("--patience", type=int, default=1000000,
-                       help="stop after this many validations without a lower ECE")
+                       help="stop after this many validations without a lower ECE (counted once the model reads some words)")
     group.add_argument("--mode", choices=("base", "al"), default="base",
                        help="base: labelled part only; al: labelled parts plus the query sets in --select_data")
     group.add_argument("--query_iter", default="", help="name of this round, part of the default --exp_name")
@@ -282,7 +282,9 @@ def main(opt):
                 if is_main:
                     result = evaluate(model, valid_loader, converter, opt, device, criterion=valid_criterion,
                                       amp=opt.amp, max_samples_kept=5)
-                    improved_ece = result["ece"] < best["ece"]
+                    # A model that reads nothing, at confidence ~0, is trivially calibrated: only a
+                    # model that reads some words can become the best-calibrated one.
+                    improved_ece = result["accuracy"] > 0 and result["ece"] < best["ece"]
                     if result["accuracy"] > best["accuracy"]:
                         best["accuracy"] = result["accuracy"]
                         save_weights(model, os.path.join(save_dir, "best_accuracy.pth"))
@@ -293,7 +295,7 @@ def main(opt):
                         best["ece"] = result["ece"]
                         save_weights(model, os.path.join(save_dir, "best_calibration.pth"))
                         stale_validations = 0
-                    else:
+                    elif best["ece"] != float("inf"):
                         stale_validations += 1
                     best["norm_ED"] = max(best["norm_ED"], result["norm_ED"])
                     utils.reliability_diagram(result["confidence"], result["correct"],
@@ -307,6 +309,8 @@ def main(opt):
                     with open(os.path.join(save_dir, "metrics.jsonl"), "a", encoding="utf-8") as f:
                         f.write(json.dumps(record) + "\n")
                     block = validation_block(iteration, opt, loss_avg.val(), result, best, elapsed)
+                    if train_dataset.skipped_images:
+                        block += "\n  " + train_dataset.skipped_report()
                     progress_bar.clear()
                     log_train.log(block)
                     loss_avg.reset()

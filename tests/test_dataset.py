@@ -312,9 +312,18 @@ def test_empty_labelled_part_is_a_user_error(tiny_data, make_opt):
     opt = make_opt(train_data=tiny_data.train, total_data_usage_ratio="0.001")
     with pytest.raises(UserError, match="no labelled sample"):
         dataset.Batch_Balanced_Dataset(opt)
-    opt = make_opt(train_data=tiny_data.train, batch_size=1000)
-    with pytest.raises(UserError, match="fewer than its batch"):
-        dataset.Batch_Balanced_Dataset(opt)
+
+
+def test_dataset_smaller_than_its_batch_share_is_drawn_with_replacement(tiny_data, make_opt):
+    opt = make_opt(train_data=tiny_data.train, batch_size=1000, total_data_usage_ratio="0.1")
+    loader = dataset.Batch_Balanced_Dataset(opt)
+    assert "drawn with replacement" in loader.log_text
+    images, labels, ids = loader.get_batch()
+    assert images.shape[0] == 1000 and len(ids) == 1000
+    for name in opt.select_data:
+        drawn = {i for i in ids if i[0] == name}
+        # only labelled samples, so at most the labelled count of distinct ones
+        assert 0 < len(drawn) <= loader.num_samples[name] < 500
 
 
 def test_loader_with_worker_processes(tiny_data, make_opt):

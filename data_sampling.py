@@ -1,0 +1,596 @@
+"""Query one active-learning round: score the unlabelled pool with the last round's model, pick
+samples by a query strategy, and write them (original bytes and labels) to a new LMDB query set
+under --train_data, with a summary that names the next `train.py --mode al` arguments.
+
+    python data_sampling.py --train_data train_data_lmdb --valid_data test_data_lmdb \
+        --select_data CVPR2016-NIPS2014 --batch_ratio 0.5-0.5 --saved_model <model.pth> \
+        --Transformation TPS --FeatureExtraction ResNet --SequenceModeling BiLSTM --Prediction Attn \
+        --total_data_usage_ratio 0.1 --query random
+
+Runs as `python data_sampling.py` or under `torchrun`: the pool is sharded across ranks, rank 0
+gathers the per-sample records, picks and writes (the same picks as one process)."""
+import argparse
+import io
+import json
+import os
+import re
+import shutil
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+
+import numpy as np
+import torch
+import torch.utils.data
+from PIL import Image
+from tqdm import tqdm
+
+import dataset
+import options
+import query_strategies
+import utils
+from evaluation import forward_logits
+from model import Model, load_weights
+
+TRAINING_ONLY_FLAGS = ("exp_name", "valInterval", "num_iter", "lr", "beta1", "rho", "eps", "grad_clip",
+                       "calibrator", "alpha", "beta", "smooth_tail", "patience", "mode", "query_iter",
+                       "noise_ratio", "noise_scope", "B", "t")
+DEFAULT_RATIO = 0.01
+ROUND_PATTERN = re.compile(r"_iter_(\d+)$")
+IMAGE_EXTENSIONS = {"JPEG": "jpg", "PNG": "png", "BMP": "bmp", "GIF": "gif", "TIFF": "tif", "WEBP": "webp"}
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a default only where there is one worth showing (not None, '' or False)."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, "", False, argparse.SUPPRESS):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser(
+        description="Score the unlabelled pool with a trained model and write the queried samples to a new "
+                    "LMDB query set under --train_data.",
+        formatter_class=HelpFormatter)
+    options.add_data_args(parser)
+    options.add_model_args(parser, required=False)
+    options.add_runtime_args(parser)
+    group = parser.add_argument_group("sampling")
+    group.add_argument("--saved_model", default="",
+                       help="the model of the last round; architecture flags not given are read from the "
+                            "opt.yaml beside it")
+    group.add_argument("--query", default="random",
+                       help="strategy; " + "; ".join(f"{s.name}: {s.help}"
+                                                    for s in query_strategies.STRATEGIES.values()))
+    group.add_argument("--ratio", type=float, default=DEFAULT_RATIO,
+                       help="share of the pool to query: floor(pool size * ratio) samples")
+    group.add_argument("--num_query", type=int, default=None, help="query this many samples (overrides --ratio)")
+    group.add_argument("--temperature", default=None,
+                       help="auto (fit on --valid_data by NLL) | none | a number; scales the logits before "
+                            "confidence, margin, entropy and bald scores (uncali always ranks raw confidence); "
+                            "default auto for cali, none otherwise")
+    group.add_argument("--cali_threshold", type=float, default=0.5,
+                       help="cali: least calibrated confidence at or above this first, then the closest below it")
+    group.add_argument("--mc_samples", type=int, default=10,
+                       help="bald: number of stochastic passes (1 = mean token entropy of a single pass)")
+    group.add_argument("--mc_dropout", type=float, default=0.2,
+                       help="bald: dropout probability applied to the sequence features before prediction "
+                            "during the stochastic passes (model.mc_dropout_p), even though the model is in "
+                            "eval mode")
+    group.add_argument("--out_name", default="",
+                       help="name of the new query set under --train_data (default <query>_iter_<k>, k one past "
+                            "the latest *_iter_<k> query set there, 1 if none)")
+    group.add_argument("--overwrite", action="store_true", help="replace an existing query set of that name")
+    group.add_argument("--save_images", default="",
+                       help="also export the picked images (original bytes) and a gt.txt to this folder")
+    ignored = parser.add_argument_group("training-only options (accepted and ignored, so that a train.py "
+                                        "command line can be reused)")
+    for name in TRAINING_ONLY_FLAGS:
+        ignored.add_argument(f"--{name}", default=argparse.SUPPRESS, help="ignored")
+    for name in ("adam", "FT"):
+        ignored.add_argument(f"--{name}", action="store_true", default=argparse.SUPPRESS, help="ignored")
+    ignored.add_argument("--resume", nargs="?", const="auto", default=argparse.SUPPRESS, help="ignored")
+    return parser
+
+
+# ---------------------------------------------------------------------------------------------
+# checks and set-up
+
+
+def check_inputs(opt):
+    if not opt.train_data:
+        raise utils.UserError("--train_data is required: give the root folder of the training LMDBs")
+    if not os.path.isdir(opt.train_data):
+        raise utils.UserError(f"--train_data {opt.train_data}: no such folder")
+    if not opt.saved_model:
+        raise utils.UserError("--saved_model is required: give the model of the last round")
+    if not os.path.isfile(opt.saved_model):
+        raise utils.UserError(f"--saved_model {opt.saved_model}: no such file; train a model first")
+    if opt.mc_samples < 1:
+        raise utils.UserError(f"--mc_samples {opt.mc_samples}: must be at least 1")
+    if not 0.0 <= opt.mc_dropout < 1.0:
+        raise utils.UserError(f"--mc_dropout {opt.mc_dropout}: must lie in [0, 1)")
+    if opt.num_query is None:
+        if not 0.0 < opt.ratio <= 1.0:
+            raise utils.UserError(f"--ratio {opt.ratio}: must lie in (0, 1]")
+    elif opt.num_query < 1:
+        raise utils.UserError(f"--num_query {opt.num_query}: must be at least 1")
+
+
+def temperature_mode(value, strategy):
+    """'auto', None (no scaling) or a positive float."""
+    if value is None:
+        return "auto" if strategy.calibrated else None
+    text = str(value).strip().lower()
+    if text == "auto":
+        return "auto"
+    if text == "none":
+        return None
+    try:
+        temperature = float(text)
+    except ValueError:
+        raise utils.UserError(f"--temperature {value}: give auto, none or a positive number") from None
+    if not 0 < temperature < float("inf"):
+        raise utils.UserError(f"--temperature {value}: must be a positive finite number")
+    return temperature
+
+
+def load_model(opt, device):
+    model = Model(opt)
+    load_weights(model, opt.saved_model, strict=True)
+    model.to(device)
+    model.eval()
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
+# query sets and the pool
+
+
+def list_leaf_lmdbs(root):
+    """{relpath: is_query_set} for every leaf LMDB below root (hidden folders, i.e. writes in
+    progress, are skipped by dataset.find_lmdbs)."""
+    return {rel: dataset.is_query_set(os.path.join(root, rel)) for rel in dataset.find_lmdbs(root)}
+
+
+def unselected_query_sets(leaves, select_data, root):
+    """Folder names of the query sets below root that no --select_data name selects, by round
+    (k of *_iter_<k>) then name: the next training round needs them too."""
+    def order(name):
+        match = ROUND_PATTERN.search(name)
+        return (int(match.group(1)) if match else float("inf"), name)
+
+    names = {rel.rsplit("/", 1)[-1] for rel, is_query in leaves.items()
+             if is_query and not any(dataset.selects(rel, n, root) for n in select_data)}
+    return sorted(names, key=order)
+
+
+def query_set_names(select_data, leaves, root):
+    """The --select_data names that select only query sets (they are labelled: no pool)."""
+    names = set()
+    for name in select_data:
+        chosen = [is_query for rel, is_query in leaves.items() if dataset.selects(rel, name, root)]
+        if chosen and all(chosen):
+            names.add(name)
+    return names
+
+
+def next_round(leaves):
+    """One past the largest k of the query sets named *_iter_<k>; 1 when there is none (the base
+    round is round 0)."""
+    rounds = [int(m.group(1)) for rel, is_query in leaves.items() if is_query
+              for m in [ROUND_PATTERN.search(rel.rsplit("/", 1)[-1])] if m]
+    return max(rounds, default=0) + 1
+
+
+def output_path(opt, leaves):
+    name = opt.out_name or f"{opt.query}_iter_{next_round(leaves)}"
+    if "/" in name or name in ("", ".", ".."):
+        raise utils.UserError(f"--out_name {name!r}: give a plain folder name")
+    path = os.path.join(opt.train_data, name)
+    if os.path.exists(path) and not opt.overwrite:
+        raise utils.UserError(f"{path} already exists; choose another --out_name or pass --overwrite")
+    return name, path
+
+
+class Pool(torch.utils.data.ConcatDataset):
+    """The unlabelled samples of several selections; `leaves` are its non-empty leaf datasets in
+    pool order (within a leaf, samples keep LMDB order)."""
+
+    def __init__(self, parts):
+        super().__init__(parts)
+        self.leaves = [leaf for part in parts for leaf in part.parts]
+
+
+def build_pool(opt, pool_names, queried):
+    parts, logs = [], []
+    for name in pool_names:
+        exclude = queried
+        overlap = {leaf.relpath for part in parts for leaf in part.parts
+                   if dataset.selects(leaf.relpath, name, opt.train_data)}
+        if overlap:  # two names selecting one LMDB must not pool its samples twice
+            exclude = set(queried) | {i for part in parts for i in part.identities if i[0] in overlap}
+        part, log = dataset.hierarchical_dataset(opt.train_data, opt, [name], split="unlabelled", exclude=exclude,
+                                                 flag="--train_data")
+        logs.append(log.rstrip("\n"))
+        if len(part):
+            parts.append(part)
+    if not parts:
+        raise utils.UserError(f"the pool is empty: no unlabelled sample of {'-'.join(pool_names)} under "
+                              f"{opt.train_data} is left to query (all already queried, or "
+                              f"--total_data_usage_ratio {opt.total_data_usage_ratio} labels everything)")
+    return Pool(parts), "\n".join(logs)
+
+
+def shard(pool, rank, world_size):
+    if world_size == 1:
+        return pool
+    return torch.utils.data.Subset(pool, range(rank, len(pool), world_size))
+
+
+def make_loader(data, opt):
+    collate = dataset.AlignCollate(imgH=opt.imgH, imgW=opt.imgW, keep_ratio_with_pad=opt.PAD)
+    return torch.utils.data.DataLoader(data, batch_size=opt.batch_size, shuffle=False, num_workers=opt.workers,
+                                       collate_fn=collate, pin_memory=torch.cuda.is_available())
+
+
+def show_progress(opt, rank=0):
+    return rank == 0 and not opt.no_progress and sys.stderr.isatty()
+
+
+# ---------------------------------------------------------------------------------------------
+# temperature
+
+
+def fit_temperature_on(model, opt, converter, device):
+    """Fit one temperature on --valid_data by minimising the NLL of the labels under the greedy logits."""
+    if not opt.valid_data or not os.path.isdir(opt.valid_data):
+        raise utils.UserError(f"--valid_data {opt.valid_data or '(not given)'}: no such folder; the temperature "
+                              f"is fitted on it (or give --temperature none or a number)")
+    valid_set, _ = dataset.hierarchical_dataset(opt.valid_data, opt, select_data="/", flag="--valid_data")
+    logits_list, labels = [], []
+    with torch.no_grad():
+        for images, batch_labels, _ in make_loader(valid_set, opt):
+            if not batch_labels:
+                continue
+            with utils.autocast_context(device, opt.amp):
+                logits = forward_logits(model, images.to(device), opt.batch_max_length, opt.Prediction)
+            logits_list.append(logits.float().cpu())
+            labels.extend(batch_labels)
+    if not labels:
+        raise utils.UserError(f"--valid_data {opt.valid_data}: no readable sample to fit the temperature on")
+    text, length = converter.encode(labels, batch_max_length=opt.batch_max_length)
+    logits = torch.cat(logits_list)
+    if opt.Prediction == "CTC":
+        return float(utils.fit_temperature(logits, text, target_lengths=length))
+    return float(utils.fit_temperature(logits, text[:, 1:]))
+
+
+# ---------------------------------------------------------------------------------------------
+# scoring
+
+
+def scale(logits, temperature):
+    return logits if temperature is None else utils.apply_temperature(logits, temperature)
+
+
+def mutual_information(model, images, opt, temperature, mask, device):
+    """BALD: H(mean_k p_k) - mean_k H(p_k) per token, averaged over the counted tokens (the masked
+    mean is linear, so it is taken per term); with one pass, the mean token entropy of that single
+    stochastic pass."""
+    previous = getattr(model, "mc_dropout_p", 0.0)
+    model.mc_dropout_p = opt.mc_dropout
+    mean_probs, mean_entropy = 0.0, 0.0
+    try:
+        for _ in range(opt.mc_samples):
+            with utils.autocast_context(device, opt.amp):
+                logits = forward_logits(model, images, opt.batch_max_length, opt.Prediction)
+            probs = scale(logits.float(), temperature).softmax(-1)
+            mean_probs = mean_probs + probs / opt.mc_samples
+            mean_entropy = mean_entropy + utils.mean_entropy(probs, mask) / opt.mc_samples
+    finally:
+        model.mc_dropout_p = previous
+    if opt.mc_samples == 1:
+        return mean_entropy
+    return utils.mean_entropy(mean_probs, mask) - mean_entropy
+
+
+def score_batch(model, images, converter, opt, needs, temperature, device):
+    """Predictions and the per-sample quantities in `needs` for one batch (all vectorised)."""
+    with utils.autocast_context(device, opt.amp):
+        logits = forward_logits(model, images, opt.batch_max_length, opt.Prediction)
+    logits = logits.float()
+    texts, confidence, _ = utils.decode_predictions(logits, converter)
+    values = {"confidence": confidence}
+    scaled = scale(logits, temperature)
+    if temperature is not None:
+        values["cal_confidence"] = utils.decode_predictions(scaled, converter)[1]
+    elif "cal_confidence" in needs:
+        values["cal_confidence"] = confidence
+    if {"margin", "entropy", "mc"} & set(needs):
+        # Counted steps come from the deterministic pass: the stochastic ones are compared on them.
+        mask = utils.token_mask(logits, converter)
+        probs = scaled.softmax(-1)
+        if "margin" in needs:
+            values["margin"] = utils.mean_margin(probs, mask)
+        if "entropy" in needs:
+            values["entropy"] = utils.mean_entropy(probs, mask)
+        if "mc" in needs:
+            values["mc"] = mutual_information(model, images, opt, temperature, mask, device)
+    return texts, {k: v.detach().float().cpu().numpy() for k, v in values.items()}
+
+
+class ScoreTable:
+    """Per-sample records, column-wise: identity, prediction, correctness and the float quantities."""
+
+    def __init__(self):
+        self.relpaths, self.indices, self.predictions, self.correct = [], [], [], []
+        self.values = {}
+
+    def extend(self, identities, predictions, labels, values):
+        self.relpaths.extend(r for r, _ in identities)
+        self.indices.extend(i for _, i in identities)
+        self.predictions.extend(predictions)
+        self.correct.extend(p == g for p, g in zip(predictions, labels))
+        for key, column in values.items():
+            self.values.setdefault(key, []).append(column)
+
+    def columns(self):
+        return {
+            "relpath": self.relpaths, "index": np.asarray(self.indices, dtype=np.int64),
+            "prediction": self.predictions, "correct": np.asarray(self.correct, dtype=bool),
+            **{k: np.concatenate(v) for k, v in self.values.items()},
+        }
+
+
+def score_pool(model, data, converter, opt, strategy, temperature, device, rank=0):
+    table = ScoreTable()
+    loader = make_loader(data, opt)
+    bar = tqdm(loader, total=len(loader), desc="scoring", unit="batch", disable=not show_progress(opt, rank),
+               dynamic_ncols=True)
+    with torch.no_grad():
+        for images, labels, identities in bar:
+            if not labels:
+                continue
+            texts, values = score_batch(model, images.to(device, non_blocking=True), converter, opt,
+                                        strategy.needs, temperature, device)
+            table.extend(identities, texts, labels, values)
+    bar.close()
+    return table.columns()
+
+
+def merge_columns(parts, leaf_relpaths):
+    """Concatenate the ranks' columns and sort them into pool order."""
+    merged = {}
+    for key in parts[0]:
+        if isinstance(parts[0][key], np.ndarray):
+            merged[key] = np.concatenate([p[key] for p in parts])
+        else:
+            merged[key] = [x for p in parts for x in p[key]]
+    leaf_order = {rel: k for k, rel in enumerate(leaf_relpaths)}
+    # Within one leaf the pool keeps LMDB order, so (leaf position, index) is the pool order.
+    leaf_rank = np.fromiter((leaf_order[r] for r in merged["relpath"]), dtype=np.int64, count=len(merged["relpath"]))
+    order = np.lexsort((merged["index"], leaf_rank))
+    return {k: v[order] if isinstance(v, np.ndarray) else [v[i] for i in order] for k, v in merged.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# picking and writing
+
+
+def pick(columns, strategy, opt, count):
+    identities = list(zip(columns["relpath"], columns["index"].tolist()))
+    keys = query_strategies.identity_keys(identities, opt.manualSeed)
+    chosen = strategy.select(columns, keys, count, threshold=opt.cali_threshold)
+    scores = strategy.score(columns, keys)
+    return np.sort(chosen), scores
+
+
+def read_raw_samples(root, identities):
+    """(image bytes, label, identity) straight from the source LMDBs: nothing decoded or re-encoded."""
+    envs = {}
+    for relpath, index in identities:
+        if relpath not in envs:
+            envs[relpath] = dataset.shared_env(os.path.join(root, relpath))
+        with envs[relpath].begin(write=False) as txn:
+            image = txn.get(dataset.image_key(index))
+            label = txn.get(dataset.label_key(index))
+        if image is None or label is None:
+            raise utils.UserError(f"{os.path.join(root, relpath)}: sample {index} vanished while sampling; "
+                                  f"was the dataset rewritten?")
+        yield image, label.decode("utf-8"), (relpath, index)
+
+
+def image_extension(image_bytes):
+    try:
+        with Image.open(io.BytesIO(image_bytes)) as image:
+            fmt = image.format or ""
+    except Exception:  # picked samples decoded once already; an odd format still exports
+        fmt = ""
+    return IMAGE_EXTENSIONS.get(fmt, fmt.lower() or "bin")
+
+
+def stage_images(folder, samples):
+    """Write the images (original bytes) and `gt.txt` (`images/<file><TAB>label`) into a hidden
+    sibling of `folder`; returns its path, for `publish_images` once the query set is written."""
+    parent = os.path.dirname(os.path.abspath(folder))
+    os.makedirs(parent, exist_ok=True)
+    staged = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(folder))}.", suffix=".tmp", dir=parent)
+    try:
+        os.makedirs(os.path.join(staged, "images"))
+        with open(os.path.join(staged, "gt.txt"), "w", encoding="utf-8") as gt:
+            for n, (image, label, (relpath, index)) in enumerate(samples, start=1):
+                # create_lmdb_dataset.py splits a gt.txt line at its first tab: only line breaks break it
+                if "".join(label.splitlines()) != label:
+                    raise utils.UserError(f"--save_images: the label of {relpath} sample {index} holds a line "
+                                          f"break, which gt.txt cannot carry; drop --save_images")
+                name = f"images/image_{n:09d}.{image_extension(image)}"
+                with open(os.path.join(staged, name), "wb") as f:
+                    f.write(image)
+                gt.write(f"{name}\t{label}\n")
+    except BaseException:
+        shutil.rmtree(staged, ignore_errors=True)
+        raise
+    return staged
+
+
+def publish_images(staged, folder):
+    if os.path.exists(folder):  # only reached with --overwrite (checked before scoring)
+        shutil.rmtree(folder)
+    os.replace(staged, folder)
+
+
+def query_meta(opt, strategy, name, pool_size, picked_scores, temperature):
+    return {
+        "name": name, "strategy": strategy.name, "model": os.path.abspath(opt.saved_model),
+        "ratio": opt.ratio if opt.num_query is None else None, "num_query": opt.num_query,
+        "num_picked": len(picked_scores), "pool_size": pool_size, "temperature": temperature,
+        "seed": opt.manualSeed, "select_data": "-".join(opt.select_data),
+        "total_data_usage_ratio": opt.total_data_usage_ratio,
+        "scores": [round(float(s), 6) for s in picked_scores],
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def mean_or_none(values):
+    return float(np.mean(values)) if len(values) else None
+
+
+def make_summary(opt, name, path, columns, picked, pool_total, temperature, elapsed, query_names):
+    names, shares = query_strategies.next_round_selection(opt.select_data, opt.batch_ratio, query_names, name)
+    select_data, batch_ratio = query_strategies.format_selection(names, shares)
+    summary = {
+        "query_set": name, "path": os.path.abspath(path), "strategy": opt.query,
+        "pool_size": pool_total, "scored": len(columns["index"]), "unreadable": pool_total - len(columns["index"]),
+        "num_picked": int(len(picked)),
+        "mean_confidence": {"picked": mean_or_none(columns["confidence"][picked]),
+                            "pool": mean_or_none(columns["confidence"])},
+        "accuracy": {"picked": mean_or_none(columns["correct"][picked]), "pool": mean_or_none(columns["correct"])},
+        "temperature": temperature,
+        "time_s": round(elapsed, 3),
+        "next_select_data": select_data, "next_batch_ratio": batch_ratio,
+    }
+    if "cal_confidence" in columns and temperature is not None:
+        summary["mean_calibrated_confidence"] = {"picked": mean_or_none(columns["cal_confidence"][picked]),
+                                                 "pool": mean_or_none(columns["cal_confidence"])}
+    return summary
+
+
+def format_summary(summary):
+    def pct(x):
+        return "n/a" if x is None else f"{100 * x:.2f}%"
+
+    def num(x):
+        return "n/a" if x is None else f"{x:.4f}"
+
+    conf, acc = summary["mean_confidence"], summary["accuracy"]
+    lines = [
+        f"queried {summary['num_picked']} of {summary['scored']} pool samples by '{summary['strategy']}' "
+        f"-> {summary['path']}" + (f" ({summary['unreadable']} unreadable skipped)" if summary["unreadable"] else ""),
+        f"  mean confidence: picked {num(conf['picked'])}  pool {num(conf['pool'])}",
+        f"  accuracy:        picked {pct(acc['picked'])}  pool {pct(acc['pool'])}",
+        f"  temperature: {'none' if summary['temperature'] is None else num(summary['temperature'])}"
+        f"   time: {summary['time_s']:.1f}s",
+        f"next round: train.py --mode al --select_data {summary['next_select_data']} "
+        f"--batch_ratio {summary['next_batch_ratio']}",
+    ]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def plan_output(opt):
+    """The new query set's name and path, the names of the query sets the next round trains on
+    besides it, and the names whose unlabelled part forms the pool; fails before any work when the
+    output is taken."""
+    leaves = list_leaf_lmdbs(opt.train_data)
+    query_names = query_set_names(opt.select_data, leaves, opt.train_data)
+    name, path = output_path(opt, leaves)
+    if opt.save_images and os.path.exists(opt.save_images) and not opt.overwrite:
+        raise utils.UserError(f"--save_images {opt.save_images} already exists; choose another folder or pass "
+                              f"--overwrite")
+    pool_names = [n for n in opt.select_data if n not in query_names]
+    query_names = [n for n in opt.select_data if n in query_names] + \
+        unselected_query_sets(leaves, opt.select_data, opt.train_data)
+    if not pool_names:
+        raise utils.UserError(f"--select_data {'-'.join(opt.select_data)} names only query sets, which have no "
+                              f"unlabelled pool; name a base dataset too")
+    return name, path, query_names, pool_names
+
+
+def score_round(opt, model, converter, strategy, temperature, device, pool_names, rank, world_size, distributed):
+    """Build the pool, fit the temperature if asked, score this rank's shard and gather on rank 0.
+
+    Returns `(columns in pool order or None off rank 0, pool size, temperature)`."""
+    pool, pool_log = build_pool(opt, pool_names, dataset.read_query_origins(opt.train_data))
+    query_strategies.query_count(len(pool), opt.ratio, opt.num_query)  # fail before the long scoring pass
+    if temperature == "auto":
+        temperature = fit_temperature_on(model, opt, converter, device)
+    if rank == 0:
+        print(pool_log)
+        if temperature is not None:
+            print(f"temperature: {temperature:.4f}")
+    columns = score_pool(model, shard(pool, rank, world_size), converter, opt, strategy, temperature, device, rank)
+    parts = utils.all_gather_object(columns) if distributed else [columns]
+    if rank != 0:
+        return None, len(pool), temperature
+    return merge_columns(parts, [leaf.relpath for leaf in pool.leaves]), len(pool), temperature
+
+
+def write_round(opt, strategy, name, path, columns, pool_size, temperature, query_names, start):
+    if len(columns["index"]) == 0:
+        raise utils.UserError(f"the pool of {pool_size} samples holds no readable image")
+    count = query_strategies.query_count(len(columns["index"]), opt.ratio, opt.num_query)
+    picked, scores = pick(columns, strategy, opt, count)
+    identities = [(columns["relpath"][i], int(columns["index"][i])) for i in picked]
+    staged = stage_images(opt.save_images, read_raw_samples(opt.train_data, identities)) if opt.save_images else None
+    try:
+        meta = query_meta(opt, strategy, name, pool_size, scores[picked], temperature)
+        dataset.write_lmdb(path, read_raw_samples(opt.train_data, identities), meta=meta, overwrite=opt.overwrite)
+        if staged:
+            publish_images(staged, opt.save_images)
+    finally:
+        if staged:
+            shutil.rmtree(staged, ignore_errors=True)
+    summary = make_summary(opt, name, path, columns, picked, pool_size, temperature, time.time() - start,
+                           query_names)
+    utils.atomic_write_text(os.path.join(path, "summary.json"), json.dumps(summary, indent=2) + "\n")
+    print(format_summary(summary))
+    return summary
+
+
+def main(opt, given=()):
+    """One query round; `given` holds the option names set on the command line (the rest may come
+    from the opt.yaml beside --saved_model). Returns the summary on rank 0."""
+    start = time.time()
+    check_inputs(opt)
+    options.fill_from_saved(opt, set(given))
+    options.resolve_options(opt)
+    strategy = query_strategies.get_strategy(opt.query)
+    temperature = temperature_mode(opt.temperature, strategy)
+    rank, world_size, local_rank, distributed = utils.init_distributed()
+    try:
+        device = utils.select_device(opt.device, local_rank)
+        utils.set_seed(opt.manualSeed)
+        converter = utils.make_converter(opt.Prediction, opt.character)
+        opt.num_class = len(converter.character)
+        model = load_model(opt, device)
+        name, path, query_names, pool_names = plan_output(opt)
+        columns, pool_size, temperature = score_round(opt, model, converter, strategy, temperature, device,
+                                                      pool_names, rank, world_size, distributed)
+        if rank != 0:
+            return None
+        return write_round(opt, strategy, name, path, columns, pool_size, temperature, query_names, start)
+    finally:
+        if distributed:
+            torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    arg_parser = get_args_parser()
+    argv = sys.argv[1:]
+    utils.exit_on_user_error(main)(arg_parser.parse_args(argv), options.given_options(arg_parser, argv))
