@@ -22,7 +22,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from utils import UserError
+from utils import UserError, ctc_keep_mask
 
 HEADS = ("Attn", "CTC")
 
@@ -225,12 +225,16 @@ class EntropyRegularised(Calibrator):
 
 class SoftBootstrap(Calibrator):
     """Reed et al. 2014, soft bootstrapping: target = beta q + (1 - beta) p with p the model's own
-    softmax, not detached (the gradient flows through both sides, as in the original)."""
+    softmax, not detached (the gradient flows through both sides, as in the original).
 
-    heads = ("Attn",)
+    CTC has no per-frame label, so the CTC form is Reed's loss written for sequences: beta x the
+    CTC loss of the label + (1 - beta) x the cross-entropy of every frame against the model's own
+    posterior, H(p_t), averaged over frames (the label term keeps CTC's alignment freedom)."""
+
     options = ("alpha", "beta")
     help = ("soft bootstrapping (Reed et al. 2014): KL(--beta x label smoothed by --alpha + (1 - beta) x "
-            "the model's softmax || model), gradient through both")
+            "the model's softmax || model), gradient through both (CTC: beta CTC + (1 - beta) mean "
+            "frame entropy)")
 
     def __init__(self, opt):
         super().__init__(opt)
@@ -246,14 +250,37 @@ class SoftBootstrap(Calibrator):
         target = self.beta * label + (1.0 - self.beta) * self.model_target(log_probs)
         return _token_mean(_kl_to_target(target, log_probs), targets)
 
+    def ctc(self, logits, targets, target_lengths, progress):
+        label_term = _ctc_mean(logits, targets, target_lengths)
+        return self.beta * label_term + (1.0 - self.beta) * self.ctc_model_term(logits)
+
+    def ctc_model_term(self, logits):
+        return _entropy(logits.log_softmax(-1)).mean()
+
+
+def greedy_ctc_targets(logits):
+    """The model's own greedy reading as CTC targets: `(targets (B, T), lengths (B,))`, the argmax
+    path with repeats and blanks collapsed, left-aligned and padded with 0."""
+    index = logits.argmax(-1)
+    keep = ctc_keep_mask(index)
+    lengths = keep.sum(1)
+    # a stable sort on "not kept" moves the kept symbols to the front in their order
+    order = torch.sort((~keep).to(torch.uint8), dim=1, stable=True).indices
+    packed = index.gather(1, order)
+    positions = torch.arange(index.size(1), device=index.device).unsqueeze(0)
+    return torch.where(positions < lengths.unsqueeze(1), packed, torch.zeros_like(packed)), lengths
+
 
 class HardBootstrap(SoftBootstrap):
-    heads = ("Attn",)
     help = ("hard bootstrapping (Reed et al. 2014): as boost_soft with the model's argmax, smoothed by "
-            "--alpha, in place of its softmax")
+            "--alpha, in place of its softmax (CTC: beta CTC(label) + (1 - beta) CTC(greedy reading))")
 
     def model_target(self, log_probs):
         return _one_hot_smoothed(log_probs.argmax(-1), log_probs.size(-1), self.alpha, log_probs.dtype)
+
+    def ctc_model_term(self, logits):
+        targets, lengths = greedy_ctc_targets(logits.detach())
+        return _ctc_mean(logits, targets, lengths)
 
 
 class ProgressiveSelfCorrection(Calibrator):

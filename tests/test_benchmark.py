@@ -141,5 +141,5 @@ def test_tiny_benchmark_of_every_part(tiny_data, tmp_path):
 
     names = [c["name"] for c in data["checks"]]
     assert names == ["amp_train_speedup", "amp_infer_speedup", "amp_accuracy_within_noise",
-                     "sampling_memory_growth_mb", "loader_vs_model_ratio"]
+                     "sampling_memory_growth_mb", "sampling_tree_anon_growth_mb", "loader_vs_model_ratio"]
     assert "targets:" in result.stdout and "marginal rate" in result.stdout

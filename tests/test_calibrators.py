@@ -318,9 +318,13 @@ def test_unknown_name_lists_the_valid_names():
 
 def test_a_name_without_a_form_for_the_head_lists_that_heads_names():
     with pytest.raises(UserError) as err:
-        calibrators.get_calibrator("boost_soft", opt("CTC"))
+        calibrators.get_calibrator("MBLS_missing", opt("CTC"))
     message = str(err.value)
-    assert "--Prediction CTC" in message and "robust" in message and "boost_hard" not in message
+    assert "robust" in message and "boost_hard" in message and "CTCLS" in message
+    with pytest.raises(UserError) as err:
+        calibrators.get_calibrator("CE", opt("Attn")) and calibrators.get_calibrator("CTC", opt("Attn"))
+    message = str(err.value)
+    assert "--Prediction Attn" in message and "CTCLS" not in message and "boost_soft" in message
     with pytest.raises(UserError):
         calibrators.get_calibrator("CTCLS", opt("Attn"))
     with pytest.raises(UserError, match="--Prediction"):
@@ -348,3 +352,28 @@ def test_help_names_every_calibrator_and_its_options():
     assert "--beta" in calibrators.CALIBRATOR_HELP["boost_soft"]
     assert "--B" in calibrators.CALIBRATOR_HELP["robust"] and "--t" in calibrators.CALIBRATOR_HELP["robust"]
     assert all("smooth_tail" in line for line in calibrators.CALIBRATOR_HELP.values())
+
+
+def test_ctc_bootstraps_from_their_formulas():
+    logits, targets, lengths = ctc_batch(seed=3)
+    ctc = loss_of("CE", logits, targets, lengths, prediction="CTC").item()
+    log_probs = logits.log_softmax(-1)
+    frame_entropy = -(log_probs.exp() * log_probs).sum(-1).mean().item()
+    soft = loss_of("boost_soft", logits, targets, lengths, prediction="CTC", alpha=0.0, beta=0.8).item()
+    assert soft == pytest.approx(0.8 * ctc + 0.2 * frame_entropy, rel=1e-6)
+    assert loss_of("boost_soft", logits, targets, lengths, prediction="CTC", alpha=0.0, beta=1.0).item() == \
+        pytest.approx(ctc, rel=1e-6)
+    # hard: the second term is the CTC loss of the model's own greedy reading
+    greedy, greedy_lengths = calibrators.greedy_ctc_targets(logits)
+    own = loss_of("CE", logits, greedy, greedy_lengths, prediction="CTC").item()
+    hard = loss_of("boost_hard", logits, targets, lengths, prediction="CTC", alpha=0.0, beta=0.7).item()
+    assert hard == pytest.approx(0.7 * ctc + 0.3 * own, rel=1e-6)
+
+
+def test_greedy_ctc_targets_collapse_by_hand():
+    # argmax paths: [1, 1, 0, 2, 2, 0, 1] -> "1 2 1"; [0, 0, 3, 0, 3, 3, 3] -> "3 3"
+    paths = torch.tensor([[1, 1, 0, 2, 2, 0, 1], [0, 0, 3, 0, 3, 3, 3]])
+    logits = F.one_hot(paths, 5).float() * 10
+    targets, lengths = calibrators.greedy_ctc_targets(logits)
+    assert lengths.tolist() == [3, 2]
+    assert targets.tolist() == [[1, 2, 1, 0, 0, 0, 0], [3, 3, 0, 0, 0, 0, 0]]

@@ -722,6 +722,11 @@ def make_checks(results):
                        "target": f"< {TARGETS['memory_growth_mb']:g} MB from {sampling['growth_from']} to "
                                  f"{sampling['growth_to']} (peak RSS of data_sampling.py)",
                        "met": sampling["memory_growth_mb"] < TARGETS["memory_growth_mb"]})
+        # Every process of the run together (loader workers included), anonymous memory only:
+        # the LMDB's file-backed pages are page cache, not images held by the program.
+        checks.append({"name": "sampling_tree_anon_growth_mb", "value": sampling["tree_anon_growth_mb"],
+                       "target": f"< {TARGETS['memory_growth_mb']:g} MB (all processes' anonymous PSS)",
+                       "met": sampling["tree_anon_growth_mb"] < TARGETS["memory_growth_mb"]})
     loader = results.get("loader")
     if loader and loader.get("vs_training") is not None:
         checks.append({"name": "loader_vs_model_ratio", "value": loader["vs_training"],
