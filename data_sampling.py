@@ -30,8 +30,7 @@ import dataset
 import options
 import query_strategies
 import utils
-from evaluation import forward_logits
-from model import Model, load_weights
+from evaluation import eval_loader, fit_temperature_on_valid_data, forward_logits, load_model
 
 TRAINING_ONLY_FLAGS = ("exp_name", "valInterval", "num_iter", "lr", "beta1", "rho", "eps", "grad_clip",
                        "calibrator", "alpha", "beta", "smooth_tail", "patience", "mode", "query_iter",
@@ -41,37 +40,20 @@ ROUND_PATTERN = re.compile(r"_iter_(\d+)$")
 IMAGE_EXTENSIONS = {"JPEG": "jpg", "PNG": "png", "BMP": "bmp", "GIF": "gif", "TIFF": "tif", "WEBP": "webp"}
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows a default only where there is one worth showing (not None, '' or False)."""
-
-    def _get_help_string(self, action):
-        if action.default in (None, "", False, argparse.SUPPRESS):
-            return action.help
-        return super()._get_help_string(action)
-
-
 def get_args_parser():
-    parser = argparse.ArgumentParser(
-        description="Score the unlabelled pool with a trained model and write the queried samples to a new "
-                    "LMDB query set under --train_data.",
-        formatter_class=HelpFormatter)
-    options.add_data_args(parser)
-    options.add_model_args(parser, required=False)
-    options.add_runtime_args(parser)
+    parser = options.make_parser("Score the unlabelled pool with a trained model and write the queried samples to "
+                                 "a new LMDB query set under --train_data.")
+    options.add_common_args(parser, saved_model_help="the model of the last round")
     group = parser.add_argument_group("sampling")
-    group.add_argument("--saved_model", default="",
-                       help="the model of the last round; architecture flags not given are read from the "
-                            "opt.yaml beside it")
     group.add_argument("--query", default="random",
                        help="strategy; " + "; ".join(f"{s.name}: {s.help}"
                                                     for s in query_strategies.STRATEGIES.values()))
     group.add_argument("--ratio", type=float, default=DEFAULT_RATIO,
                        help="share of the pool to query: floor(pool size * ratio) samples")
     group.add_argument("--num_query", type=int, default=None, help="query this many samples (overrides --ratio)")
-    group.add_argument("--temperature", default=None,
-                       help="auto (fit on --valid_data by NLL) | none | a number; scales the logits before "
-                            "confidence, margin, entropy and bald scores (uncali always ranks raw confidence); "
-                            "default auto for cali, none otherwise")
+    options.add_temperature_arg(group, default=None,
+                                note="applied before the confidence, margin, entropy and bald scores (uncali always "
+                                     "ranks raw confidence); default auto for cali, none otherwise")
     group.add_argument("--cali_threshold", type=float, default=0.5,
                        help="cali: least calibrated confidence at or above this first, then the closest below it")
     group.add_argument("--mc_samples", type=int, default=10,
@@ -101,14 +83,9 @@ def get_args_parser():
 
 
 def check_inputs(opt):
-    if not opt.train_data:
-        raise utils.UserError("--train_data is required: give the root folder of the training LMDBs")
-    if not os.path.isdir(opt.train_data):
-        raise utils.UserError(f"--train_data {opt.train_data}: no such folder")
-    if not opt.saved_model:
-        raise utils.UserError("--saved_model is required: give the model of the last round")
-    if not os.path.isfile(opt.saved_model):
-        raise utils.UserError(f"--saved_model {opt.saved_model}: no such file; train a model first")
+    options.require_dir(opt.train_data, "--train_data", "give the root folder of the training LMDBs")
+    options.require_file(opt.saved_model, "--saved_model", "give the model of the last round",
+                         if_absent="train a model first")
     if opt.mc_samples < 1:
         raise utils.UserError(f"--mc_samples {opt.mc_samples}: must be at least 1")
     if not 0.0 <= opt.mc_dropout < 1.0:
@@ -118,32 +95,6 @@ def check_inputs(opt):
             raise utils.UserError(f"--ratio {opt.ratio}: must lie in (0, 1]")
     elif opt.num_query < 1:
         raise utils.UserError(f"--num_query {opt.num_query}: must be at least 1")
-
-
-def temperature_mode(value, strategy):
-    """'auto', None (no scaling) or a positive float."""
-    if value is None:
-        return "auto" if strategy.calibrated else None
-    text = str(value).strip().lower()
-    if text == "auto":
-        return "auto"
-    if text == "none":
-        return None
-    try:
-        temperature = float(text)
-    except ValueError:
-        raise utils.UserError(f"--temperature {value}: give auto, none or a positive number") from None
-    if not 0 < temperature < float("inf"):
-        raise utils.UserError(f"--temperature {value}: must be a positive finite number")
-    return temperature
-
-
-def load_model(opt, device):
-    model = Model(opt)
-    load_weights(model, opt.saved_model, strict=True)
-    model.to(device)
-    model.eval()
-    return model
 
 
 # ---------------------------------------------------------------------------------------------
@@ -231,42 +182,8 @@ def shard(pool, rank, world_size):
     return torch.utils.data.Subset(pool, range(rank, len(pool), world_size))
 
 
-def make_loader(data, opt):
-    collate = dataset.AlignCollate(imgH=opt.imgH, imgW=opt.imgW, keep_ratio_with_pad=opt.PAD)
-    return torch.utils.data.DataLoader(data, batch_size=opt.batch_size, shuffle=False, num_workers=opt.workers,
-                                       collate_fn=collate, pin_memory=torch.cuda.is_available())
-
-
 def show_progress(opt, rank=0):
     return rank == 0 and not opt.no_progress and sys.stderr.isatty()
-
-
-# ---------------------------------------------------------------------------------------------
-# temperature
-
-
-def fit_temperature_on(model, opt, converter, device):
-    """Fit one temperature on --valid_data by minimising the NLL of the labels under the greedy logits."""
-    if not opt.valid_data or not os.path.isdir(opt.valid_data):
-        raise utils.UserError(f"--valid_data {opt.valid_data or '(not given)'}: no such folder; the temperature "
-                              f"is fitted on it (or give --temperature none or a number)")
-    valid_set, _ = dataset.hierarchical_dataset(opt.valid_data, opt, select_data="/", flag="--valid_data")
-    logits_list, labels = [], []
-    with torch.no_grad():
-        for images, batch_labels, _ in make_loader(valid_set, opt):
-            if not batch_labels:
-                continue
-            with utils.autocast_context(device, opt.amp):
-                logits = forward_logits(model, images.to(device), opt.batch_max_length, opt.Prediction)
-            logits_list.append(logits.float().cpu())
-            labels.extend(batch_labels)
-    if not labels:
-        raise utils.UserError(f"--valid_data {opt.valid_data}: no readable sample to fit the temperature on")
-    text, length = converter.encode(labels, batch_max_length=opt.batch_max_length)
-    logits = torch.cat(logits_list)
-    if opt.Prediction == "CTC":
-        return float(utils.fit_temperature(logits, text, target_lengths=length))
-    return float(utils.fit_temperature(logits, text[:, 1:]))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -348,7 +265,7 @@ class ScoreTable:
 
 def score_pool(model, data, converter, opt, strategy, temperature, device, rank=0):
     table = ScoreTable()
-    loader = make_loader(data, opt)
+    loader = eval_loader(data, opt, device)
     bar = tqdm(loader, total=len(loader), desc="scoring", unit="batch", disable=not show_progress(opt, rank),
                dynamic_ncols=True)
     with torch.no_grad():
@@ -529,7 +446,7 @@ def score_round(opt, model, converter, strategy, temperature, device, pool_names
     pool, pool_log = build_pool(opt, pool_names, dataset.read_query_origins(opt.train_data))
     query_strategies.query_count(len(pool), opt.ratio, opt.num_query)  # fail before the long scoring pass
     if temperature == "auto":
-        temperature = fit_temperature_on(model, opt, converter, device)
+        temperature = fit_temperature_on_valid_data(model, converter, opt, device)
     if rank == 0:
         print(pool_log)
         if temperature is not None:
@@ -563,22 +480,23 @@ def write_round(opt, strategy, name, path, columns, pool_size, temperature, quer
     return summary
 
 
-def main(opt, given=()):
+def main(opt, given=None):
     """One query round; `given` holds the option names set on the command line (the rest may come
-    from the opt.yaml beside --saved_model). Returns the summary on rank 0."""
+    from the opt.yaml beside --saved_model; default: `options.given_option_names`). Returns the
+    summary on rank 0."""
     start = time.time()
     check_inputs(opt)
-    options.fill_from_saved(opt, set(given))
+    given = options.given_option_names(opt, get_args_parser()) if given is None else set(given)
+    options.fill_from_saved(opt, given)
     options.resolve_options(opt)
     strategy = query_strategies.get_strategy(opt.query)
-    temperature = temperature_mode(opt.temperature, strategy)
+    # "auto" is fitted once the pool is known to be non-empty, after the model is loaded.
+    temperature = options.parse_temperature(opt.temperature, default="auto" if strategy.calibrated else None)
     rank, world_size, local_rank, distributed = utils.init_distributed()
     try:
         device = utils.select_device(opt.device, local_rank)
         utils.set_seed(opt.manualSeed)
-        converter = utils.make_converter(opt.Prediction, opt.character)
-        opt.num_class = len(converter.character)
-        model = load_model(opt, device)
+        model, converter = load_model(opt, device)
         name, path, query_names, pool_names = plan_output(opt)
         columns, pool_size, temperature = score_round(opt, model, converter, strategy, temperature, device,
                                                       pool_names, rank, world_size, distributed)
@@ -591,6 +509,4 @@ def main(opt, given=()):
 
 
 if __name__ == "__main__":
-    arg_parser = get_args_parser()
-    argv = sys.argv[1:]
-    utils.exit_on_user_error(main)(arg_parser.parse_args(argv), options.given_options(arg_parser, argv))
+    utils.exit_on_user_error(main)(options.parse_with_given(get_args_parser()))

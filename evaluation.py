@@ -1,11 +1,33 @@
-"""Validation and evaluation shared by train.py and test.py: run a model over a loader, decode,
-and measure accuracy, normalised edit distance, loss and calibration."""
+"""Validation and evaluation shared by the scripts: load a saved model, run it over a loader,
+decode, measure accuracy, normalised edit distance, loss and calibration, and fit a temperature."""
 import time
 
 import torch
+import torch.utils.data
 from nltk.metrics.distance import edit_distance
 
+import options
 import utils
+from dataset import AlignCollate, hierarchical_dataset
+from model import Model, load_weights
+
+
+def load_model(opt, device):
+    """`(model, converter)`: the label converter of `opt.Prediction` over `opt.character` (it sets
+    `opt.num_class`) and `Model(opt)` holding the weights of `opt.saved_model` (strictly), on
+    `device`, in eval mode."""
+    converter = utils.make_converter(opt.Prediction, opt.character)
+    opt.num_class = len(converter.character)
+    model = Model(opt)
+    load_weights(model, opt.saved_model, strict=True)
+    return model.to(device).eval(), converter
+
+
+def eval_loader(data, opt, device):
+    """Batches of `data` in order, as inference reads them (undecodable images dropped)."""
+    collate = AlignCollate(imgH=opt.imgH, imgW=opt.imgW, keep_ratio_with_pad=opt.PAD, channels=3 if opt.rgb else 1)
+    return torch.utils.data.DataLoader(data, batch_size=opt.batch_size, shuffle=False, num_workers=opt.workers,
+                                       collate_fn=collate, pin_memory=torch.device(device).type == "cuda")
 
 
 def forward_logits(model, images, batch_max_length, prediction, text=None):
@@ -85,3 +107,41 @@ def evaluate(model, loader, converter, opt, device, criterion=None, amp=False, t
         "correct": correct,
         "examples": examples,
     }
+
+
+def collect_logits(model, loader, opt, device, amp=False):
+    """Greedy logits (fp32, on the CPU, one tensor per batch) and labels of every sample in `loader`."""
+    logits, labels = [], []
+    with torch.no_grad():
+        for images, batch_labels, _ in loader:
+            if len(batch_labels) == 0:
+                continue
+            with utils.autocast_context(device, amp):
+                out = forward_logits(model, images.to(device), opt.batch_max_length, opt.Prediction)
+            logits.append(out.float().cpu())
+            labels.extend(batch_labels)
+    return logits, labels
+
+
+def fit_temperature_on_loader(model, loader, converter, opt, device, amp=False, source="the loader"):
+    """The temperature minimising the NLL of the labels of `loader` under the greedy logits (Attn:
+    the `text[:, 1:]` tokens, [s] included; CTC: the CTC form). `source` names the data in the
+    error raised when no sample is readable."""
+    logits, labels = collect_logits(model, loader, opt, device, amp)
+    if not labels:
+        raise utils.UserError(f"{source}: no readable sample to fit the temperature on")
+    text, length = converter.encode(labels, batch_max_length=opt.batch_max_length)
+    if opt.Prediction == "CTC":
+        return float(utils.fit_temperature(torch.cat(logits), text, target_lengths=length))
+    return float(utils.fit_temperature(torch.cat(logits), text[:, 1:]))
+
+
+def fit_temperature_on_valid_data(model, converter, opt, device):
+    """`--temperature auto`: one temperature fitted on every sample of `--valid_data`."""
+    hint = "--temperature auto fits the temperature on it (or give --temperature none or a number)"
+    options.require_dir(opt.valid_data, "--valid_data", hint, if_absent=hint)
+    valid_set, _ = hierarchical_dataset(opt.valid_data, opt, select_data="/", flag="--valid_data")
+    if len(valid_set) == 0:
+        raise utils.UserError(f"--valid_data {opt.valid_data}: no samples to fit the temperature on")
+    return fit_temperature_on_loader(model, eval_loader(valid_set, opt, device), converter, opt, device,
+                                     amp=opt.amp, source=f"--valid_data {opt.valid_data}")

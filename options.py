@@ -3,8 +3,11 @@
 Option names and defaults follow the original scripts so that existing command lines keep
 working; `resolve_options` turns the raw strings into the forms the modules read
 (see docs/DESIGN.md)."""
+import argparse
+import math
 import os
 import string
+import sys
 
 import yaml
 
@@ -21,6 +24,28 @@ STAGE_CHOICES = {
     "SequenceModeling": ("None", "BiLSTM"),
     "Prediction": ("CTC", "Attn"),
 }
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a default only where there is one worth showing (not None, '' or False)."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, "", False, argparse.SUPPRESS):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def make_parser(description):
+    """The scripts' ArgumentParser: `description` and defaults shown where they say something."""
+    return argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
+
+
+def add_common_args(parser, saved_model_help=None, model_required=False):
+    """The data, model and runtime groups. With `saved_model_help`, the model group starts with
+    --saved_model, whose opt.yaml supplies the architecture flags not given (`fill_from_saved`)."""
+    add_data_args(parser)
+    add_model_args(parser, required=model_required, saved_model_help=saved_model_help)
+    add_runtime_args(parser)
 
 
 def add_data_args(parser):
@@ -53,8 +78,11 @@ def add_data_args(parser):
     return group
 
 
-def add_model_args(parser, required=True):
+def add_model_args(parser, required=True, saved_model_help=None):
     group = parser.add_argument_group("model")
+    if saved_model_help:
+        group.add_argument("--saved_model", default="", help=f"{saved_model_help}; architecture flags not given "
+                                                              "are read from the opt.yaml beside it")
     for name, choices in STAGE_CHOICES.items():
         group.add_argument(f"--{name}", required=required, default=None,
                            help=f"stage: {' | '.join(choices)}")
@@ -111,6 +139,69 @@ def given_options(parser, argv):
         if len(matches) == 1:
             given.add(matches[0].dest)
     return given
+
+
+def parse_with_given(parser, argv=None):
+    """Parse `argv` (default: the command line). The Namespace also carries `given_options`, the
+    sorted destinations of the options typed there, so that opt.yaml fills only the others."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    opt = parser.parse_args(argv)
+    opt.given_options = sorted(given_options(parser, argv))
+    return opt
+
+
+def given_option_names(opt, parser):
+    """The options of `opt` that count as given: its `given_options` when `parse_with_given` made
+    it; for a Namespace a caller built itself, those whose value differs from `parser`'s default."""
+    if getattr(opt, "given_options", None) is not None:
+        return set(opt.given_options)
+    defaults = vars(parser.parse_args([]))
+    return {name for name, value in vars(opt).items() if defaults.get(name, value) != value}
+
+
+def _require_path(value, flag, hint, if_absent, exists, what):
+    if not value:
+        raise UserError(f"{flag} is required: {hint}")
+    if not exists(value):
+        raise UserError(f"{flag} {value}: no such {what}" + (f"; {if_absent}" if if_absent else ""))
+
+
+def require_file(value, flag, hint, if_absent=""):
+    """UserError `<flag> is required: <hint>` when `value` is empty, `<flag> <value>: no such file`
+    (`; <if_absent>` when given) when it names no file."""
+    _require_path(value, flag, hint, if_absent, os.path.isfile, "file")
+
+
+def require_dir(value, flag, hint, if_absent=""):
+    """As `require_file`, for a folder."""
+    _require_path(value, flag, hint, if_absent, os.path.isdir, "folder")
+
+
+def add_temperature_arg(group, allow_auto=True, default="none", note=""):
+    """--temperature, read by `parse_temperature` with the same `allow_auto`."""
+    choices = "none | auto (fitted on --valid_data by NLL) | a number > 0" if allow_auto else "none | a number > 0"
+    group.add_argument("--temperature", default=default,
+                       help=f"temperature scaling of the logits: {choices}" + (f"; {note}" if note else ""))
+
+
+def parse_temperature(value, default=None, allow_auto=True, hint="", flag="--temperature"):
+    """--temperature: 'none' -> None, 'auto' -> 'auto' (when `allow_auto`), else a positive finite
+    float; None or blank -> `default`. `hint` ends the message of a value that is none of these."""
+    text = "" if value is None else str(value).strip().lower()
+    if not text:
+        return default
+    if text == "none":
+        return None
+    if text == "auto" and allow_auto:
+        return "auto"
+    try:
+        temperature = float(text)
+    except ValueError:
+        choices = "none, auto or a positive number" if allow_auto else "none or a positive number"
+        raise UserError(f"{flag} {value}: give {choices} such as 1.5" + (f" ({hint})" if hint else "")) from None
+    if not math.isfinite(temperature) or temperature <= 0:
+        raise UserError(f"{flag} {value}: the temperature must be a positive finite number")
+    return temperature
 
 
 def resolve_charset(opt):

@@ -7,21 +7,17 @@ normalised edit distance, calibration (ECE, ACE, MCE, Brier) and speed, per set 
 The architecture comes from the flags, or, for flags not given, from the opt.yaml that train.py
 saved beside the model. Results go to a table on stdout, a JSON file and one reliability diagram
 per set."""
-import argparse
 import json
 import math
 import os
 import re
-import sys
 
 import torch
-import torch.utils.data
 
 import options
 import utils
-from dataset import AlignCollate, find_lmdbs, hierarchical_dataset
-from evaluation import evaluate, forward_logits
-from model import Model, load_weights
+from dataset import find_lmdbs, hierarchical_dataset
+from evaluation import eval_loader, evaluate, fit_temperature_on_valid_data, load_model
 
 # The standard benchmark sets, in the order the original family reports them.
 BENCHMARK_SETS = ("IIIT5k_3000", "SVT", "IC03_860", "IC03_867", "IC13_857", "IC13_1015",
@@ -33,88 +29,26 @@ COLUMNS = (("accuracy", "accuracy", "{:.2f}"), ("norm_ED", "norm_ED", "{:.4f}"),
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser(
-        description="Evaluate a saved model on every LMDB below --eval_data, each set separately.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = options.make_parser("Evaluate a saved model on every LMDB below --eval_data, each set separately.")
     group = parser.add_argument_group("evaluation")
     group.add_argument("--eval_data", help="root folder of the evaluation LMDBs (required)")
-    group.add_argument("--saved_model", help="model to evaluate (required); architecture flags not given are "
-                                             "read from the opt.yaml beside it")
     group.add_argument("--benchmark_all_eval", action="store_true",
                        help="evaluate the standard benchmark folders under --eval_data in their usual order ("
                             + ", ".join(BENCHMARK_SETS) + "); missing ones are listed as absent")
-    group.add_argument("--temperature", default="none",
-                       help="temperature scaling of the logits: none | auto (fitted on --valid_data) | a number > 0")
+    options.add_temperature_arg(group)
     group.add_argument("--output", default="",
                        help="folder for results.json and the reliability diagrams reliability_<set>.png "
                             "(default: test_results/<model name>/ beside --saved_model)")
     group.add_argument("--output_json", default="", help="write the JSON here instead of <output>/results.json")
-    options.add_data_args(parser)
-    options.add_model_args(parser, required=False)
-    options.add_runtime_args(parser)
+    options.add_common_args(parser, saved_model_help="model to evaluate (required)")
     return parser
 
 
-def parse_args(argv=None):
-    """Parse `argv`, remembering which options were given so opt.yaml fills only the others."""
-    parser = get_args_parser()
-    argv = sys.argv[1:] if argv is None else list(argv)
-    args = parser.parse_args(argv)
-    args.given_options = sorted(options.given_options(parser, argv))
-    return args
-
-
-def given_option_names(opt):
-    # Callers that build the Namespace themselves: what differs from the defaults counts as given.
-    if getattr(opt, "given_options", None) is not None:
-        return set(opt.given_options)
-    defaults = vars(get_args_parser().parse_args([]))
-    return {name for name, value in vars(opt).items() if defaults.get(name, value) != value}
-
-
-def parse_temperature(value, flag="--temperature"):
-    """'none' -> None, 'auto' -> 'auto', else a positive float."""
-    text = str(value).strip().lower()
-    if text in ("none", ""):
-        return None
-    if text == "auto":
-        return "auto"
-    try:
-        temperature = float(text)
-    except ValueError:
-        raise utils.UserError(f"{flag} {value!r}: give none, auto or a positive number such as 1.5") from None
-    if not math.isfinite(temperature) or temperature <= 0:
-        raise utils.UserError(f"{flag} {value}: the temperature must be a positive number")
-    return temperature
-
-
 def check_inputs(opt):
-    if not opt.saved_model:
-        raise utils.UserError("--saved_model is required: give the checkpoint to evaluate")
-    if not os.path.isfile(opt.saved_model):
-        raise utils.UserError(f"--saved_model {opt.saved_model}: no such file")
-    if not opt.eval_data:
-        raise utils.UserError("--eval_data is required: give the root folder of the evaluation LMDBs")
-    if not os.path.isdir(opt.eval_data):
-        raise utils.UserError(f"--eval_data {opt.eval_data}: no such folder")
+    options.require_file(opt.saved_model, "--saved_model", "give the checkpoint to evaluate")
+    options.require_dir(opt.eval_data, "--eval_data", "give the root folder of the evaluation LMDBs")
     if opt.bins < 1:
         raise utils.UserError("--bins must be at least 1")
-
-
-def load_model(opt, device):
-    model = Model(opt)
-    load_weights(model, opt.saved_model, strict=True)
-    model.to(device)
-    model.eval()
-    return model
-
-
-def make_loader(dataset, opt, device):
-    collate = AlignCollate(imgH=opt.imgH, imgW=opt.imgW, keep_ratio_with_pad=opt.PAD,
-                           channels=3 if opt.rgb else 1)
-    return torch.utils.data.DataLoader(dataset, batch_size=opt.batch_size, shuffle=False,
-                                       num_workers=opt.workers, collate_fn=collate,
-                                       pin_memory=device.type == "cuda")
 
 
 def find_eval_sets(opt):
@@ -138,38 +72,11 @@ def find_eval_sets(opt):
     return sets, []
 
 
-def collect_logits(model, loader, opt, device, amp):
-    """Greedy logits (fp32, on the CPU) and labels of every sample in `loader`."""
-    logits, labels = [], []
-    with torch.no_grad():
-        for images, batch_labels, _ in loader:
-            if len(batch_labels) == 0:
-                continue
-            with utils.autocast_context(device, amp):
-                out = forward_logits(model, images.to(device), opt.batch_max_length, opt.Prediction)
-            logits.append(out.float().cpu())
-            labels.extend(batch_labels)
-    return logits, labels
-
-
 def resolve_temperature(opt, model, converter, device):
-    temperature = parse_temperature(opt.temperature)
-    if temperature != "auto":
-        return temperature
-    if not opt.valid_data:
-        raise utils.UserError("--temperature auto fits on --valid_data; give --valid_data or a number")
-    if not os.path.isdir(opt.valid_data):
-        raise utils.UserError(f"--valid_data {opt.valid_data}: no such folder")
-    valid_set, _ = hierarchical_dataset(opt.valid_data, opt, select_data="/", flag="--valid_data")
-    if len(valid_set) == 0:
-        raise utils.UserError(f"--valid_data {opt.valid_data}: no samples to fit the temperature on")
-    logits, labels = collect_logits(model, make_loader(valid_set, opt, device), opt, device, opt.amp)
-    if not labels:
-        raise utils.UserError(f"--valid_data {opt.valid_data}: no readable sample to fit the temperature on")
-    text, length = converter.encode(labels, batch_max_length=opt.batch_max_length)
-    if opt.Prediction == "CTC":
-        return float(utils.fit_temperature(torch.cat(logits), text, target_lengths=length))
-    return float(utils.fit_temperature(torch.cat(logits), text[:, 1:]))
+    temperature = options.parse_temperature(opt.temperature)
+    if temperature == "auto":
+        temperature = fit_temperature_on_valid_data(model, converter, opt, device)
+    return temperature
 
 
 def evaluate_set(name, path, model, converter, opt, device, temperature):
@@ -179,7 +86,7 @@ def evaluate_set(name, path, model, converter, opt, device, temperature):
         result.update({"n": 0, "skipped": 0, **{k: float("nan") for k in METRICS},
                        "confidence": torch.zeros(0), "correct": torch.zeros(0)})
         return result
-    result.update(evaluate(model, make_loader(dataset, opt, device), converter, opt, device,
+    result.update(evaluate(model, eval_loader(dataset, opt, device), converter, opt, device,
                            amp=opt.amp, temperature=temperature))
     result["skipped"] = len(dataset) - result["n"]
     return result
@@ -205,21 +112,6 @@ def summarise(results, bins):
     return total, mean
 
 
-def format_table(header, rows, right_align_from=1):
-    """Rows of strings as aligned text: the first columns left-aligned, the rest right-aligned;
-    a None row is a rule."""
-    cells = [header] + [row for row in rows if row is not None]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
-
-    def line(row):
-        cells = [cell.ljust(w) if i < right_align_from else cell.rjust(w)
-                 for i, (cell, w) in enumerate(zip(row, widths))]
-        return "  ".join(cells).rstrip()
-
-    rule = "-" * len(line(header))
-    return "\n".join([line(header), rule] + [line(r) if r is not None else rule for r in rows])
-
-
 def metric_cells(values):
     return [fmt.format(values[key]) if math.isfinite(values[key]) else "-" for key, _, fmt in COLUMNS]
 
@@ -230,7 +122,7 @@ def results_table(results, total, mean):
     rows.append(None)
     rows.append(["total", str(total["n"])] + metric_cells(total))
     rows.append([f"mean of {mean['sets']} sets", ""] + metric_cells(mean))
-    return format_table(header, rows, right_align_from=1)
+    return utils.format_table(header, rows)
 
 
 def safe_name(name):
@@ -287,13 +179,11 @@ def write_json(path, opt, temperature, results, total, mean, absent, diagrams):
 
 def main(opt):
     check_inputs(opt)
-    options.fill_from_saved(opt, given_option_names(opt))
+    options.fill_from_saved(opt, options.given_option_names(opt, get_args_parser()))
     options.resolve_options(opt)
     sets, absent = find_eval_sets(opt)
     device = utils.select_device(opt.device)
-    converter = utils.make_converter(opt.Prediction, opt.character)
-    opt.num_class = len(converter.character)
-    model = load_model(opt, device)
+    model, converter = load_model(opt, device)
     temperature = resolve_temperature(opt, model, converter, device)
 
     results = [evaluate_set(name, path, model, converter, opt, device, temperature) for name, path in sets]
@@ -318,4 +208,4 @@ def main(opt):
 
 
 if __name__ == "__main__":
-    utils.exit_on_user_error(main)(parse_args())
+    utils.exit_on_user_error(main)(options.parse_with_given(get_args_parser()))

@@ -549,6 +549,21 @@ def format_metrics(metrics, digits=4):
     return " ".join(parts)
 
 
+def format_table(header, rows, align=None):
+    """Rows of strings as aligned text under `header` and a rule; a None row is another rule.
+    `align` holds '<' (left) or '>' (right) per column; default: the first left, the rest right."""
+    align = align or "<" + ">" * (len(header) - 1)
+    body = [row for row in rows if row is not None]
+    widths = [max(len(row[i]) for row in [header] + body) for i in range(len(header))]
+
+    def line(row):
+        cells = [cell.rjust(w) if a == ">" else cell.ljust(w) for cell, a, w in zip(row, align, widths)]
+        return "  ".join(cells).rstrip()
+
+    rule = "-" * len(line(header))
+    return "\n".join([line(header), rule] + [rule if row is None else line(row) for row in rows])
+
+
 # ---------------------------------------------------------------------------------------------
 # Devices, mixed precision, seeds and distributed runs
 # ---------------------------------------------------------------------------------------------

@@ -20,6 +20,9 @@ import yaml
 from PIL import Image
 
 import dataset
+import evaluation
+import options
+import utils
 from model import Model, save_weights
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -92,6 +95,11 @@ def world(tmp_path_factory):
     return {"root": root, "model": str(model_dir / "best_accuracy.pth"), "model_dir": model_dir,
             "eval": str(eval_root), "valid": str(root / "valid"), "empty": str(root / "empty"),
             "images": str(images)}
+
+
+def parse(script, argv):
+    """The Namespace the script's __main__ block would build from `argv`."""
+    return options.parse_with_given(script.get_args_parser(), argv)
 
 
 def run_script(name, args, cwd):
@@ -179,10 +187,10 @@ def test_temperature_auto_sharpens_when_every_prediction_is_right(world, tmp_pat
     # All validation labels are "a", which P("a") = p(T)**24 makes likelier as T falls, so the
     # fitted temperature is below 1 and the confidences on the correct set rise towards 1.
     script = load_script("test")
-    out = script.main(script.parse_args(["--eval_data", os.path.join(world["eval"], "set2"),
-                                         "--saved_model", world["model"], "--temperature", "auto",
-                                         "--valid_data", world["valid"], "--output", str(tmp_path),
-                                         *RUNTIME]))
+    out = script.main(parse(script, ["--eval_data", os.path.join(world["eval"], "set2"),
+                                     "--saved_model", world["model"], "--temperature", "auto",
+                                     "--valid_data", world["valid"], "--output", str(tmp_path),
+                                     *RUNTIME]))
     temperature = out["temperature"]
     assert 0 < temperature < 1
     (only,) = out["sets"]
@@ -214,7 +222,7 @@ def test_test_py_errors_exit_2_with_one_line(world, tmp_path, capsys, case, mess
                                 "--temperature", "-1"]}[case]
     script = load_script("test")
     with pytest.raises(SystemExit) as exit_info:
-        script.utils.exit_on_user_error(script.main)(script.parse_args(args + ["--output", str(tmp_path)] + RUNTIME))
+        script.utils.exit_on_user_error(script.main)(parse(script, args + ["--output", str(tmp_path)] + RUNTIME))
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0]
@@ -254,6 +262,44 @@ def test_demo_errors_exit_2(world, tmp_path, capsys):
                           (["--image_folder", world["images"], "--saved_model", world["model"],
                             "--temperature", "auto"], "--temperature")):
         with pytest.raises(SystemExit) as exit_info:
-            script.utils.exit_on_user_error(script.main)(script.parse_args(args + RUNTIME))
+            script.utils.exit_on_user_error(script.main)(parse(script, args + RUNTIME))
         assert exit_info.value.code == 2
         assert message in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# the shared pieces the scripts are built from
+
+
+def test_format_table_aligns_columns_and_draws_rules():
+    text = utils.format_table(["set", "n", "acc"], [["a", "3", "1.5"], None, ["total", "12", "10.25"]])
+    assert text.splitlines() == ["set     n    acc",
+                                 "----------------",
+                                 "a       3    1.5",
+                                 "----------------",
+                                 "total  12  10.25"]
+    text = utils.format_table(["file", "prediction", "confidence"], [["img1.png", "a", "0.4900"]], align="<<>")
+    assert text.splitlines() == ["file      prediction  confidence",
+                                 "-" * 32,
+                                 "img1.png  a" + " " * 15 + "0.4900"]
+
+
+def test_load_model_and_fit_temperature_on_a_loader(world, tmp_path):
+    # Labels "a", "a", "b": every frame must emit the label's character (the blank is out of
+    # reach), so the NLL is -24 (2 log s + log(1 - s)) with s = sigmoid(BETA / T), least at s = 2/3,
+    # i.e. T = BETA / log 2. The undecodable sample is skipped, not fitted on. (Within 1e-3 of
+    # log T the fp32 loss is flat to its last bit, hence the tolerance.)
+    write_set(tmp_path / "mixed", ["a", "a", "b"], corrupt=1)
+    script = load_script("test")
+    opt = parse(script, ["--eval_data", world["eval"], "--saved_model", world["model"], *RUNTIME])
+    options.fill_from_saved(opt, options.given_option_names(opt, script.get_args_parser()))
+    options.resolve_options(opt)
+    model, converter = evaluation.load_model(opt, torch.device("cpu"))
+    assert not model.training and opt.num_class == 3 and converter.character == ["[CTCblank]", "a", "b"]
+
+    mixed, _ = dataset.hierarchical_dataset(str(tmp_path / "mixed"), opt)
+    loader = evaluation.eval_loader(mixed, opt, "cpu")
+    temperature = evaluation.fit_temperature_on_loader(model, loader, converter, opt, "cpu")
+    assert temperature == pytest.approx(BETA / math.log(2), rel=5e-3)
+    with pytest.raises(utils.UserError, match="^--valid_data v: no readable sample to fit the temperature on$"):
+        evaluation.fit_temperature_on_loader(model, [], converter, opt, "cpu", source="--valid_data v")

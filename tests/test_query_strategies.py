@@ -13,24 +13,14 @@ def pick(name, scores, count, seed=1111, ids=IDS, **params):
     return list(strategy.select(scores, qs.identity_keys(ids, seed), count, **params))
 
 
-def test_uncali_picks_lowest_raw_confidence():
-    scores = {"confidence": np.array([0.9, 0.1, 0.5, 0.3, 0.8, 0.95])}
-    assert pick("uncali", scores, 3) == [1, 3, 2]
-
-
-def test_margin_picks_smallest_margin():
-    scores = {"margin": np.array([0.2, 0.05, 0.7, 0.01, 0.5, 0.3])}
-    assert pick("margin", scores, 2) == [3, 1]
-
-
-def test_entropy_picks_highest_entropy():
-    scores = {"entropy": np.array([0.1, 2.0, 0.5, 1.5, 0.0, 0.2])}
-    assert pick("entropy", scores, 3) == [1, 3, 2]
-
-
-def test_bald_picks_highest_mutual_information():
-    scores = {"mc": np.array([0.3, 0.0, 0.9, 0.1, 0.05, 0.2])}
-    assert pick("bald", scores, 2) == [2, 0]
+@pytest.mark.parametrize("name, quantity, values, count, expected", [
+    ("uncali", "confidence", [0.9, 0.1, 0.5, 0.3, 0.8, 0.95], 3, [1, 3, 2]),  # lowest raw confidence first
+    ("margin", "margin", [0.2, 0.05, 0.7, 0.01, 0.5, 0.3], 2, [3, 1]),        # smallest margin first
+    ("entropy", "entropy", [0.1, 2.0, 0.5, 1.5, 0.0, 0.2], 3, [1, 3, 2]),      # highest entropy first
+    ("bald", "mc", [0.3, 0.0, 0.9, 0.1, 0.05, 0.2], 2, [2, 0]),               # highest mutual information first
+])
+def test_strategy_picks_in_the_order_of_its_quantity(name, quantity, values, count, expected):
+    assert pick(name, {quantity: np.array(values)}, count) == expected
 
 
 def test_cali_least_confident_above_threshold_then_closest_below():

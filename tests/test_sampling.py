@@ -80,9 +80,8 @@ def work(tiny_data, tmp_path):
 
 def run_main(argv):
     """data_sampling in-process, as its __main__ block runs it (UserError -> SystemExit 2)."""
-    parser = data_sampling.get_args_parser()
-    opt = parser.parse_args(argv)
-    return utils.exit_on_user_error(data_sampling.main)(opt, options.given_options(parser, argv))
+    opt = options.parse_with_given(data_sampling.get_args_parser(), argv)
+    return utils.exit_on_user_error(data_sampling.main)(opt)
 
 
 def ctc_args(work, model, *extra):
