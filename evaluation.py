@@ -27,7 +27,8 @@ def eval_loader(data, opt, device):
     """Batches of `data` in order, as inference reads them (undecodable images dropped)."""
     collate = AlignCollate(imgH=opt.imgH, imgW=opt.imgW, keep_ratio_with_pad=opt.PAD, channels=3 if opt.rgb else 1)
     return torch.utils.data.DataLoader(data, batch_size=opt.batch_size, shuffle=False, num_workers=opt.workers,
-                                       collate_fn=collate, pin_memory=torch.device(device).type == "cuda")
+                                       collate_fn=collate, pin_memory=torch.device(device).type == "cuda",
+                                       persistent_workers=opt.workers > 0)
 
 
 def forward_logits(model, images, batch_max_length, prediction, text=None):

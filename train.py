@@ -23,8 +23,8 @@ from tqdm import tqdm
 import calibrators
 import options
 import utils
-from dataset import AlignCollate, Batch_Balanced_Dataset, hierarchical_dataset
-from evaluation import evaluate
+from dataset import Batch_Balanced_Dataset, hierarchical_dataset
+from evaluation import eval_loader, evaluate
 from model import Model, initialize_weights, load_weights, save_weights, state_dict_for_saving
 
 
@@ -141,16 +141,6 @@ def train_step(model, batch, converter, criterion, optimizer, scaler, opt, devic
     return loss.detach()
 
 
-def make_valid_loader(opt):
-    valid_set, valid_log = hierarchical_dataset(opt.valid_data, opt, select_data="/")
-    collate = AlignCollate(imgH=opt.imgH, imgW=opt.imgW, keep_ratio_with_pad=opt.PAD)
-    loader = torch.utils.data.DataLoader(valid_set, batch_size=opt.batch_size, shuffle=False,
-                                         num_workers=opt.workers, collate_fn=collate,
-                                         pin_memory=torch.cuda.is_available(),
-                                         persistent_workers=opt.workers > 0)
-    return loader, valid_log
-
-
 def validation_block(iteration, opt, train_loss, result, best, elapsed):
     lines = [f"[{iteration}/{opt.num_iter}] train loss {train_loss:.4f}  valid loss {result['valid_loss']:.4f}  "
              f"elapsed {elapsed:.1f}s",
@@ -166,11 +156,8 @@ def validation_block(iteration, opt, train_loss, result, best, elapsed):
 
 def check_data_paths(opt):
     for flag in ("train_data", "valid_data"):
-        path = getattr(opt, flag)
-        if not path:
-            raise utils.UserError(f"--{flag} is required: give the root folder of the LMDB datasets")
-        if not os.path.isdir(path):
-            raise utils.UserError(f"--{flag} {path}: no such folder; run `make data` or point it at your LMDBs")
+        options.require_dir(getattr(opt, flag), f"--{flag}", "give the root folder of the LMDB datasets",
+                            if_absent="run `make data` or point it at your LMDBs")
 
 
 def main(opt):
@@ -202,7 +189,8 @@ def main(opt):
     log_dataset = open(os.path.join(save_dir, "log_dataset.txt"), "a", encoding="utf-8") if is_main else None
     train_dataset = Batch_Balanced_Dataset(opt, log=log_dataset, rank=rank, world_size=world_size)
     if is_main:
-        valid_loader, valid_log = make_valid_loader(opt)
+        valid_set, valid_log = hierarchical_dataset(opt.valid_data, opt, select_data="/", flag="--valid_data")
+        valid_loader = eval_loader(valid_set, opt, device)
         log_dataset.write(valid_log + "\n")
         log_dataset.close()
         print(valid_log)
