@@ -101,7 +101,8 @@ def test_tiny_benchmark_of_every_part(tiny_data, tmp_path):
                "--loader_batches", "2", "--loader_warmup", "0", "--pool_sizes", ",".join(map(str, sizes)),
                "--sampling_output_channel", "16", "--sampling_hidden_size", "16", "--num_query", "5",
                "--accuracy_arch", "None-VGG-None-CTC", "--accuracy_output_channel", "16",
-               "--accuracy_hidden_size", "16", "--accuracy_iters", "2", "--accuracy_batch_size", "8"]
+               "--accuracy_hidden_size", "16", "--accuracy_iters", "2", "--accuracy_batch_size", "8",
+               "--accuracy_check"]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300,
                             env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert result.returncode == 0, result.stderr[-3000:]
