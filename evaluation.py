@@ -8,7 +8,7 @@ from nltk.metrics.distance import edit_distance
 
 import options
 import utils
-from dataset import AlignCollate, hierarchical_dataset
+from dataset import AlignCollate, hierarchical_dataset, loader_worker_init
 from model import Model, load_weights
 
 
@@ -20,7 +20,11 @@ def load_model(opt, device):
     opt.num_class = len(converter.character)
     model = Model(opt)
     load_weights(model, opt.saved_model, strict=True)
-    return model.to(device).eval(), converter
+    model.to(device).eval()
+    if getattr(opt, "amp", False):
+        # with autocast the convolutions run fastest on channels-last weights (measured by tools/benchmark.py)
+        model.to(memory_format=torch.channels_last)
+    return model, converter
 
 
 def eval_loader(data, opt, device):
@@ -28,7 +32,7 @@ def eval_loader(data, opt, device):
     collate = AlignCollate(imgH=opt.imgH, imgW=opt.imgW, keep_ratio_with_pad=opt.PAD, channels=3 if opt.rgb else 1)
     return torch.utils.data.DataLoader(data, batch_size=opt.batch_size, shuffle=False, num_workers=opt.workers,
                                        collate_fn=collate, pin_memory=torch.device(device).type == "cuda",
-                                       persistent_workers=opt.workers > 0)
+                                       persistent_workers=opt.workers > 0, worker_init_fn=loader_worker_init)
 
 
 def forward_logits(model, images, batch_max_length, prediction, text=None):

@@ -71,7 +71,7 @@ def get_args_parser():
     group.add_argument("--noise_scope", choices=("queried", "all"), default="queried",
                        help="which labels the simulated annotator noise touches")
     group.add_argument("--channels_last", action="store_true",
-                       help="channels-last memory format for the convolutional stages")
+                       help="channels-last memory format for the convolutional stages (always on with --amp)")
     return parser
 
 
@@ -202,7 +202,8 @@ def main(opt):
         if is_main:
             print(f"loaded {opt.saved_model}" + (f" ({report})" if opt.FT else ""))
     model.to(device)
-    if opt.channels_last:
+    if opt.channels_last or opt.amp:
+        # with autocast the convolutions run fastest on channels-last weights (tools/benchmark.py)
         model.to(memory_format=torch.channels_last)
     model.train()
     optimizer = make_optimizer(model, opt)
