@@ -25,14 +25,14 @@ data: $(STAMP)
 DEMO_OUT ?= runs/demo-$(shell date +%Y%m%d-%H%M%S)
 DEMO_QUERY ?= uncali
 DEMO_ARCH ?= --Transformation None --FeatureExtraction VGG --SequenceModeling BiLSTM --Prediction CTC \
-	--output_channel 128 --hidden_size 128 --adam --lr 0.001 --amp
+	--output_channel 128 --hidden_size 128 --adam --lr 0.001 --warmup_iters 100 --lr_schedule cosine --amp
 
 demo: $(STAMP) data
 	PYTHON=$(PY) bash scripts/al_loop.sh --out $(DEMO_OUT) --query $(DEMO_QUERY) \
 		--train_data data/train_data_lmdb --valid_data data/valid_data_lmdb --test_data data/test_data_lmdb \
-		--select_data CVPR2016-NIPS2014 --batch_ratio 0.5-0.5 --label_ratio 0.1 \
-		--base_calibrator CE --al_calibrator boost_soft --rounds 3 --num_query 1000 \
-		--base_iters 1200 --iters 500 --val_interval 300 --batch_size 64 --workers 1 \
+		--select_data CVPR2016-NIPS2014 --batch_ratio 0.5-0.5 --label_ratio 0.2 \
+		--base_calibrator CE --al_calibrator boost_soft --rounds 3 --num_query 2000 \
+		--base_iters 2000 --iters 1000 --val_interval 500 --batch_size 64 --workers 1 \
 		--arch "$(DEMO_ARCH)"
 
 clean-data:
