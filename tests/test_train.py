@@ -5,12 +5,14 @@ import signal
 import subprocess
 import sys
 import time
+import types
 
 import pytest
 import torch
 import yaml
 
 import calibrators
+import dataset
 import train
 import utils
 from conftest import REPO_ROOT, build_opt
@@ -50,13 +52,25 @@ def seed_command(tiny_data, mode, extra):
     return args
 
 
+def train_root_with_query_set(tiny_data, root, source, indices):
+    """A train root linking the two tiny sets plus a query set `random_iter_1` holding samples
+    `indices` of `source` (as data_sampling.py would write it); returns an object with
+    `train` and `valid` paths."""
+    root.mkdir()
+    for name, path in (("CVPR2016", tiny_data.cvpr), ("NIPS2014", tiny_data.nips)):
+        os.symlink(path, root / name)
+    with dataset.shared_env(str(root / source)).begin() as txn:
+        samples = [(txn.get(dataset.image_key(i)), txn.get(dataset.label_key(i)).decode(), (source, i))
+                   for i in indices]
+    dataset.write_lmdb(str(root / "random_iter_1"), samples, meta={"strategy": "random"})
+    return types.SimpleNamespace(train=str(root), valid=tiny_data.valid)
+
+
 @pytest.mark.slow
 def test_seed_training_commands_run_as_written(tiny_data, tmp_path):
     """Round 0 and round 1 of the seed README on tiny data with the full-size TPS-ResNet-BiLSTM-Attn.
     Appended: --num_iter 1, --workers 0 and --batch_size 24 (the seed's 192 costs minutes per
     iteration on two CPU cores; the flag itself is parsed as written before being overridden)."""
-    import dataset
-
     short = ["--num_iter", "1", "--workers", "0", "--batch_size", "24"]
     base = run_train(seed_command(tiny_data, "base", {}) + short, cwd=tmp_path)
     assert base.returncode == 0, base.stderr
@@ -65,19 +79,8 @@ def test_seed_training_commands_run_as_written(tiny_data, tmp_path):
     saved = yaml.safe_load((exp / "opt.yaml").read_text())
     assert saved["valInterval"] == 200 and saved["lr"] == 0.1 and saved["select_data"] == ["CVPR2016", "NIPS2014"]
 
-    # a query set, as data_sampling.py would write it: 30 samples from the unlabelled part of NIPS2014
-    train_root = tmp_path / "train"
-    train_root.mkdir()
-    for name, path in (("CVPR2016", tiny_data.cvpr), ("NIPS2014", tiny_data.nips)):
-        os.symlink(path, train_root / name)
-    env = dataset.shared_env(tiny_data.nips)
-    with env.begin() as txn:
-        samples = [(txn.get(dataset.image_key(i)), txn.get(dataset.label_key(i)).decode(), ("NIPS2014", i))
-                   for i in range(100, 120)]
-    dataset.write_lmdb(str(train_root / "random_iter_1"), samples, meta={"strategy": "random"})
-
-    class Data:
-        train, valid = str(train_root), tiny_data.valid
+    # a query set, as data_sampling.py would write it: 20 samples from the unlabelled part of NIPS2014
+    Data = train_root_with_query_set(tiny_data, tmp_path / "train", "NIPS2014", range(100, 120))
 
     al_args = seed_command(Data, "al", {"saved_model": str(exp / "best_accuracy.pth")})
     al = run_train(al_args + short, cwd=tmp_path)
@@ -98,8 +101,6 @@ def test_a_fixed_batch_is_learned(tiny_data):
                     calibrator="CE", alpha=0.0, num_iter=60, grad_clip=5.0, amp=False, channels_last=False)
     converter = utils.make_converter(opt.Prediction, opt.character)
     opt.num_class = len(converter.character)
-    import dataset
-
     batch = dataset.Batch_Balanced_Dataset(opt).get_batch()
     model = Model(opt)
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
@@ -175,21 +176,7 @@ def test_ctrl_c_saves_last_and_exits_cleanly(tiny_data, tmp_path):
 
 
 def test_noise_is_applied_to_queried_labels_and_logged(tiny_data, tmp_path):
-    import dataset
-
-    root = tmp_path / "train"
-    root.mkdir()
-    for name, path in (("CVPR2016", tiny_data.cvpr), ("NIPS2014", tiny_data.nips)):
-        os.symlink(path, root / name)
-    env = dataset.shared_env(tiny_data.cvpr)
-    with env.begin() as txn:
-        samples = [(txn.get(dataset.image_key(i)), txn.get(dataset.label_key(i)).decode(), ("CVPR2016", i))
-                   for i in range(61, 121)]
-    dataset.write_lmdb(str(root / "random_iter_1"), samples, meta={"strategy": "random"})
-
-    class Data:
-        train, valid = str(root), tiny_data.valid
-
+    Data = train_root_with_query_set(tiny_data, tmp_path / "train", "CVPR2016", range(61, 121))
     result = run_train(["--train_data", Data.train, "--valid_data", Data.valid,
                         "--select_data", "CVPR2016-NIPS2014-random_iter_1", "--batch_ratio", "0.25-0.25-0.5",
                         *SMALL_ARCH, "--batch_size", "8", "--workers", "0", "--num_iter", "1",
