@@ -185,15 +185,15 @@ def main(opt):
     if opt.mode == "al" and not opt.saved_model and not opt.resume and is_main:
         print("warning: --mode al without --saved_model starts from random weights", file=sys.stderr)
 
-    os.makedirs(save_dir, exist_ok=True)
-    log_dataset = open(os.path.join(save_dir, "log_dataset.txt"), "a", encoding="utf-8") if is_main else None
-    train_dataset = Batch_Balanced_Dataset(opt, log=log_dataset, rank=rank, world_size=world_size)
+    train_dataset = Batch_Balanced_Dataset(opt, rank=rank, world_size=world_size)
     if is_main:
         valid_set, valid_log = hierarchical_dataset(opt.valid_data, opt, select_data="/", flag="--valid_data")
         valid_loader = eval_loader(valid_set, opt, device)
-        log_dataset.write(valid_log + "\n")
-        log_dataset.close()
         print(valid_log)
+        # the experiment folder appears only once the data has been found and checked
+        os.makedirs(save_dir, exist_ok=True)
+        with open(os.path.join(save_dir, "log_dataset.txt"), "a", encoding="utf-8") as log_dataset:
+            log_dataset.write(train_dataset.log_text + valid_log + "\n")
 
     model = Model(opt)
     initialize_weights(model)

@@ -216,6 +216,8 @@ def test_bad_input_exits_2_with_one_line(tiny_data, tmp_path, change, message):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
     assert "Traceback" not in result.stderr
+    if "--train_data" in change or "--select_data" in change or "--character" in change:
+        assert not (tmp_path / "bad").exists()  # nothing written for data that was not found
 
 
 def test_checkpoint_that_does_not_fit_lists_keys(tiny_data, tmp_path):
