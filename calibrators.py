@@ -59,6 +59,11 @@ def _token_mean(values, targets):
     return total / mask.sum().clamp(min=1)
 
 
+def _label_log_prob(log_probs, targets):
+    """log p of each token's label, (B, T), from log-probabilities (B, T, C)."""
+    return log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+
+
 def _one_hot_smoothed(index, num_class, alpha, dtype):
     target = torch.full((*index.shape, num_class), alpha / (num_class - 1), dtype=dtype, device=index.device)
     return target.scatter_(-1, index.unsqueeze(-1), 1.0 - alpha)
@@ -133,7 +138,7 @@ class CrossEntropy(Calibrator):
     help = "cross-entropy over the label tokens (CTC: the CTC loss)"
 
     def attn(self, logits, targets, progress):
-        nll = -logits.log_softmax(-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        nll = -_label_log_prob(logits.log_softmax(-1), targets)
         return _token_mean(nll, targets)
 
     def ctc(self, logits, targets, target_lengths, progress):
@@ -169,7 +174,7 @@ class Focal(Calibrator):
         self.gamma = _option(opt, "alpha", 0.0, lambda g: g >= 0.0, "the focal gamma must be at least 0")
 
     def attn(self, logits, targets, progress):
-        log_pt = logits.log_softmax(-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        log_pt = _label_log_prob(logits.log_softmax(-1), targets)
         # 1 - p computed as -expm1(log p) keeps precision near p = 1; the floor keeps the gradient
         # of x^gamma finite at x = 0 for gamma < 1.
         weight = (-torch.expm1(log_pt)).clamp_min(1e-12) ** self.gamma
@@ -197,7 +202,7 @@ class MarginLabelSmoothing(Calibrator):
         return F.relu(gaps - self.margin).mean(-1)
 
     def attn(self, logits, targets, progress):
-        nll = -logits.log_softmax(-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        nll = -_label_log_prob(logits.log_softmax(-1), targets)
         return _token_mean(nll + self.weight * self._penalty(logits), targets)
 
     def ctc(self, logits, targets, target_lengths, progress):
@@ -215,7 +220,7 @@ class EntropyRegularised(Calibrator):
 
     def attn(self, logits, targets, progress):
         log_probs = logits.log_softmax(-1)
-        nll = -log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        nll = -_label_log_prob(log_probs, targets)
         return _token_mean(nll - self.weight * _entropy(log_probs), targets)
 
     def ctc(self, logits, targets, target_lengths, progress):
