@@ -10,8 +10,10 @@ under --train_data, with a summary that names the next `train.py --mode al` argu
 Runs as `python data_sampling.py` or under `torchrun`: the pool is sharded across ranks, rank 0
 gathers the per-sample records, picks and writes (the same picks as one process)."""
 import argparse
+import contextlib
 import io
 import json
+import math
 import os
 import re
 import shutil
@@ -27,6 +29,7 @@ from PIL import Image
 from tqdm import tqdm
 
 import dataset
+import locking
 import options
 import query_strategies
 import utils
@@ -65,9 +68,17 @@ def get_args_parser():
     group.add_argument("--out_name", default="",
                        help="name of the new query set under --train_data (default <query>_iter_<k>, k one past "
                             "the latest *_iter_<k> query set there, 1 if none)")
-    group.add_argument("--overwrite", action="store_true", help="replace an existing query set of that name")
+    group.add_argument("--overwrite", action="store_true",
+                       help="replace an existing query set of that name, or an earlier --save_images export; "
+                            "never anything else (a base dataset, a folder this tool did not write)")
     group.add_argument("--save_images", default="",
                        help="also export the picked images (original bytes) and a gt.txt to this folder")
+    group.add_argument("--lock_timeout", type=float, default=0.0,
+                       help="another sampler holding the lock on --train_data: wait this many seconds for it "
+                            "(0: fail at once, -1: wait without limit)")
+    group.add_argument("--dry_run", action="store_true",
+                       help="check the options, the output name and the pool, print what would be queried, and "
+                            "stop (no model is needed)")
     ignored = parser.add_argument_group("training-only options (accepted and ignored, so that a train.py "
                                         "command line can be reused)")
     for name in TRAINING_ONLY_FLAGS:
@@ -84,8 +95,11 @@ def get_args_parser():
 
 def check_inputs(opt):
     options.require_dir(opt.train_data, "--train_data", "give the root folder of the training LMDBs")
-    options.require_file(opt.saved_model, "--saved_model", "give the model of the last round",
-                         if_absent="train a model first")
+    if not (opt.dry_run and opt.saved_model and not os.path.exists(opt.saved_model)):
+        options.require_file(opt.saved_model, "--saved_model", "give the model of the last round",
+                             if_absent="train a model first")
+    if not math.isfinite(opt.lock_timeout):
+        raise utils.UserError(f"--lock_timeout {opt.lock_timeout}: give seconds (0: fail at once, -1: no limit)")
     if opt.mc_samples < 1:
         raise utils.UserError(f"--mc_samples {opt.mc_samples}: must be at least 1")
     if not 0.0 <= opt.mc_dropout < 1.0:
@@ -137,14 +151,66 @@ def next_round(leaves):
     return max(rounds, default=0) + 1
 
 
+def check_out_name(name, leaves, root):
+    """A query set's name must be a folder that the LMDB finder sees (not hidden) and that
+    `--select_data` can name alone: no path separator, no '-' (it splits --select_data), and no
+    path component of another dataset (naming it would select that one too)."""
+    if not name or name in (".", "..") or "/" in name or os.sep in name:
+        raise utils.UserError(f"--out_name {name!r}: give a plain folder name")
+    if name.startswith("."):
+        raise utils.UserError(f"--out_name {name}: names starting with '.' are hidden from the data finder "
+                              f"(the next round would re-query these samples); drop the leading '.'")
+    if "-" in name or any(not c.isprintable() or c.isspace() for c in name):
+        raise utils.UserError(f"--out_name {name!r}: --select_data splits names at '-', and spaces or control "
+                              f"characters break the next round's command; use letters, digits, '_' or '.'")
+    others = sorted(rel for rel in leaves if rel != name and name in rel.split("/"))
+    if others:
+        raise utils.UserError(f"--out_name {name}: already a path component of {', '.join(others)} under {root}, "
+                              f"so --select_data {name} would select those too; choose another name")
+
+
+def replaceable_query_set(path):
+    """Whether --overwrite may replace `path`: a real (not linked) leaf LMDB that this tool wrote."""
+    return (os.path.isdir(path) and not os.path.islink(path)
+            and os.path.isfile(os.path.join(path, "data.mdb")) and dataset.is_query_set(path))
+
+
 def output_path(opt, leaves):
     name = opt.out_name or f"{opt.query}_iter_{next_round(leaves)}"
-    if "/" in name or name in ("", ".", ".."):
-        raise utils.UserError(f"--out_name {name!r}: give a plain folder name")
+    check_out_name(name, leaves, opt.train_data)
     path = os.path.join(opt.train_data, name)
-    if os.path.exists(path) and not opt.overwrite:
-        raise utils.UserError(f"{path} already exists; choose another --out_name or pass --overwrite")
+    check_output_free(path, opt.overwrite)
     return name, path
+
+
+def check_output_free(path, overwrite):
+    """The query set's path is free, or (with --overwrite) holds a query set this tool wrote."""
+    if not os.path.lexists(path):
+        return
+    if not overwrite:
+        raise utils.UserError(f"{path} already exists; choose another --out_name or pass --overwrite")
+    if not replaceable_query_set(path):
+        raise utils.UserError(f"--overwrite {path}: not a query set written by data_sampling.py (a base dataset, "
+                              f"a link or another folder), so it is never replaced; choose another --out_name")
+
+
+EXPORT_MARKER = "export.json"
+
+
+def check_export_free(folder, overwrite, query_path):
+    """--save_images writes a new folder, fills an empty one, or (with --overwrite) replaces an
+    earlier export, recognised by the marker file it holds; nothing else is ever deleted."""
+    target, query = os.path.realpath(folder), os.path.realpath(query_path)
+    if target == query or target.startswith(query + os.sep) or query.startswith(target + os.sep):
+        raise utils.UserError(f"--save_images {folder}: overlaps the query set {query_path}; export elsewhere")
+    if not os.path.lexists(folder) or (os.path.isdir(folder) and not os.path.islink(folder)
+                                       and not os.listdir(folder)):
+        return
+    if not overwrite:
+        raise utils.UserError(f"--save_images {folder} already exists; choose another folder or pass --overwrite")
+    if os.path.islink(folder) or not os.path.isfile(os.path.join(folder, EXPORT_MARKER)):
+        raise utils.UserError(f"--save_images {folder}: not an export of data_sampling.py (no {EXPORT_MARKER} in "
+                              f"it), so --overwrite never deletes it; choose another folder")
 
 
 class Pool(torch.utils.data.ConcatDataset):
@@ -330,34 +396,44 @@ def image_extension(image_bytes):
     return IMAGE_EXTENSIONS.get(fmt, fmt.lower() or "bin")
 
 
-def stage_images(folder, samples):
-    """Write the images (original bytes) and `gt.txt` (`images/<file><TAB>label`) into a hidden
-    sibling of `folder`; returns its path, for `publish_images` once the query set is written."""
+def stage_images(folder, samples, query_set):
+    """Write the images (original bytes), `gt.txt` (`images/<file><TAB>label`) and the export
+    marker into a hidden sibling of `folder`; returns its path, for `publish_images` once the query
+    set is written."""
     parent = os.path.dirname(os.path.abspath(folder))
     os.makedirs(parent, exist_ok=True)
     staged = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(folder))}.", suffix=".tmp", dir=parent)
     try:
         os.makedirs(os.path.join(staged, "images"))
+        count = 0
         with open(os.path.join(staged, "gt.txt"), "w", encoding="utf-8") as gt:
-            for n, (image, label, (relpath, index)) in enumerate(samples, start=1):
+            for count, (image, label, (relpath, index)) in enumerate(samples, start=1):
                 # create_lmdb_dataset.py splits a gt.txt line at its first tab: only line breaks break it
                 if "".join(label.splitlines()) != label:
                     raise utils.UserError(f"--save_images: the label of {relpath} sample {index} holds a line "
                                           f"break, which gt.txt cannot carry; drop --save_images")
-                name = f"images/image_{n:09d}.{image_extension(image)}"
+                name = f"images/image_{count:09d}.{image_extension(image)}"
                 with open(os.path.join(staged, name), "wb") as f:
                     f.write(image)
                 gt.write(f"{name}\t{label}\n")
+        marker = {"written_by": "data_sampling.py", "query_set": query_set, "images": count,
+                  "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        with open(os.path.join(staged, EXPORT_MARKER), "w", encoding="utf-8") as f:
+            f.write(json.dumps(marker, indent=2) + "\n")
     except BaseException:
         shutil.rmtree(staged, ignore_errors=True)
         raise
     return staged
 
 
-def publish_images(staged, folder):
-    if os.path.exists(folder):  # only reached with --overwrite (checked before scoring)
-        shutil.rmtree(folder)
-    os.replace(staged, folder)
+def publish_images(staged, folder, overwrite, query_path):
+    check_export_free(folder, overwrite, query_path)  # again: the folder may have changed while scoring
+    if os.path.isdir(folder) and not os.listdir(folder):
+        os.rmdir(folder)
+    if os.path.lexists(folder):
+        dataset.replace_dir(staged, folder)
+    else:
+        os.replace(staged, folder)
 
 
 def query_meta(opt, strategy, name, pool_size, picked_scores, temperature):
@@ -420,30 +496,44 @@ def format_summary(summary):
 # ---------------------------------------------------------------------------------------------
 
 
+class Plan:
+    """Where a round writes and what it reads: the new query set's `name` and `path`, `replaced`
+    (its relpath when --overwrite replaces an earlier query set, else None), the names of the query
+    sets the next round trains on besides it, and the names whose unlabelled part forms the pool."""
+
+    def __init__(self, name, path, replaced, query_names, pool_names):
+        self.name, self.path, self.replaced = name, path, replaced
+        self.query_names, self.pool_names = query_names, pool_names
+
+
 def plan_output(opt):
-    """The new query set's name and path, the names of the query sets the next round trains on
-    besides it, and the names whose unlabelled part forms the pool; fails before any work when the
-    output is taken."""
+    """The round's Plan; fails before any work when the output is taken or the selection has no
+    pool."""
     leaves = list_leaf_lmdbs(opt.train_data)
     query_names = query_set_names(opt.select_data, leaves, opt.train_data)
     name, path = output_path(opt, leaves)
-    if opt.save_images and os.path.exists(opt.save_images) and not opt.overwrite:
-        raise utils.UserError(f"--save_images {opt.save_images} already exists; choose another folder or pass "
-                              f"--overwrite")
+    if opt.save_images:
+        check_export_free(opt.save_images, opt.overwrite, path)
     pool_names = [n for n in opt.select_data if n not in query_names]
     query_names = [n for n in opt.select_data if n in query_names] + \
         unselected_query_sets(leaves, opt.select_data, opt.train_data)
     if not pool_names:
         raise utils.UserError(f"--select_data {'-'.join(opt.select_data)} names only query sets, which have no "
                               f"unlabelled pool; name a base dataset too")
-    return name, path, query_names, pool_names
+    replaced = name if os.path.lexists(path) else None
+    return Plan(name, path, replaced, query_names, pool_names)
 
 
-def score_round(opt, model, converter, strategy, temperature, device, pool_names, rank, world_size, distributed):
+def queried_before(opt, plan):
+    """Identities that earlier query sets hold (the one being replaced gives its samples back)."""
+    return dataset.read_query_origins(opt.train_data, skip={plan.replaced} if plan.replaced else ())
+
+
+def score_round(opt, model, converter, strategy, temperature, device, plan, rank, world_size, distributed):
     """Build the pool, fit the temperature if asked, score this rank's shard and gather on rank 0.
 
     Returns `(columns in pool order or None off rank 0, pool size, temperature)`."""
-    pool, pool_log = build_pool(opt, pool_names, dataset.read_query_origins(opt.train_data))
+    pool, pool_log = build_pool(opt, plan.pool_names, queried_before(opt, plan))
     query_strategies.query_count(len(pool), opt.ratio, opt.num_query)  # fail before the long scoring pass
     if temperature == "auto":
         temperature = fit_temperature_on_valid_data(model, converter, opt, device)
@@ -458,26 +548,71 @@ def score_round(opt, model, converter, strategy, temperature, device, pool_names
     return merge_columns(parts, [leaf.relpath for leaf in pool.leaves]), len(pool), temperature
 
 
-def write_round(opt, strategy, name, path, columns, pool_size, temperature, query_names, start):
+def check_still_free(opt, plan, identities):
+    """Just before publishing: the name is still ours to write and no picked sample has been
+    queried meanwhile. Under the lock both hold; this catches a writer that ignored the lock."""
+    check_output_free(plan.path, opt.overwrite)
+    if plan.replaced is None and os.path.lexists(plan.path):
+        raise utils.UserError(f"{plan.path} appeared while sampling; another run wrote it without the lock")
+    taken = queried_before(opt, plan).intersection(identities)
+    if taken:
+        raise utils.UserError(f"{len(taken)} picked samples were queried by another run while this one scored "
+                              f"(e.g. {sorted(taken)[0]}); nothing was written, run the round again")
+
+
+def write_round(opt, strategy, plan, columns, pool_size, temperature, start):
     if len(columns["index"]) == 0:
         raise utils.UserError(f"the pool of {pool_size} samples holds no readable image")
     count = query_strategies.query_count(len(columns["index"]), opt.ratio, opt.num_query)
     picked, scores = pick(columns, strategy, opt, count)
     identities = [(columns["relpath"][i], int(columns["index"][i])) for i in picked]
-    staged = stage_images(opt.save_images, read_raw_samples(opt.train_data, identities)) if opt.save_images else None
+    staged = stage_images(opt.save_images, read_raw_samples(opt.train_data, identities), plan.name) \
+        if opt.save_images else None
     try:
-        meta = query_meta(opt, strategy, name, pool_size, scores[picked], temperature)
-        dataset.write_lmdb(path, read_raw_samples(opt.train_data, identities), meta=meta, overwrite=opt.overwrite)
+        meta = query_meta(opt, strategy, plan.name, pool_size, scores[picked], temperature)
+        # The summary is part of the folder from the start: a kill cannot leave a query set without it.
+        summary = make_summary(opt, plan.name, plan.path, columns, picked, pool_size, temperature,
+                               time.time() - start, plan.query_names)
+        check_still_free(opt, plan, identities)
+        dataset.write_lmdb(plan.path, read_raw_samples(opt.train_data, identities), meta=meta,
+                           overwrite=plan.replaced is not None,
+                           extra_files={"summary.json": json.dumps(summary, indent=2) + "\n"})
         if staged:
-            publish_images(staged, opt.save_images)
+            publish_images(staged, opt.save_images, opt.overwrite, plan.path)
     finally:
         if staged:
             shutil.rmtree(staged, ignore_errors=True)
-    summary = make_summary(opt, name, path, columns, picked, pool_size, temperature, time.time() - start,
-                           query_names)
-    utils.atomic_write_text(os.path.join(path, "summary.json"), json.dumps(summary, indent=2) + "\n")
     print(format_summary(summary))
     return summary
+
+
+@contextlib.contextmanager
+def round_lock(opt, rank, distributed):
+    """The exclusive lock on --train_data for the whole round, taken by rank 0; the other ranks
+    learn whether it was taken."""
+    with contextlib.ExitStack() as stack:
+        error = None
+        if rank == 0:
+            try:
+                stack.enter_context(locking.exclusive(opt.train_data, opt.lock_timeout))
+            except utils.UserError as err:
+                error = err
+        if distributed and not utils.broadcast_flag(error is None) and rank != 0:
+            raise utils.UserError(f"rank 0 could not lock --train_data {opt.train_data}; see its error")
+        if error is not None:
+            raise error
+        yield
+
+
+def dry_run(opt, strategy):
+    """What the round would do, from the options and the data alone."""
+    plan = plan_output(opt)
+    pool, pool_log = build_pool(opt, plan.pool_names, queried_before(opt, plan))
+    count = query_strategies.query_count(len(pool), opt.ratio, opt.num_query)
+    print(pool_log)
+    print(f"dry run: would query {count} of {len(pool)} pool samples by '{strategy.name}' into {plan.path}"
+          + (" (replacing it)" if plan.replaced else ""))
+    return {"query_set": plan.name, "path": os.path.abspath(plan.path), "pool_size": len(pool), "num_query": count}
 
 
 def main(opt, given=None):
@@ -487,22 +622,28 @@ def main(opt, given=None):
     start = time.time()
     check_inputs(opt)
     given = options.given_option_names(opt, get_args_parser()) if given is None else set(given)
-    options.fill_from_saved(opt, given)
+    if os.path.isfile(opt.saved_model):
+        options.fill_from_saved(opt, given)
     options.resolve_options(opt)
     strategy = query_strategies.get_strategy(opt.query)
     # "auto" is fitted once the pool is known to be non-empty, after the model is loaded.
     temperature = options.parse_temperature(opt.temperature, default="auto" if strategy.calibrated else None)
+    if opt.dry_run:
+        return dry_run(opt, strategy)
     rank, world_size, local_rank, distributed = utils.init_distributed()
     try:
         device = utils.select_device(opt.device, local_rank)
         utils.set_seed(opt.manualSeed)
         model, converter = load_model(opt, device)
-        name, path, query_names, pool_names = plan_output(opt)
-        columns, pool_size, temperature = score_round(opt, model, converter, strategy, temperature, device,
-                                                      pool_names, rank, world_size, distributed)
-        if rank != 0:
-            return None
-        return write_round(opt, strategy, name, path, columns, pool_size, temperature, query_names, start)
+        # Held from naming the output to publishing it: a second sampler on this root waits or
+        # stops, so it neither takes the same name nor picks the same samples.
+        with round_lock(opt, rank, distributed):
+            plan = plan_output(opt)
+            columns, pool_size, temperature = score_round(opt, model, converter, strategy, temperature, device,
+                                                          plan, rank, world_size, distributed)
+            if rank != 0:
+                return None
+            return write_round(opt, strategy, plan, columns, pool_size, temperature, start)
     finally:
         if distributed:
             torch.distributed.destroy_process_group()

@@ -682,11 +682,12 @@ def check_image_file(path):
     return None
 
 
-def write_lmdb(output_path, samples, meta=None, overwrite=False):
+def write_lmdb(output_path, samples, meta=None, overwrite=False, extra_files=None):
     """Write `(image_bytes, label, origin)` samples as a new LMDB at output_path; returns the count.
 
     Built in a hidden sibling folder and renamed into place, so an interrupted run leaves nothing
-    half-written. `meta` (a dict) makes it a query set (`query-meta` key)."""
+    half-written. `meta` (a dict) makes it a query set (`query-meta` key). `extra_files` ({file
+    name: text}) are written into the folder before the rename, so they appear with the LMDB."""
     output_path = os.path.abspath(os.fspath(output_path))
     check_output(output_path, overwrite)
     parent = os.path.dirname(output_path)
@@ -694,6 +695,9 @@ def write_lmdb(output_path, samples, meta=None, overwrite=False):
     tmp = tempfile.mkdtemp(prefix="." + os.path.basename(output_path) + ".", suffix=".tmp", dir=parent)
     try:
         count = write_into(tmp, samples, meta)
+        for file_name, text in (extra_files or {}).items():
+            with open(os.path.join(tmp, file_name), "w", encoding="utf-8") as f:
+                f.write(text)
         replace_dir(tmp, output_path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -778,12 +782,15 @@ def read_query_meta(path):
     return None if raw is None else json.loads(raw.decode("utf-8"))
 
 
-def read_query_origins(root):
-    """Union of the origins `(relpath, index)` of every query set below root."""
+def read_query_origins(root, skip=()):
+    """Union of the origins `(relpath, index)` of every query set below root but those in `skip`
+    (relpaths)."""
     origins = set()
     if not os.path.isdir(root):
         raise UserError(f"--train_data {root}: no such folder")
     for rel in find_lmdbs(root):
+        if rel in skip:
+            continue
         path = os.path.join(root, rel)
         with shared_env(path).begin(write=False) as txn:
             if txn.get(QUERY_META_KEY) is None:
