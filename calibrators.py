@@ -9,9 +9,10 @@
         target length, then averaged over the batch).
 Logits are cast to fp32 first, so calling a loss on bf16/fp16 autocast outputs is safe.
 
-Losses that mix a target distribution into the label return KL(target || model), which is the
-cross-entropy to the target minus the target's entropy (0 for a one-hot target), as the original
-did through `nn.KLDivLoss`. The label-smoothed target of a label y is
+Losses that mix a fixed target distribution into the label (LS, robust) return KL(target || model),
+which is the cross-entropy to the target minus the target's entropy (0 for a one-hot target), as
+the original did through `nn.KLDivLoss`. The bootstrapping losses return the cross-entropy to their
+target, as Reed et al. define them (SoftBootstrap says why the KL form is not the same there). The label-smoothed target of a label y is
 q = (1 - alpha) one-hot(y) + alpha / (C - 1) on every other class.
 
 `--smooth_tail` is accepted by every calibrator and used by none: in the original it only floored
@@ -229,17 +230,24 @@ class EntropyRegularised(Calibrator):
 
 
 class SoftBootstrap(Calibrator):
-    """Reed et al. 2014, soft bootstrapping: target = beta q + (1 - beta) p with p the model's own
-    softmax, not detached (the gradient flows through both sides, as in the original).
+    """Reed et al. 2014, soft bootstrapping: the cross-entropy to the target m = beta q + (1 - beta) p,
+    -sum m log p, with p the model's own softmax, not detached: beta CE(q) + (1 - beta) H(p). The
+    entropy term pulls each token towards the model's own reading, which is what lets a confident
+    model overrule a wrong label.
+
+    The original code took KL(m || p) through `nn.KLDivLoss` instead. That is CE(m) - H(m), and with
+    p live inside m the gradient of -H(m) cancels the bootstrap term: the logit gradient becomes
+    c(p_y) (p - y) with c between beta and 1, a reweighted cross-entropy in which the model's
+    prediction never pulls the target. The two agree only at beta = 1 (up to the constant H(q)).
 
     CTC has no per-frame label, so the CTC form is Reed's loss written for sequences: beta x the
     CTC loss of the label + (1 - beta) x the cross-entropy of every frame against the model's own
     posterior, H(p_t), averaged over frames (the label term keeps CTC's alignment freedom)."""
 
     options = ("alpha", "beta")
-    help = ("soft bootstrapping (Reed et al. 2014): KL(--beta x label smoothed by --alpha + (1 - beta) x "
-            "the model's softmax || model), gradient through both (CTC: beta CTC + (1 - beta) mean "
-            "frame entropy)")
+    help = ("soft bootstrapping (Reed et al. 2014): cross-entropy to --beta x label smoothed by --alpha + "
+            "(1 - beta) x the model's softmax, i.e. beta CE + (1 - beta) token entropy (CTC: beta CTC + "
+            "(1 - beta) mean frame entropy)")
 
     def __init__(self, opt):
         super().__init__(opt)
@@ -253,7 +261,7 @@ class SoftBootstrap(Calibrator):
         log_probs = logits.log_softmax(-1)
         label = _one_hot_smoothed(targets, logits.size(-1), self.alpha, log_probs.dtype)
         target = self.beta * label + (1.0 - self.beta) * self.model_target(log_probs)
-        return _token_mean(_kl_to_target(target, log_probs), targets)
+        return _token_mean(-(target * log_probs).sum(-1), targets)
 
     def ctc(self, logits, targets, target_lengths, progress):
         label_term = _ctc_mean(logits, targets, target_lengths)
@@ -278,7 +286,7 @@ def greedy_ctc_targets(logits):
 
 class HardBootstrap(SoftBootstrap):
     help = ("hard bootstrapping (Reed et al. 2014): as boost_soft with the model's argmax, smoothed by "
-            "--alpha, in place of its softmax (CTC: beta CTC(label) + (1 - beta) CTC(greedy reading))")
+            "--alpha, in place of its softmax, so the target carries no gradient (CTC: beta CTC(label) + (1 - beta) CTC(greedy reading))")
 
     def model_target(self, log_probs):
         return _one_hot_smoothed(log_probs.argmax(-1), log_probs.size(-1), self.alpha, log_probs.dtype)
