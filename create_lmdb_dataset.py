@@ -42,12 +42,17 @@ def parse_args(argv=None):
 
 
 def check_image(buf):
-    """None when Pillow decodes the bytes into a non-empty image, else the reason."""
+    """None when Pillow decodes the bytes into a non-empty image the datasets can read, else the
+    reason."""
     try:
         with Image.open(io.BytesIO(buf)) as img:
             img.load()
             if img.width * img.height == 0:
                 return "empty image"
+            try:
+                dataset.eight_bit(img)
+            except ValueError:
+                return f"unsupported pixel format (mode {img.mode})"
     except Exception as err:  # Pillow raises many types for bad bytes
         return f"undecodable image ({type(err).__name__})"
     return None

@@ -18,7 +18,6 @@ import os
 import re
 import shutil
 import sys
-import tempfile
 import time
 from datetime import datetime, timezone
 
@@ -35,9 +34,9 @@ import query_strategies
 import utils
 from evaluation import eval_loader, fit_temperature_on_valid_data, forward_logits, load_model
 
-TRAINING_ONLY_FLAGS = ("exp_name", "valInterval", "num_iter", "lr", "beta1", "rho", "eps", "grad_clip",
-                       "calibrator", "alpha", "beta", "smooth_tail", "patience", "mode", "query_iter",
-                       "noise_ratio", "noise_scope", "B", "t")
+TRAINING_ONLY_FLAGS = ("exp_name", "output_dir", "valInterval", "num_iter", "lr", "beta1", "rho", "eps", "grad_clip",
+                       "lr_schedule", "warmup_iters", "calibrator", "alpha", "beta", "smooth_tail", "patience", "mode",
+                       "query_iter", "noise_ratio", "noise_scope", "B", "t")
 DEFAULT_RATIO = 0.01
 ROUND_PATTERN = re.compile(r"_iter_(\d+)$")
 IMAGE_EXTENSIONS = {"JPEG": "jpg", "PNG": "png", "BMP": "bmp", "GIF": "gif", "TIFF": "tif", "WEBP": "webp"}
@@ -83,7 +82,7 @@ def get_args_parser():
                                         "command line can be reused)")
     for name in TRAINING_ONLY_FLAGS:
         ignored.add_argument(f"--{name}", default=argparse.SUPPRESS, help="ignored")
-    for name in ("adam", "FT"):
+    for name in ("adam", "FT", "channels_last"):
         ignored.add_argument(f"--{name}", action="store_true", default=argparse.SUPPRESS, help="ignored")
     ignored.add_argument("--resume", nargs="?", const="auto", default=argparse.SUPPRESS, help="ignored")
     return parser
@@ -402,7 +401,7 @@ def stage_images(folder, samples, query_set):
     set is written."""
     parent = os.path.dirname(os.path.abspath(folder))
     os.makedirs(parent, exist_ok=True)
-    staged = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(folder))}.", suffix=".tmp", dir=parent)
+    staged = utils.make_temp_dir(parent, os.path.basename(os.path.abspath(folder)))
     try:
         os.makedirs(os.path.join(staged, "images"))
         count = 0

@@ -8,15 +8,17 @@ import json
 import math
 import os
 import shutil
-import tempfile
+import signal
 
 import lmdb
 import numpy as np
 import torch
 from natsort import natsorted
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, RandomSampler, Subset
+from torch.utils.data import DataLoader, Dataset, Subset
 
+import annotator_noise
+import utils
 from utils import UserError
 
 NUM_SAMPLES_KEY = b"num-samples"
@@ -103,9 +105,27 @@ def read_num_samples(txn, path):
     if raw is None:
         raise UserError(f"{path}: LMDB without a 'num-samples' key; rebuild it with create_lmdb_dataset.py")
     try:
-        return int(raw)
+        count = int(raw)
     except ValueError:
         raise UserError(f"{path}: 'num-samples' is not an integer ({raw[:20]!r}); rebuild the LMDB") from None
+    if count < 0:
+        raise UserError(f"{path}: 'num-samples' is negative ({count}); rebuild the LMDB with create_lmdb_dataset.py")
+    return count
+
+
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+def eight_bit(img):
+    """`img` with 8-bit samples. Pillow's convert() clips a 16-bit grayscale image (mode I;16, or I
+    for PNG, whose grayscale is at most 16 bits) to 255, making it all white, so it is scaled by its
+    bit depth instead. Other integer or float single-channel images (mode I or F from TIFF and the
+    like) have no known range: ValueError, so that they are counted as unreadable."""
+    if img.mode in SIXTEEN_BIT_MODES or (img.mode == "I" and img.format == "PNG"):
+        return Image.fromarray((np.asarray(img).astype(np.uint32) >> 8).astype(np.uint8))
+    if img.mode in ("I", "F") or img.mode.startswith("I;"):
+        raise ValueError(f"unsupported pixel format (mode {img.mode}, value range unknown)")
+    return img
 
 
 def decode_image(buf, rgb):
@@ -113,7 +133,7 @@ def decode_image(buf, rgb):
     try:
         with Image.open(io.BytesIO(buf)) as img:
             img.load()
-            return img.convert("RGB" if rgb else "L")
+            return eight_bit(img).convert("RGB" if rgb else "L")
     except Exception:  # Pillow raises many types for bad bytes (OSError, SyntaxError, ValueError...)
         return None
 
@@ -178,8 +198,8 @@ class LmdbDataset(Dataset):
     """One leaf LMDB. Items are `(image, label, identity)`; `image` is None when it does not decode.
 
     `relpath` is the leaf's path relative to the root given by the user (identity's first part).
-    `noise_ratio` > 0 passes every label through `utils.corrupt_label` once, here, so that a sample
-    keeps the same wrong label every epoch."""
+    `noise_ratio` > 0 corrupts that share of the labels once, here (annotator_noise), so that a
+    sample keeps the same wrong label every epoch."""
 
     def __init__(self, root, opt, relpath=".", noise_ratio=0.0, noise_seed=None):
         self.root = os.fspath(root)
@@ -233,27 +253,24 @@ class LmdbDataset(Dataset):
         return int(drop.sum())
 
     def add_noise(self, noise_ratio, seed):
-        """Corrupt the labels of the current samples through utils.corrupt_label and count changes.
+        """Corrupt exactly round(noise_ratio x n) of the n current labels (annotator_noise) and count them.
 
         Query sets key the noise by each sample's origin, so a sample gets the same annotator
         error whichever set it is read from."""
-        import utils  # at call time: the noise model lives in utils and may be patched in tests
-
-        self.noisy_labels = {}
         wanted = np.zeros(self.num_total + 1, dtype=bool)
         wanted[self.indices] = True
+        samples, index_of = [], {}
         with shared_env(self.root).begin(write=False) as txn:
             for index, raw in iter_labels(txn, self.num_total):
                 if not wanted[index]:
                     continue
-                label = self.rules.clean(self.rules.normalise(raw))
-                identity = read_origin(txn, index) if self.is_query else None
-                identity = identity or (self.relpath, index)
-                noisy = utils.corrupt_label(label, identity, noise_ratio, self.charset, seed)
-                if self.rules.filtering and len(noisy) > self.rules.max_length:
-                    noisy = noisy[: self.rules.max_length]  # must still fit the model's decoder
-                if noisy != label:
-                    self.noisy_labels[index] = noisy
+                identity = (read_origin(txn, index) if self.is_query else None) or (self.relpath, index)
+                index_of[identity] = index
+                samples.append((identity, self.rules.clean(self.rules.normalise(raw))))
+        # a wrong label must still fit the model's decoder
+        max_length = self.rules.max_length if self.rules.filtering else None
+        wrong = annotator_noise.noisy_labels(samples, noise_ratio, self.charset, seed, max_length)
+        self.noisy_labels = {index_of[identity]: label for identity, label in wrong.items()}
         self.num_corrupted = len(self.noisy_labels)
 
     @property
@@ -486,11 +503,79 @@ def check_noise(noise_ratio, noise_scope):
         raise UserError(f"--noise_scope {noise_scope}: unknown; choose one of {', '.join(NOISE_SCOPES)}")
 
 
+# A dataset smaller than its batch share is drawn with replacement; an "epoch" of it is this many
+# batches, so that its loader (and the prefetching of its workers) is not restarted every batch.
+REPLACEMENT_EPOCH_BATCHES = 100
+# A batch whose images all fail to decode is drawn again; after this many undecodable images in a
+# row from one name the data is declared unreadable instead of being retried for ever.
+MAX_UNDECODABLE_RUN = 1000
+
+
+def stream_seed(*parts):
+    """A 64-bit seed mixed from integers (seed, rank, dataset position, epoch)."""
+    words = np.random.SeedSequence([int(p) % 2 ** 64 for p in parts]).generate_state(2, dtype=np.uint32)
+    return int(words[0]) | int(words[1]) << 32
+
+
+def first_readable(data):
+    """Position of the first item of `data` whose image decodes, or None when none does (items
+    are read in order until one does, so a readable dataset costs one decode)."""
+    for i in range(len(data)):
+        if data[i][0] is not None:
+            return i
+    return None
+
+
+def train_worker_init(worker_id):
+    """Training loader workers ignore SIGINT: Ctrl-C in a terminal reaches the whole process group,
+    and train.py stops only after finishing the current step, for which its workers must live on."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    loader_worker_init(worker_id)
+
+
+class EpochBatchSampler:
+    """The full batches of one shard, one epoch at a time, from batch `start` of epoch `epoch` on.
+
+    An epoch's order depends on `seed_parts` and the epoch number alone, so the stream can be
+    rebuilt at any batch without drawing, or reading, the batches before it (exact resume)."""
+
+    def __init__(self, size, batch_size, replacement, seed_parts):
+        self.size = size
+        self.batch_size = batch_size
+        self.replacement = replacement
+        self.seed_parts = tuple(int(p) for p in seed_parts)
+        self.epoch = 0
+        self.start = 0
+
+    @property
+    def batches_per_epoch(self):
+        return REPLACEMENT_EPOCH_BATCHES if self.replacement else self.size // self.batch_size
+
+    def order(self, epoch):
+        generator = torch.Generator().manual_seed(stream_seed(*self.seed_parts, epoch))
+        if self.replacement:
+            return torch.randint(self.size, (self.batches_per_epoch * self.batch_size,), generator=generator)
+        return torch.randperm(self.size, generator=generator)
+
+    def __iter__(self):
+        order = self.order(self.epoch)
+        for k in range(self.start, self.batches_per_epoch):
+            yield order[k * self.batch_size:(k + 1) * self.batch_size].tolist()
+
+    def __len__(self):
+        return max(self.batches_per_epoch - self.start, 0)
+
+
 class Batch_Balanced_Dataset:
     """One shuffled loader per --select_data name; `get_batch()` draws the batch_ratio share of
-    each and concatenates them. `opt.batch_size` is the batch of this rank."""
+    each and concatenates them. `opt.batch_size` is the batch of this rank.
 
-    def __init__(self, opt, log=None, rank=0, world_size=1):
+    `query_sets=False` (train.py --mode base) leaves query sets out; with query sets, the samples
+    they hold (their origins) are left out of the base datasets' labelled parts, so no sample is
+    trained on twice. `warnings` lists what the caller should tell the user. `state_dict()` /
+    `load_state_dict()` save and restore every stream's position (exact resume)."""
+
+    def __init__(self, opt, log=None, rank=0, world_size=1, query_sets=True):
         names = list(opt.select_data)
         ratios = [float(r) for r in opt.batch_ratio]
         if not names:
@@ -509,19 +594,53 @@ class Batch_Balanced_Dataset:
         self.skipped_images = 0
         self.skipped_by_name = collections.Counter()
         self.datasets = {}
+        self.warnings = []
         self.data_loader_list = []
-        self.dataloader_iter_list = []
+        self.samplers = []
+        self.positions = []  # per name: [epoch, batches of it already drawn]
+        self.iterators = []
+        root = opt.train_data
         collate = AlignCollate(opt.imgH, opt.imgW, opt.PAD, channels=3 if self.rgb else 1)
         rule = "-" * 80
-        lines = [rule, f"dataset_root: {opt.train_data}", f"opt.select_data: {names}",
-                 f"opt.batch_ratio: {ratios}"]
+        lines = [rule, f"dataset_root: {root}", f"opt.select_data: {names}", f"opt.batch_ratio: {ratios}"]
         if noise_ratio:
             lines.append(f"label noise: ratio {noise_ratio} on {noise_scope} samples, seed {opt.manualSeed}")
-        for name, ratio in zip(names, ratios):
+
+        selected = {name: select_leaves(root, [name], "--train_data") for name in names}
+        query_leaves = {name: [rel for rel in rels if is_query_set(os.path.join(root, rel))]
+                        for name, rels in selected.items()}
+        for name in names:
+            if not query_sets and len(query_leaves[name]) == len(selected[name]):
+                raise UserError(f"--select_data {name} selects only query sets ({', '.join(query_leaves[name])}), "
+                                "which --mode base does not train on; use --mode al, or drop the name (and its "
+                                "share) from --select_data and --batch_ratio")
+        queried = set()
+        if query_sets:
+            ratio = float(getattr(opt, "total_data_usage_ratio", 1.0))
+            for rel in natsorted({rel for rels in query_leaves.values() for rel in rels}):
+                path = os.path.join(root, rel)
+                queried |= read_query_origins(path)
+                drawn_at = (read_query_meta(path) or {}).get("total_data_usage_ratio")
+                if drawn_at is not None and abs(float(drawn_at) - ratio) > 1e-9:
+                    self.warnings.append(
+                        f"query set {rel} was drawn with --total_data_usage_ratio {float(drawn_at):g}, this run "
+                        f"uses {ratio:g}: samples it holds that now fall in a base dataset's labelled part are "
+                        "left out there, so each is trained on once (log_dataset.txt: 'excluded ... already queried')")
+
+        for k, (name, ratio) in enumerate(zip(names, ratios)):
             batch = max(round(opt.batch_size * ratio), 1)
-            dataset, leaf_log = hierarchical_dataset(opt.train_data, opt, select_data=[name], split="labelled",
-                                                     noise_ratio=noise_ratio, noise_scope=noise_scope,
-                                                     flag="--train_data")
+            dataset, leaf_log = hierarchical_dataset(root, opt, select_data=[name], split="labelled",
+                                                     exclude=queried or None, noise_ratio=noise_ratio,
+                                                     noise_scope=noise_scope, flag="--train_data")
+            left_out = [] if query_sets else query_leaves[name]
+            if left_out:
+                dataset = SelectedDataset([leaf for leaf in dataset.leaves if not leaf.is_query])
+                leaf_log = "\n".join(line for line in leaf_log.splitlines()
+                                     if not any(f"\t/{rel}\t" in line for rel in left_out))
+                note = (f"--mode base leaves out the query set(s) {', '.join(left_out)} that --select_data {name} "
+                        "selects (--mode al trains on them)")
+                self.warnings.append(note)
+                leaf_log += "\n" + note
             lines.append(rule)
             lines.append(leaf_log.rstrip("\n"))
             unlabelled = sum(leaf.num_total - leaf.num_filtered - len(leaf)
@@ -534,6 +653,11 @@ class Batch_Balanced_Dataset:
                                 f"--total_data_usage_ratio {opt.total_data_usage_ratio}); raise the ratio or "
                                 "check --batch_max_length / --character")
             shard = shard_dataset(dataset, rank, world_size, opt.manualSeed)
+            if first_readable(shard) is None:
+                where = ", ".join(leaf.relpath for leaf in dataset.parts)
+                raise UserError(f"--select_data {name}: none of its {len(shard)} labelled images"
+                                f"{' of this process' if world_size > 1 else ''} decodes (LMDB {where} under "
+                                "--train_data); rebuild it with create_lmdb_dataset.py or drop the name")
             small = len(shard) < batch
             if small:
                 # A query set can be smaller than its batch share in early rounds: draw it with
@@ -545,17 +669,25 @@ class Batch_Balanced_Dataset:
             self.batch_sizes[name] = batch
             self.corrupted[name] = dataset.num_corrupted
             self.datasets[name] = dataset
-            generator = torch.Generator().manual_seed(int(opt.manualSeed) + rank)
-            sampler = RandomSampler(shard, replacement=small, num_samples=batch if small else None,
-                                    generator=generator)
-            loader = DataLoader(shard, batch_size=batch, sampler=sampler, num_workers=int(opt.workers),
-                                collate_fn=collate, pin_memory=torch.cuda.is_available(), drop_last=True,
-                                persistent_workers=int(opt.workers) > 0, worker_init_fn=loader_worker_init)
+            sampler = EpochBatchSampler(len(shard), batch, small, (opt.manualSeed, rank, k))
+            # The loader's own generator seeds its workers; without one it would draw from the global
+            # torch generator at every new epoch and so shift the model's random numbers.
+            loader = DataLoader(shard, batch_sampler=sampler, num_workers=int(opt.workers), collate_fn=collate,
+                                pin_memory=torch.cuda.is_available(), persistent_workers=int(opt.workers) > 0,
+                                worker_init_fn=train_worker_init,
+                                generator=torch.Generator().manual_seed(stream_seed(opt.manualSeed, rank, k)))
             self.data_loader_list.append(loader)
-            self.dataloader_iter_list.append(iter(loader))
+            self.samplers.append(sampler)
+            self.positions.append([0, 0])
+            self.iterators.append(None)  # started on first use, at the position then current
         lines.append(rule)
-        lines.append(f"Total_batch_size: {'+'.join(str(b) for b in self.batch_sizes.values())} = "
-                     f"{sum(self.batch_sizes.values())}")
+        total = sum(self.batch_sizes.values())
+        lines.append(f"Total_batch_size: {'+'.join(str(b) for b in self.batch_sizes.values())} = {total}")
+        if total != opt.batch_size:
+            shares = "-".join(f"{r:g}" for r in ratios)
+            self.warnings.append(f"--batch_ratio {shares} (sum {sum(ratios):g}) of --batch_size {opt.batch_size} "
+                                 f"gives batches of {'+'.join(str(b) for b in self.batch_sizes.values())} = "
+                                 f"{total} images, not {opt.batch_size}")
         lines.append(rule)
         self.log_text = "\n".join(lines) + "\n"
         print(self.log_text, end="")
@@ -568,20 +700,37 @@ class Batch_Balanced_Dataset:
         return sum(self.corrupted.values())
 
     def next_from(self, k):
-        try:
-            return next(self.dataloader_iter_list[k])
-        except StopIteration:
-            self.dataloader_iter_list[k] = iter(self.data_loader_list[k])
-            return next(self.dataloader_iter_list[k])
+        position = self.positions[k]
+        while True:
+            if self.iterators[k] is None:
+                self.samplers[k].epoch, self.samplers[k].start = position
+                self.iterators[k] = iter(self.data_loader_list[k])
+            try:
+                batch = next(self.iterators[k])
+            except StopIteration:
+                position[0] += 1
+                position[1] = 0
+                self.iterators[k] = None
+                continue
+            position[1] += 1
+            return batch
 
     def get_batch(self):
         images, labels, identities = [], [], []
         for k, name in enumerate(self.names):
-            batch_images, batch_labels, batch_ids = self.next_from(k)
-            skipped = self.batch_sizes[name] - len(batch_labels)
-            if skipped:
-                self.skipped_images += skipped
-                self.skipped_by_name[name] += skipped
+            undecodable_run = 0
+            while True:
+                batch_images, batch_labels, batch_ids = self.next_from(k)
+                skipped = self.batch_sizes[name] - len(batch_labels)
+                if skipped:
+                    self.skipped_images += skipped
+                    self.skipped_by_name[name] += skipped
+                if batch_labels:
+                    break
+                undecodable_run += skipped
+                if undecodable_run >= MAX_UNDECODABLE_RUN:
+                    raise UserError(f"--select_data {name}: the last {undecodable_run} images drawn from it did not "
+                                    "decode; rebuild its LMDB with create_lmdb_dataset.py or drop the name")
             images.append(batch_images)
             labels.extend(batch_labels)
             identities.extend(batch_ids)
@@ -591,6 +740,36 @@ class Batch_Balanced_Dataset:
         """One line for the logs: undecodable images met so far (skipped, never trained on)."""
         per_name = ", ".join(f"{n} {c}" for n, c in self.skipped_by_name.items()) or "none"
         return f"undecodable images skipped: {self.skipped_images} ({per_name})"
+
+    def stream_states(self):
+        return [{"name": name, "epoch": position[0], "batch": position[1], "size": sampler.size,
+                 "batch_size": sampler.batch_size, "replacement": sampler.replacement}
+                for name, position, sampler in zip(self.names, self.positions, self.samplers)]
+
+    def state_dict(self):
+        """Where each stream stands (epoch, batches of it drawn; with the size and batch that fix its
+        order) and the skip counters: plain Python values, for a checkpoint."""
+        return {"streams": self.stream_states(), "skipped_by_name": dict(self.skipped_by_name)}
+
+    def load_state_dict(self, state):
+        """Continue every stream where `state` left it; UserError when the data or the batch shares
+        differ from those it was taken with (the positions would not mean the same samples)."""
+        saved = state.get("streams") if isinstance(state, collections.abc.Mapping) else None
+        if not isinstance(saved, list) or not all(isinstance(s, collections.abc.Mapping) for s in saved):
+            raise UserError("the data loaders' state is malformed")
+        now = self.stream_states()
+        if [s.get("name") for s in saved] != self.names:
+            raise UserError(f"the training data were {[s.get('name') for s in saved]}, now {self.names}")
+        changed = [f"{n['name']} {key} {s.get(key)} -> {n[key]}" for s, n in zip(saved, now)
+                   for key in ("size", "batch_size", "replacement") if s.get(key) != n[key]]
+        if changed:
+            raise UserError("the labelled data per process or the batch shares changed since the checkpoint "
+                            f"({'; '.join(changed)}); resume on the same data")
+        for k, s in enumerate(saved):
+            self.positions[k] = [int(s["epoch"]), int(s["batch"])]
+            self.iterators[k] = None
+        self.skipped_by_name = collections.Counter({n: int(c) for n, c in state.get("skipped_by_name", {}).items()})
+        self.skipped_images = sum(self.skipped_by_name.values())
 
 
 def shard_dataset(dataset, rank, world_size, seed):
@@ -691,16 +870,20 @@ def write_lmdb(output_path, samples, meta=None, overwrite=False, extra_files=Non
     output_path = os.path.abspath(os.fspath(output_path))
     check_output(output_path, overwrite)
     parent = os.path.dirname(output_path)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix="." + os.path.basename(output_path) + ".", suffix=".tmp", dir=parent)
     try:
-        count = write_into(tmp, samples, meta)
+        tmp = utils.make_temp_dir(parent, os.path.basename(output_path))
+    except OSError as err:
+        raise utils.blame_output(err, output_path)
+    try:
+        count = write_into(tmp, samples, meta, name=output_path)
         for file_name, text in (extra_files or {}).items():
             with open(os.path.join(tmp, file_name), "w", encoding="utf-8") as f:
                 f.write(text)
         replace_dir(tmp, output_path)
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(err, OSError):
+            utils.blame_output(err, output_path)
         raise
     return count
 
@@ -723,7 +906,7 @@ def replace_dir(src, dst):
     if os.path.isdir(dst):
         forget_env(dst)
         # A folder cannot be renamed onto a non-empty one: move the old one aside first.
-        trash = tempfile.mkdtemp(prefix="." + os.path.basename(dst) + ".", suffix=".old", dir=os.path.dirname(dst))
+        trash = utils.make_temp_dir(os.path.dirname(dst), os.path.basename(dst), suffix=".old")
         os.replace(dst, os.path.join(trash, "old"))
         os.replace(src, dst)
         shutil.rmtree(trash, ignore_errors=True)
@@ -731,8 +914,10 @@ def replace_dir(src, dst):
         os.replace(src, dst)
 
 
-def write_into(path, samples, meta):
-    env = lmdb.open(path, map_size=64 << 20, meminit=False)
+def write_into(path, samples, meta, name=None):
+    """Write the samples into a new LMDB at path. An LMDB error of the writes (a full disk, mostly)
+    becomes a UserError naming `name` (default: path); one of reading `samples` passes as it is."""
+    env = _lmdb_write(name or path, lmdb.open, path, map_size=64 << 20, meminit=False)
     try:
         count = 0
         pending = []
@@ -743,16 +928,24 @@ def write_into(path, samples, meta):
             if origin is not None:
                 pending.append((origin_key(count), f"{origin[0]}\t{int(origin[1])}".encode("utf-8")))
             if len(pending) >= 2 * COMMIT_EVERY:
-                put_all(env, pending)
+                _lmdb_write(name or path, put_all, env, pending)
                 pending = []
         pending.append((NUM_SAMPLES_KEY, str(count).encode()))
         if meta is not None:
             pending.append((QUERY_META_KEY, json.dumps(meta, sort_keys=True).encode("utf-8")))
-        put_all(env, pending)
-        env.sync()
+        _lmdb_write(name or path, put_all, env, pending)
+        _lmdb_write(name or path, env.sync)
     finally:
         env.close()
     return count
+
+
+def _lmdb_write(name, operation, *args, **kwargs):
+    try:
+        return operation(*args, **kwargs)
+    except lmdb.Error as err:
+        raise UserError(f"{name}: writing the LMDB failed ({err}); free some space or choose another "
+                        f"output folder") from None
 
 
 def put_all(env, items):

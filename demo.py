@@ -33,6 +33,7 @@ def get_args_parser():
 def check_inputs(opt):
     options.require_dir(opt.image_folder, "--image_folder", "give the folder of images to read")
     options.require_file(opt.saved_model, "--saved_model", "give the checkpoint to run")
+    options.check_output_file(opt.csv, "--csv", example="predictions.csv")
 
 
 def predict(model, loader, converter, opt, device, temperature):
@@ -83,6 +84,10 @@ def main(opt):
     skipped = [(rel(path), reason) for path, reason in images.skipped]
     skipped += [(rel(path), "undecodable image") for path in images.paths if path not in done]
     rows = [(rel(path), text, conf) for path, text, conf in predictions]
+    if not rows:
+        raise utils.UserError(f"--image_folder {opt.image_folder}: none of its {len(skipped)} image file(s) "
+                              f"decodes (" + ", ".join(name for name, _ in skipped[:5])
+                              + (", ..." if len(skipped) > 5 else "") + ")")
 
     if temperature is not None:
         print(f"confidence calibrated with temperature {temperature:g}")

@@ -9,6 +9,7 @@ import os
 import string
 import sys
 
+import torch
 import yaml
 
 from utils import UserError
@@ -18,6 +19,7 @@ ARCHITECTURE_OPTIONS = ("Transformation", "FeatureExtraction", "SequenceModeling
                         "num_fiducial", "input_channel", "output_channel", "hidden_size",
                         "imgH", "imgW", "rgb", "PAD", "character", "sensitive", "character_file",
                         "batch_max_length")
+INT_OPTIONS = ("num_fiducial", "input_channel", "output_channel", "hidden_size", "imgH", "imgW", "batch_max_length")
 STAGE_CHOICES = {
     "Transformation": ("None", "TPS"),
     "FeatureExtraction": ("VGG", "RCNN", "ResNet"),
@@ -103,26 +105,70 @@ def add_runtime_args(parser):
                        help="mixed precision: bf16 autocast on CPU, fp16 autocast with gradient scaling on CUDA")
     group.add_argument("--bins", type=int, default=15, help="number of bins of the calibration metrics")
     group.add_argument("--no_progress", action="store_true", help="no progress bar")
+    group.add_argument("--threads", type=int, default=0,
+                       help="CPU threads of torch's operators. 0: the cores this process may use divided by the "
+                            "processes of this run on this machine (LOCAL_WORLD_SIZE under torchrun), capped by "
+                            "OMP_NUM_THREADS when set. On a machine other jobs share, give fewer (e.g. 1): "
+                            "threads competing for cores spin and can slow a run tenfold")
     return group
 
 
+OPT_YAML_FIX = "fix or delete it, or give the architecture flags (--Transformation ... --Prediction) yourself"
+
+
+def opt_yaml_path(model_path):
+    return os.path.join(os.path.dirname(os.path.abspath(model_path)), "opt.yaml")
+
+
 def load_opt_yaml(model_path):
-    """Options saved beside a checkpoint by train.py, or {} when there are none."""
+    """Options saved beside a checkpoint by train.py, or {} when there are none. A file that is not
+    UTF-8, not YAML or not a mapping is a UserError naming it."""
     if not model_path:
         return {}
-    path = os.path.join(os.path.dirname(os.path.abspath(model_path)), "opt.yaml")
+    path = opt_yaml_path(model_path)
     if not os.path.isfile(path):
         return {}
-    with open(path, encoding="utf-8") as f:
-        return yaml.safe_load(f) or {}
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        saved = yaml.safe_load(raw.decode("utf-8"))
+    except UnicodeDecodeError as err:
+        line = raw[:err.start].count(b"\n") + 1
+        raise UserError(f"{path}: not UTF-8 text (line {line}); {OPT_YAML_FIX}") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or type(err).__name__
+        raise UserError(f"{path}: not valid YAML ({problem}{where}); {OPT_YAML_FIX}") from None
+    if saved is None:
+        return {}
+    if not isinstance(saved, dict):
+        raise UserError(f"{path}: holds a {type(saved).__name__}, not option: value lines; {OPT_YAML_FIX}")
+    return saved
+
+
+def _saved_type_ok(name, value):
+    if name in ("rgb", "PAD", "sensitive"):
+        return isinstance(value, bool)
+    if name in INT_OPTIONS:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, str)
 
 
 def fill_from_saved(opt, argv_given):
-    """Take architecture options the user did not give from the opt.yaml beside --saved_model."""
+    """Take architecture options the user did not give from the opt.yaml beside --saved_model. A
+    value of the wrong type there is a UserError naming the file (null counts as absent)."""
     saved = load_opt_yaml(getattr(opt, "saved_model", ""))
     for name in ARCHITECTURE_OPTIONS:
-        if name in saved and name not in argv_given:
-            setattr(opt, name, saved[name])
+        if name in argv_given or saved.get(name) is None:
+            continue
+        value = saved[name]
+        if not _saved_type_ok(name, value):
+            wanted = ("true or false" if name in ("rgb", "PAD", "sensitive")
+                      else "a whole number" if name in INT_OPTIONS else "text")
+            raise UserError(f"{opt_yaml_path(opt.saved_model)}: {name} is {value!r}, not {wanted}; fix the file "
+                            f"or give --{name}")
+        setattr(opt, name, value)
     return saved
 
 
@@ -175,6 +221,40 @@ def require_file(value, flag, hint, if_absent=""):
 def require_dir(value, flag, hint, if_absent=""):
     """As `require_file`, for a folder."""
     _require_path(value, flag, hint, if_absent, os.path.isdir, "folder")
+
+
+def _blocking_file(path):
+    """The nearest existing ancestor of `path` when it is not a folder (no folder can be made
+    below it), else None."""
+    ancestor = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(ancestor):
+        ancestor = os.path.dirname(ancestor)
+    return None if os.path.isdir(ancestor) else ancestor
+
+
+def check_output_file(value, flag, example="results.json"):
+    """Before any work: UserError when `value` (a file to write; empty = not asked for) names a
+    folder, ends in a separator, or lies below an existing file."""
+    if not value:
+        return
+    if value.endswith(("/", os.sep)) or os.path.isdir(value):
+        raise UserError(f"{flag} {value}: a folder; give the path of the file to write, e.g. "
+                        f"{os.path.join(value, example)}")
+    blocking = _blocking_file(value)
+    if blocking:
+        raise UserError(f"{flag} {value}: {blocking} is a file, not a folder; choose another path")
+
+
+def check_output_dir(value, flag):
+    """Before any work: UserError when `value` (a folder to write into, made when missing; empty =
+    not asked for) names an existing file or lies below one."""
+    if not value:
+        return
+    if os.path.exists(value) and not os.path.isdir(value):
+        raise UserError(f"{flag} {value}: a file, not a folder; give a folder (it is made when missing)")
+    blocking = _blocking_file(value)
+    if blocking:
+        raise UserError(f"{flag} {value}: {blocking} is a file, not a folder; choose another path")
 
 
 def add_temperature_arg(group, allow_auto=True, default="none", note=""):
@@ -236,11 +316,13 @@ def parse_ratio(value, flag):
 
 
 def resolve_options(opt):
-    """Normalise the raw option strings in place (see docs/DESIGN.md) and return opt."""
+    """Normalise the raw option strings in place (see docs/DESIGN.md), check the ranges of the
+    shared options (`check_ranges`), apply --threads, and return opt."""
     if isinstance(opt.select_data, str):
         opt.select_data = [name for name in opt.select_data.split("-") if name]
     if not opt.select_data:
         raise UserError("--select_data is empty; name at least one dataset, e.g. --select_data MJ-ST")
+    given_ratio = opt.batch_ratio if isinstance(opt.batch_ratio, str) else "-".join(map(str, opt.batch_ratio))
     if isinstance(opt.batch_ratio, str):
         parts = opt.batch_ratio.split("-")
         try:
@@ -250,8 +332,9 @@ def resolve_options(opt):
     if len(opt.batch_ratio) != len(opt.select_data):
         raise UserError(f"--select_data names {len(opt.select_data)} datasets but --batch_ratio gives "
                         f"{len(opt.batch_ratio)} shares; give one share per dataset")
-    if any(r <= 0 for r in opt.batch_ratio):
-        raise UserError("--batch_ratio: every share must be positive")
+    # float() reads "nan" and "inf", which would turn every batch size into nonsense
+    if not all(math.isfinite(r) and r > 0 for r in opt.batch_ratio):
+        raise UserError(f"--batch_ratio {given_ratio}: every share must be a positive finite number, e.g. 0.5-0.5")
     opt.total_data_usage_ratio = parse_ratio(opt.total_data_usage_ratio, "--total_data_usage_ratio")
     for name, choices in STAGE_CHOICES.items():
         value = getattr(opt, name, None)
@@ -266,9 +349,91 @@ def resolve_options(opt):
     opt.character = resolve_charset(opt)
     if opt.rgb:
         opt.input_channel = 3
-    if opt.batch_size < 1:
-        raise UserError("--batch_size must be at least 1")
+    check_ranges(opt)
+    set_threads(opt)
     return opt
+
+
+# The smallest image each stage takes (found by running them): every extractor halves the height
+# 4 times and ends in a 2x2 convolution; VGG quarters the width and its 2x2 convolution takes one
+# more column (W/4 - 1 >= 1), RCNN and ResNet quarter it and pad (W/4 + 1); the TPS localization
+# network halves the width 3 times.
+MIN_IMG_H = 32
+MIN_IMG_W = {"VGG": 8, "RCNN": 4, "ResNet": 4}
+MIN_IMG_W_TPS = 8
+
+# Whole-number options every script shares: (name, least value, the hint ending the message).
+# Options a script does not have are skipped.
+LEAST_VALUES = (
+    ("batch_size", 1, "default 192"),
+    ("batch_max_length", 1, "the longest label; default 25"),
+    ("workers", 0, "0 loads the data in the main process"),
+    ("threads", 0, "0 chooses from the cores"),
+    ("bins", 1, "default 15"),
+    ("input_channel", 1, "default 1"),
+    ("output_channel", 16, "the feature extractors divide it by 16; default 512"),
+    ("hidden_size", 1, "default 256"),
+    ("imgH", MIN_IMG_H, "the feature extractors halve the height 4 times and end in a 2x2 convolution; default 32"),
+)
+
+
+def check_ranges(opt):
+    """UserError naming the flag for a shared whole-number option out of its range (see
+    LEAST_VALUES), an --imgW too narrow for the chosen stages, or a TPS --num_fiducial that is odd
+    or below 4."""
+    for name, least, hint in LEAST_VALUES:
+        value = _whole_number(opt, name)
+        if value is not None and value < least:
+            raise UserError(f"--{name} {value}: must be at least {least} ({hint})")
+    need = {f"--FeatureExtraction {opt.FeatureExtraction}": MIN_IMG_W[opt.FeatureExtraction]}
+    if opt.Transformation == "TPS":
+        need["--Transformation TPS"] = MIN_IMG_W_TPS
+    least = max(need.values())
+    width = _whole_number(opt, "imgW")
+    if width is not None and width < least:
+        stages = " and ".join(stage for stage, w in need.items() if w == least)
+        raise UserError(f"--imgW {width}: too narrow for {stages}, which needs at least {least} pixels "
+                        f"(the network downsamples the width); give --imgW {least} or more (default 100)")
+    if opt.Transformation == "TPS":
+        fiducial = _whole_number(opt, "num_fiducial")
+        if fiducial < 4 or fiducial % 2:
+            raise UserError(f"--num_fiducial {fiducial}: TPS needs an even number of at least 4 "
+                            f"(half on each edge; default 20)")
+
+
+def _whole_number(opt, name):
+    value = getattr(opt, name, None)
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+        raise UserError(f"--{name} {value!r}: not a whole number")
+    return value
+
+
+def thread_count(opt):
+    """torch's thread count for --threads: the value given, or for 0 the cores this process may use
+    divided by the processes of this run on this machine (LOCAL_WORLD_SIZE, set by torchrun), at
+    least 1 and at most torch's current count (which follows OMP_NUM_THREADS)."""
+    threads = int(getattr(opt, "threads", 0) or 0)
+    if threads > 0:
+        return threads
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        cores = os.cpu_count() or 1
+    try:
+        local_processes = max(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), 1)
+    except ValueError:
+        local_processes = 1
+    # torch starts with OMP_NUM_THREADS threads when it is set: a lower count chosen by the user
+    # (or by torchrun) stands
+    return max(1, min(cores // local_processes, torch.get_num_threads()))
+
+
+def set_threads(opt):
+    """Apply `thread_count(opt)` to torch (once the options are resolved, before any work)."""
+    count = thread_count(opt)
+    if count != torch.get_num_threads():
+        torch.set_num_threads(count)
+    return count
 
 
 def save_opt_yaml(opt, path):

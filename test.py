@@ -47,8 +47,23 @@ def get_args_parser():
 def check_inputs(opt):
     options.require_file(opt.saved_model, "--saved_model", "give the checkpoint to evaluate")
     options.require_dir(opt.eval_data, "--eval_data", "give the root folder of the evaluation LMDBs")
-    if opt.bins < 1:
-        raise utils.UserError("--bins must be at least 1")
+    # checked before the evaluation, so a wrong path costs no evaluation run
+    folder, json_path = output_paths(opt)
+    options.check_output_dir(folder, "--output")
+    options.check_output_file(json_path, "--output_json")
+
+
+def check_something_read(results, opt):
+    """A set without a readable sample is reported in the table; with none in any set there is
+    nothing to report: UserError."""
+    if any(r["n"] for r in results):
+        return
+    size = sum(r["size"] for r in results)
+    if size:
+        raise utils.UserError(f"--eval_data {opt.eval_data}: none of the {size} images decodes; rebuild the "
+                              f"LMDBs from readable images (create_lmdb_dataset.py checks them)")
+    raise utils.UserError(f"--eval_data {opt.eval_data}: no label passed the filters; check --character, "
+                          f"--sensitive and --batch_max_length (or pass --data_filtering_off)")
 
 
 def find_eval_sets(opt):
@@ -187,6 +202,7 @@ def main(opt):
     temperature = resolve_temperature(opt, model, converter, device)
 
     results = [evaluate_set(name, path, model, converter, opt, device, temperature) for name, path in sets]
+    check_something_read(results, opt)
     total, mean = summarise(results, opt.bins)
 
     folder, json_path = output_paths(opt)

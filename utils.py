@@ -1,14 +1,21 @@
 """Shared helpers: user errors, atomic writes, label converters, decoding, calibration metrics,
-annotator-noise simulation, logging, devices and distributed runs."""
+logging, devices and distributed runs (simulated annotators live in annotator_noise.py)."""
 import contextlib
+import errno
 import functools
 import hashlib
 import math
 import os
 import random
+import re
+import secrets
+import shutil
+import socket
+import stat
 import sys
-import tempfile
+import time
 
+import lmdb
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -19,39 +26,210 @@ class UserError(Exception):
     """Bad input the user can fix; reported as one line and exit status 2."""
 
 
+# errno values of an OSError the user can fix by choosing another place or freeing space.
+DISK_FULL = {errno.ENOSPC, errno.EDQUOT}
+NOT_WRITABLE = {errno.EROFS, errno.EACCES, errno.EPERM}
+
+
+def os_error_message(err):
+    """The one-line message for an OSError that bad surroundings cause (a read-only or full disk,
+    missing permissions), naming the path; None for any other OSError."""
+    where = f"{err.filename}: " if err.filename else ""
+    if err.errno in DISK_FULL:
+        return f"{where}{os.strerror(err.errno).lower()}; free some space or choose a folder on another disk"
+    if err.errno == errno.EROFS:
+        return f"{where}read-only file system; choose a folder on a writable disk"
+    if err.errno in NOT_WRITABLE:
+        return f"{where}permission denied; fix its permissions or choose a path you may write to"
+    return None
+
+
+def lmdb_error_message(err):
+    return (f"LMDB error: {err}; if a disk is full, free some space; if an LMDB is damaged, rebuild it "
+            f"with create_lmdb_dataset.py")
+
+
 def exit_on_user_error(main):
-    """Wrap a script's `main` so that a UserError becomes `error: ...` on stderr and exit 2."""
+    """Wrap a script's `main` so that a UserError, an OSError from a read-only, full or forbidden
+    place (`os_error_message`) or an LMDB error becomes one `error: ...` line on stderr and exit 2.
+    Other exceptions keep their traceback: they are bugs."""
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
         try:
             return main(*args, **kwargs)
         except UserError as err:
-            print(f"error: {err}", file=sys.stderr)
-            sys.exit(2)
+            message = str(err)
+        except OSError as err:
+            message = os_error_message(err)
+            if message is None:
+                raise
+        except lmdb.Error as err:
+            message = lmdb_error_message(err)
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
 
     return wrapper
 
 
+# ---------------------------------------------------------------------------------------------
+# Temporary files and folders, atomic writes
+# ---------------------------------------------------------------------------------------------
+
+# A temporary's name carries its creator's pid and host, so that a later run can tell the ones a
+# killed run left (the pid is gone) from those a running writer still needs. Only names of this
+# exact form are ever removed.
+TEMP_NAME = re.compile(r"^\.(?P<name>.+)\.(?P<pid>[0-9]+)\.(?P<host>[0-9a-f]{8})\.[0-9a-f]{8}\.(?:tmp|old)$")
+MAX_TEMP_STEM = 200  # bytes of the output's name kept: the temporary's name stays under 255 bytes
+
+
+def host_tag():
+    return hashlib.blake2b(socket.gethostname().encode("utf-8"), digest_size=4).hexdigest()
+
+
+def temp_name(name, suffix=".tmp"):
+    """`.<name>.<pid>.<host tag>.<random>.tmp` (or `.old`): hidden, so that dataset.find_lmdbs skips it."""
+    stem = name.encode("utf-8", "surrogateescape")[:MAX_TEMP_STEM].decode("utf-8", "ignore")
+    return f".{stem}.{os.getpid()}.{host_tag()}.{secrets.token_hex(4)}{suffix}"
+
+
+def _create_temp(parent, name, suffix, create):
+    os.makedirs(parent, exist_ok=True)
+    remove_stale_temporaries(parent)
+    while True:
+        path = os.path.join(parent, temp_name(name, suffix))
+        try:
+            create(path)
+            return path
+        except FileExistsError:
+            continue
+
+
+def make_temp_file(parent, name, suffix=".tmp"):
+    """Create an empty hidden temporary file in `parent` for an output called `name`; returns its
+    path. Its mode is 0666 less the umask, as for any new file (tempfile.mkstemp makes 0600, which
+    the rename would carry to the output). Stale temporaries in `parent` are removed first."""
+    def create(path):
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666))
+
+    return _create_temp(parent, name, suffix, create)
+
+
+def make_temp_dir(parent, name, suffix=".tmp"):
+    """As `make_temp_file`, a folder (mode 0777 less the umask; tempfile.mkdtemp makes 0700)."""
+    return _create_temp(parent, name, suffix, lambda path: os.mkdir(path, 0o777))
+
+
+def pid_alive(pid):
+    """Whether a process with this id exists on this host (one of another user counts)."""
+    if pid <= 0:
+        return True  # 0 and negative ids address process groups: never taken as a dead writer
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (OSError, OverflowError):  # not ours to signal, or no pid at all: undecidable, so alive
+        return True
+    return True
+
+
+def process_start_time():
+    """This process's start, in seconds since the epoch (from /proc; else when utils was imported)."""
+    try:
+        with open("/proc/self/stat", encoding="ascii") as f:
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/stat", encoding="ascii") as f:
+            boot = next(int(line.split()[1]) for line in f if line.startswith("btime "))
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return _IMPORTED_AT
+
+
+_IMPORTED_AT = time.time()
+
+
+def remove_stale_temporaries(folder):
+    """Remove the temporaries (`temp_name`) in `folder` that a run killed mid-write left behind:
+    made on this host by a process that no longer exists, and before this process started (a pid
+    can look dead from another pid namespace). Returns the removed paths; errors are ignored (a
+    folder we cannot clean still gets its proper error when written to)."""
+    try:
+        entries = os.listdir(folder)
+    except OSError:
+        return []
+    removed = []
+    started = None
+    host = host_tag()
+    for entry in entries:
+        match = TEMP_NAME.match(entry)
+        if not match or match["host"] != host or pid_alive(int(match["pid"])):
+            continue
+        path = os.path.join(folder, entry)
+        try:
+            info = os.lstat(path)
+        except OSError:
+            continue
+        started = process_start_time() if started is None else started
+        if info.st_mtime >= started:
+            continue
+        try:
+            if stat.S_ISDIR(info.st_mode):
+                shutil.rmtree(path)
+            else:
+                os.remove(path)
+        except OSError:
+            continue
+        removed.append(path)
+    return removed
+
+
+def blame_output(err, path):
+    """Make an OSError of a full or read-only disk that names no file, or a file whose path holds
+    one of our temporaries, name `path` instead: the output the user asked for."""
+    if err.errno not in DISK_FULL | NOT_WRITABLE:
+        return err
+    named = os.fsdecode(err.filename) if isinstance(err.filename, (str, bytes, os.PathLike)) else None
+    if named is None or any(TEMP_NAME.match(part) for part in named.split(os.sep)):
+        err.filename, err.filename2 = os.fspath(path), None
+    return err
+
+
 @contextlib.contextmanager
 def atomic_path(path):
-    """Yield a temporary sibling path; rename it onto `path` only if the block succeeds."""
+    """Yield a temporary sibling path (`make_temp_file`); rename it onto `path` only if the block
+    succeeds. A full or read-only disk's OSError names `path` (`blame_output`)."""
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path)) or "."
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory)
-    os.close(fd)
+    tmp = None
     try:
+        tmp = make_temp_file(directory, os.path.basename(path))
         yield tmp
         os.replace(tmp, path)
+    except OSError as err:
+        blame_output(err, path)
+        raise
     finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+
+
+def append_text(path, text):
+    """Append UTF-8 `text` to the file at path (made when missing). A full disk's OSError, which
+    names no file, names path (`blame_output`)."""
+    try:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(text)
+    except OSError as err:
+        raise blame_output(err, path)
 
 
 def atomic_torch_save(obj, path):
     with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+        # through a Python file, so that a full disk is an OSError (torch.save to a path raises a
+        # RuntimeError that names no errno)
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
 
 
 def atomic_write_text(path, text):
@@ -214,7 +392,7 @@ def _attn_steps(index):
 def decode_predictions(logits, converter):
     """Greedy decoding of (B, T, C) logits -> `(texts, word_conf, char_conf)`, in fp32 on the CPU.
 
-    Attn: the text stops before the first `[s]`; `word_conf` is the product of the per-step maximum
+    Attn: the text stops before the first `[s]` and leaves out `[GO]` steps; `word_conf` is the product of the per-step maximum
     probabilities up to and including `[s]` (all steps when no `[s]` is produced); `char_conf[i]`
     holds those factors (so its product is `word_conf[i]`).
     CTC: the text is the collapsed greedy path; `word_conf` is the probability of that text under
@@ -231,7 +409,10 @@ def decode_predictions(logits, converter):
     else:
         emitted, first = _attn_steps(index)
         word_conf = torch.where(emitted, max_prob, torch.ones_like(max_prob)).prod(1)
-        keep = torch.arange(index.size(1), device=index.device).unsqueeze(0) < first.unsqueeze(1)
+        # [GO] is never a character: one predicted mid-word adds nothing to the text (it still
+        # counts in the confidence, as the step it is)
+        keep = (torch.arange(index.size(1), device=index.device).unsqueeze(0) < first.unsqueeze(1)) & \
+            (index != AttnLabelConverter.GO)
     keep, emitted, index, max_prob = keep.cpu(), emitted.cpu(), index.cpu(), max_prob.cpu()
     texts = ["".join(converter.character[i] for i in row) for row in _split_rows(index[keep], keep)]
     char_conf = list(torch.split(max_prob[emitted], emitted.sum(1).tolist()))
@@ -440,40 +621,6 @@ def reliability_diagram(confidence, correct, path, bins=15, title=""):
 
 
 # ---------------------------------------------------------------------------------------------
-# Simulated annotator noise
-# ---------------------------------------------------------------------------------------------
-
-def _identity_text(identity):
-    if isinstance(identity, (tuple, list)):
-        return "\t".join(str(part) for part in identity)
-    return str(identity)
-
-
-def sample_rng(seed, identity):
-    """A `random.Random` fixed by `seed` and the sample identity alone (blake2b, not the salted
-    built-in `hash`), so a sample draws the same numbers in every run, process and order."""
-    digest = hashlib.blake2b(f"{seed}\n{_identity_text(identity)}".encode("utf-8"), digest_size=16).digest()
-    return random.Random(int.from_bytes(digest, "little"))
-
-
-def corrupt_label(label, identity, noise_ratio, charset, seed):
-    """With probability `noise_ratio`, `label` with one character, at a random position, replaced by
-    a different character of `charset`; else `label` unchanged. Deterministic per (seed, identity);
-    the first draw decides, so the words corrupted at a ratio are also corrupted at any larger one.
-    An empty label, or a charset with no other character, stays unchanged."""
-    if not label or noise_ratio <= 0:
-        return label
-    rng = sample_rng(seed, identity)
-    if rng.random() >= noise_ratio:
-        return label
-    position = rng.randrange(len(label))
-    choices = [char for char in dict.fromkeys(charset) if char != label[position]]
-    if not choices:
-        return label
-    return label[:position] + rng.choice(choices) + label[position + 1:]
-
-
-# ---------------------------------------------------------------------------------------------
 # Logging
 # ---------------------------------------------------------------------------------------------
 
@@ -510,6 +657,7 @@ class Logger:
     def __init__(self, path=None, echo=True):
         self.echo = echo
         self.file = None
+        self.path = path
         if path:
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
             self.file = open(path, "a", encoding="utf-8")
@@ -519,8 +667,11 @@ class Logger:
         if self.echo:
             print(text, flush=True)
         if self.file is not None:
-            self.file.write(text + "\n")
-            self.file.flush()
+            try:
+                self.file.write(text + "\n")
+                self.file.flush()
+            except OSError as err:
+                raise blame_output(err, self.path)
 
     __call__ = log
 

@@ -40,6 +40,11 @@ the other half is split equally among the query sets (e.g. 0.5-0.5 -> 0.25-0.25-
 0.25-0.25-0.25-0.25 in round 2). The query sets of this run live in DIR/<query>/train_data,
 beside links to the base datasets, so runs of different strategies never see each other's picks.
 Results: DIR/<query>/rounds.csv, rounds.md; DIR/learning_curve.png covers every run under DIR.
+
+Every setting is checked (train.py and data_sampling.py --dry_run included) before the first
+command. Running the same command again continues the run: finished steps (a round's query set,
+training, evaluation) are skipped and a killed training resumes from its last.pth. Other settings
+for an existing run folder are refused; only --rounds (to add rounds) and --workers may change.
 EOF
 }
 
@@ -85,24 +90,51 @@ while [ $# -gt 0 ]; do
 done
 TEST_DATA=${TEST_DATA:-$VALID_DATA}
 
+fail() { echo "error: $*" >&2; exit 2; }
+is_int() { [[ "$1" =~ ^[0-9]+$ ]]; }
+is_ratio() {  # a number in (0, 1], or [0, 1] with a third argument
+  "$PYTHON" -c 'import math, sys
+v = float(sys.argv[1])
+ok = math.isfinite(v) and (0 <= v if len(sys.argv) > 2 else 0 < v) and v <= 1
+sys.exit(0 if ok else 1)' "$@" 2>/dev/null
+}
+
+# Every setting is checked before the first command: a typo must not surface after hours of
+# base-round training.
+is_int "$ROUNDS" || fail "--rounds $ROUNDS: give a whole number of rounds after the base round (0 or more)"
+for pair in "BASE_ITERS base_iters" "ITERS iters" "VAL_INTERVAL val_interval" "BATCH_SIZE batch_size"; do
+  read -r var flag <<< "$pair"
+  { is_int "${!var}" && [ "${!var}" -ge 1 ]; } || fail "--$flag ${!var}: give a whole number of at least 1"
+done
+is_int "$WORKERS" || fail "--workers $WORKERS: give a whole number (0: load in the main process)"
+[[ "$SEED" =~ ^-?[0-9]+$ ]] || fail "--seed $SEED: give a whole number"
+is_ratio "$LABEL_RATIO" || fail "--label_ratio $LABEL_RATIO: give a share in (0, 1]"
+is_ratio "$NOISE_RATIO" closed || fail "--noise_ratio $NOISE_RATIO: give a share in [0, 1]"
+if [ -n "$NUM_QUERY" ]; then
+  { is_int "$NUM_QUERY" && [ "$NUM_QUERY" -ge 1 ]; } || fail "--num_query $NUM_QUERY: give a whole number of at least 1"
+else
+  is_ratio "$QUERY_RATIO" || fail "--query_ratio $QUERY_RATIO: give a share in (0, 1]"
+fi
 for dir in "$TRAIN_DATA" "$VALID_DATA" "$TEST_DATA"; do
-  [ -d "$dir" ] || { echo "error: $dir: no such folder (run \`make data\` or set --train_data/--valid_data)" >&2; exit 2; }
+  [ -d "$dir" ] || fail "$dir: no such folder (run \`make data\` or set --train_data/--valid_data)"
+done
+IFS='-' read -r -a BASE_NAMES <<< "$SELECT_DATA"
+for name in "${BASE_NAMES[@]}"; do
+  [ -e "$TRAIN_DATA/$name" ] || fail "--select_data $name: $TRAIN_DATA/$name does not exist"
 done
 
 RUN="$OUT/$QUERY"
 RUN_TRAIN="$RUN/train_data"
-if [ -e "$RUN/models/round0" ]; then
-  echo "error: $RUN already holds a run; remove it or choose another --out" >&2
-  exit 2
-fi
-mkdir -p "$RUN_TRAIN" "$RUN/models" "$RUN/eval"
-# Links to the base datasets keep this run's query sets apart from every other run's.
-IFS='-' read -r -a BASE_NAMES <<< "$SELECT_DATA"
-for name in "${BASE_NAMES[@]}"; do
-  src=$(cd "$TRAIN_DATA" && pwd)/$name
-  [ -e "$src" ] || { echo "error: --select_data $name: $TRAIN_DATA/$name does not exist" >&2; exit 2; }
-  [ -e "$RUN_TRAIN/$name" ] || ln -s "$src" "$RUN_TRAIN/$name"
-done
+SETTINGS_FILE="$RUN/loop_settings.txt"
+# What fixes the experiment; --rounds may grow and --workers may change when a run is continued.
+settings() {
+  local var
+  for var in TRAIN_DATA VALID_DATA TEST_DATA SELECT_DATA BATCH_RATIO LABEL_RATIO QUERY BASE_CALIBRATOR \
+             AL_CALIBRATOR QUERY_RATIO NUM_QUERY NOISE_RATIO BASE_ITERS ITERS VAL_INTERVAL ARCH TRAIN_ARGS \
+             BATCH_SIZE SEED; do
+    printf '%s=%s\n' "$var" "${!var}"
+  done
+}
 
 # shellcheck disable=SC2206
 ARCH_ARGS=($ARCH)
@@ -110,6 +142,51 @@ ARCH_ARGS=($ARCH)
 EXTRA_ARGS=($TRAIN_ARGS)
 COMMON=(--valid_data "$VALID_DATA" --manualSeed "$SEED" --batch_size "$BATCH_SIZE" --workers "$WORKERS"
         --total_data_usage_ratio "$LABEL_RATIO" --no_progress)
+query_size=(--ratio "$QUERY_RATIO")
+[ -n "$NUM_QUERY" ] && query_size=(--num_query "$NUM_QUERY")
+
+if [ -f "$SETTINGS_FILE" ]; then
+  changed=$(diff <(settings) "$SETTINGS_FILE" | sed -n 's/^> \([A-Z_]*\)=.*/\1/p' | tr '[:upper:]' '[:lower:]' | \
+            sed 's/^/--/' | paste -sd' ' -) || true
+  [ -z "$changed" ] || fail "$RUN holds a run made with other settings ($changed); use the same ones to continue it, or another --out"
+  echo "continuing the run in $RUN (finished steps are skipped)"
+elif [ -e "$RUN/models/round0" ]; then
+  fail "$RUN holds a run without $SETTINGS_FILE (made by an older version); continue it by hand or choose another --out"
+else
+  # The scripts' own checks, without training or scoring, in a scratch root that links the base
+  # datasets (the run folder is made only once they pass).
+  scratch=$(mktemp -d)
+  trap 'rm -rf "$scratch"' EXIT
+  for name in "${BASE_NAMES[@]}"; do ln -s "$(cd "$TRAIN_DATA" && pwd)/$name" "$scratch/$name"; done
+  check() {
+    local out
+    if ! out=$("$@" 2>&1 >/dev/null); then
+      { grep -m1 'error:' <<< "$out" || echo "error: $* failed: $(tail -n1 <<< "$out")"; } >&2
+      exit 2
+    fi
+  }
+  check "$PYTHON" train.py --dry_run --train_data "$scratch" "${COMMON[@]}" "${ARCH_ARGS[@]}" "${EXTRA_ARGS[@]}" \
+    --select_data "$SELECT_DATA" --batch_ratio "$BATCH_RATIO" --calibrator "$BASE_CALIBRATOR" --mode base \
+    --num_iter "$BASE_ITERS" --valInterval "$VAL_INTERVAL" --output_dir "$scratch/models"
+  if [ "$ROUNDS" -ge 1 ]; then
+    check "$PYTHON" train.py --dry_run --train_data "$scratch" "${COMMON[@]}" "${ARCH_ARGS[@]}" "${EXTRA_ARGS[@]}" \
+      --select_data "$SELECT_DATA" --batch_ratio "$BATCH_RATIO" --calibrator "$AL_CALIBRATOR" --mode al \
+      --noise_ratio "$NOISE_RATIO" --num_iter "$ITERS" --valInterval "$VAL_INTERVAL" --output_dir "$scratch/models"
+    check "$PYTHON" data_sampling.py --dry_run --train_data "$scratch" "${COMMON[@]}" "${ARCH_ARGS[@]}" \
+      --select_data "$SELECT_DATA" --batch_ratio "$BATCH_RATIO" --saved_model "$scratch/none.pth" \
+      --query "$QUERY" "${query_size[@]}" --out_name "${QUERY}_iter_1"
+  fi
+  rm -rf "$scratch"
+  trap - EXIT
+  mkdir -p "$RUN_TRAIN" "$RUN/models" "$RUN/eval"
+  settings > "$SETTINGS_FILE.tmp" && mv "$SETTINGS_FILE.tmp" "$SETTINGS_FILE"
+fi
+mkdir -p "$RUN_TRAIN" "$RUN/models" "$RUN/eval"
+# Links to the base datasets keep this run's query sets apart from every other run's.
+for name in "${BASE_NAMES[@]}"; do
+  src=$(cd "$TRAIN_DATA" && pwd)/$name
+  [ -e "$RUN_TRAIN/$name" ] || ln -s "$src" "$RUN_TRAIN/$name"
+done
 
 run_step() {
   echo "+ $*"
@@ -119,38 +196,59 @@ run_step() {
   fi
 }
 
+# A round's training is done when train_summary.json exists; a killed one continues from its
+# last.pth; one killed before its first checkpoint starts again (train.py starts a fresh log).
+train_round() {
+  local folder="$RUN/models/round$round"
+  if [ -f "$folder/train_summary.json" ]; then
+    echo "round $round: trained already ($folder)"
+    return
+  fi
+  local resume=()
+  [ -f "$folder/last.pth" ] && resume=(--resume "$folder/last.pth")
+  run_step "$PYTHON" train.py --train_data "$RUN_TRAIN" "${COMMON[@]}" "${ARCH_ARGS[@]}" "${EXTRA_ARGS[@]}" \
+    --output_dir "$RUN/models" --exp_name "round$round" "${resume[@]}" "$@"
+}
+
 evaluate_round() {
-  run_step "$PYTHON" test.py --eval_data "$TEST_DATA" --saved_model "$RUN/models/round$round/best_accuracy.pth" \
+  local model="$RUN/models/round$round/best_accuracy.pth" results="$RUN/eval/round$round/results.json"
+  if [ -f "$results" ] && [ "$results" -nt "$model" ]; then
+    echo "round $round: evaluated already ($results)"
+    return
+  fi
+  run_step "$PYTHON" test.py --eval_data "$TEST_DATA" --saved_model "$model" \
     --batch_size "$BATCH_SIZE" --workers "$WORKERS" --output "$RUN/eval/round$round"
 }
 
-select="$SELECT_DATA"
-ratio="$BATCH_RATIO"
+record_time() {  # one line per round: its number and the seconds of its last (or only) run
+  local file="$RUN/round_times.txt"
+  { [ -f "$file" ] && awk -v r="$round" '$1 != r' "$file"; echo "$round $1"; } > "$file.tmp"
+  mv "$file.tmp" "$file"
+}
+
 for round in $(seq 0 "$ROUNDS"); do
   start=$(date +%s)
   if [ "$round" -eq 0 ]; then
-    run_step "$PYTHON" train.py --train_data "$RUN_TRAIN" "${COMMON[@]}" "${ARCH_ARGS[@]}" "${EXTRA_ARGS[@]}" \
-      --select_data "$select" --batch_ratio "$ratio" --calibrator "$BASE_CALIBRATOR" --mode base \
-      --num_iter "$BASE_ITERS" --valInterval "$VAL_INTERVAL" --query_iter "${QUERY}_iter_0" \
-      --output_dir "$RUN/models" --exp_name round0
+    train_round --select_data "$SELECT_DATA" --batch_ratio "$BATCH_RATIO" --calibrator "$BASE_CALIBRATOR" \
+      --mode base --num_iter "$BASE_ITERS" --valInterval "$VAL_INTERVAL" --query_iter "${QUERY}_iter_0"
   else
     previous="$RUN/models/round$((round - 1))/best_accuracy.pth"
-    query_size=(--ratio "$QUERY_RATIO")
-    [ -n "$NUM_QUERY" ] && query_size=(--num_query "$NUM_QUERY")
-    run_step "$PYTHON" data_sampling.py --train_data "$RUN_TRAIN" "${COMMON[@]}" --select_data "$SELECT_DATA" \
-      --batch_ratio "$BATCH_RATIO" --saved_model "$previous" --query "$QUERY" "${query_size[@]}" \
-      --out_name "${QUERY}_iter_${round}" --mode al
     summary="$RUN_TRAIN/${QUERY}_iter_${round}/summary.json"
+    if [ -f "$summary" ]; then
+      echo "round $round: queried already ($RUN_TRAIN/${QUERY}_iter_${round})"
+    else
+      run_step "$PYTHON" data_sampling.py --train_data "$RUN_TRAIN" "${COMMON[@]}" --select_data "$SELECT_DATA" \
+        --batch_ratio "$BATCH_RATIO" --saved_model "$previous" --query "$QUERY" "${query_size[@]}" \
+        --out_name "${QUERY}_iter_${round}" --mode al
+    fi
     select=$("$PYTHON" -c 'import json,sys; print(json.load(open(sys.argv[1]))["next_select_data"])' "$summary")
     ratio=$("$PYTHON" -c 'import json,sys; print(json.load(open(sys.argv[1]))["next_batch_ratio"])' "$summary")
-    run_step "$PYTHON" train.py --train_data "$RUN_TRAIN" "${COMMON[@]}" "${ARCH_ARGS[@]}" "${EXTRA_ARGS[@]}" \
-      --select_data "$select" --batch_ratio "$ratio" --calibrator "$AL_CALIBRATOR" --mode al \
+    train_round --select_data "$select" --batch_ratio "$ratio" --calibrator "$AL_CALIBRATOR" --mode al \
       --saved_model "$previous" --num_iter "$ITERS" --valInterval "$VAL_INTERVAL" \
-      --query_iter "${QUERY}_iter_${round}" --noise_ratio "$NOISE_RATIO" \
-      --output_dir "$RUN/models" --exp_name "round$round"
+      --query_iter "${QUERY}_iter_${round}" --noise_ratio "$NOISE_RATIO"
   fi
   evaluate_round
-  echo "$round $(( $(date +%s) - start ))" >> "$RUN/round_times.txt"
+  record_time $(( $(date +%s) - start ))
   run_step "$PYTHON" tools/al_report.py --run "$RUN" --query "$QUERY"
 done
 cat "$RUN/rounds.md"

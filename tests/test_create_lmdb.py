@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+import lmdb
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -133,3 +135,31 @@ def test_script_missing_gt_file(tmp_path):
                       str(tmp_path / "x"))
     assert done.returncode == 2
     assert done.stderr.strip() == f"error: --gtFile {tmp_path / 'gt.txt'}: no such file"
+
+
+def test_check_valid_keeps_16_bit_and_refuses_pixels_of_unknown_range(tmp_path):
+    def encoded(array, fmt):
+        buf = io.BytesIO()
+        Image.fromarray(array).save(buf, format=fmt)
+        return buf.getvalue()
+
+    assert create.check_image(encoded(np.array([[0, 65535]], dtype=np.uint16), "PNG")) is None
+    assert create.check_image(encoded(np.array([[0, 70000]], dtype=np.int32), "TIFF")) == \
+        "unsupported pixel format (mode I)"
+    assert create.check_image(encoded(np.array([[0.5]], dtype=np.float32), "TIFF")) == \
+        "unsupported pixel format (mode F)"
+
+
+def test_full_disk_is_one_error_line_and_leaves_nothing(images, tmp_path, monkeypatch, capsys):
+    def full(env, items):
+        raise lmdb.DiskError("mdb_txn_commit: No space left on device")
+
+    root, gt, _ = images
+    monkeypatch.setattr(dataset, "put_all", full)
+    with pytest.raises(SystemExit) as exit_info:
+        create.main(["--inputPath", str(root), "--gtFile", str(gt), "--outputPath", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == (f"error: {tmp_path / 'out'}: writing the LMDB failed (mdb_txn_commit: No space left on "
+                       f"device); free some space or choose another output folder")
+    assert sorted(os.listdir(tmp_path)) == ["gt.txt", "input"]

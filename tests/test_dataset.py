@@ -2,12 +2,15 @@
 and the synthetic generator's determinism."""
 import io
 import os
+import stat
 
+import lmdb
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+import annotator_noise
 import dataset
 import utils
 from tools import make_synth_lmdb as synth
@@ -228,42 +231,40 @@ def test_query_set_used_in_full_and_absent_from_pool(pool_with_query, make_opt):
 
 # ---------------------------------------------------------------- label noise plumbing
 
-def fake_corrupt(calls):
-    def corrupt_label(label, identity, noise_ratio, charset, seed):
-        calls.append((label, identity, noise_ratio, charset, seed))
-        return label + "z" if identity[1] % 3 == 0 else label
-    return corrupt_label
-
-
 def noisy_opt(make_opt, root, scope):
     return make_opt(train_data=root, select_data="pool", batch_ratio="1", batch_size=4,
                     total_data_usage_ratio="0.5", noise_ratio=0.3, noise_scope=scope, manualSeed=99)
 
 
-def test_noise_only_on_queried_samples(pool_with_query, make_opt, monkeypatch):
-    calls = []
-    monkeypatch.setattr(utils, "corrupt_label", fake_corrupt(calls), raising=False)
+def given_labels(ds):
+    return {ds[i][2]: ds[i][1] for i in range(len(ds))}
+
+
+def clean_label(identity):
+    relpath, index = identity
+    return f"w{index + 30 if relpath == 'pool/queried' else index}"
+
+
+def test_noise_only_on_queried_samples(pool_with_query, make_opt):
     opt = noisy_opt(make_opt, str(pool_with_query), "queried")
     log = io.StringIO()
     loader = dataset.Batch_Balanced_Dataset(opt, log=log)
-    # Query samples are keyed by their origin (pool/base, 31..40): 33, 36, 39 are corrupted.
+    # 10 queried samples at 0.3: exactly 3 corrupted; the 20 labelled base samples untouched
     assert loader.num_corrupted == 3
-    assert sorted(c[1] for c in calls) == [("pool/base", k) for k in range(31, 41)]
-    assert {c[2:] for c in calls} == {(0.3, opt.character, 99)}
-    ds = loader.datasets["pool"]
-    by_id = {ds[i][2]: ds[i][1] for i in range(len(ds))}
-    assert by_id[("pool/queried", 3)] == "w33z" and by_id[("pool/queried", 4)] == "w34"
-    assert by_id[("pool/base", 3)] == "w3"
+    given = given_labels(loader.datasets["pool"])
+    wrong = {identity for identity, label in given.items() if label != clean_label(identity)}
+    assert len(wrong) == 3 and all(identity[0] == "pool/queried" for identity in wrong)
+    # the same samples, keyed by their origin, as annotator_noise picks them
+    clean = [(("pool/base", k), f"w{k}") for k in range(31, 41)]
+    chosen = annotator_noise.noisy_labels(clean, 0.3, opt.character, 99, max_length=opt.batch_max_length)
+    assert {("pool/queried", origin[1] - 30) for origin in chosen} == wrong
     assert "3 corrupted labels" in log.getvalue()
 
 
-def test_noise_on_all_samples(pool_with_query, make_opt, monkeypatch):
-    calls = []
-    monkeypatch.setattr(utils, "corrupt_label", fake_corrupt(calls), raising=False)
+def test_noise_on_all_samples(pool_with_query, make_opt):
     loader = dataset.Batch_Balanced_Dataset(noisy_opt(make_opt, str(pool_with_query), "all"))
-    # labelled base 1..20 -> 3, 6, ..., 18 (6 samples); query set -> 3 more
+    # each dataset it touches: round(0.3 x 20) = 6 of the labelled base samples, round(0.3 x 10) = 3 queried
     assert loader.num_corrupted == 9
-    assert len(calls) == 30
 
 
 def test_unknown_noise_scope(pool_with_query, make_opt):
@@ -468,3 +469,77 @@ def test_unseen_fonts_are_not_training_fonts():
     assert img.mode == "RGB" and img.height == 32 and img.width > img.height
     with pytest.raises(UserError, match="cvpr2016"):
         synth.render_word("x", "nope", rng)
+
+
+# ---------------------------------------------------------------- bad input: counts, pixel formats, disks
+
+def test_negative_sample_count_names_the_lmdb(tmp_path, make_opt):
+    path = tmp_path / "neg"
+    env = lmdb.open(str(path), map_size=1 << 20)  # written raw: write_lmdb cannot make this
+    with env.begin(write=True) as txn:
+        txn.put(b"num-samples", b"-3")
+    env.close()
+    with pytest.raises(UserError) as info:
+        dataset.LmdbDataset(str(path), make_opt())
+    assert str(info.value) == f"{path}: 'num-samples' is negative (-3); rebuild the LMDB with create_lmdb_dataset.py"
+
+
+def encoded(array, fmt):
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def test_sixteen_bit_grayscale_png_is_scaled_to_eight_bits():
+    # 16-bit samples v become v >> 8 (v * 255 / 65535 rounded down but for 65535); Pillow's own
+    # convert("L") would clip all but 0 to 255, an all-white image
+    values = np.array([[0, 255, 256, 32768, 65280, 65535]], dtype=np.uint16)
+    buf = encoded(values, "PNG")
+    assert Image.open(io.BytesIO(buf)).mode in ("I;16", "I")  # by Pillow version
+    gray = dataset.decode_image(buf, rgb=False)
+    assert gray.mode == "L" and np.asarray(gray).tolist() == [[0, 0, 1, 128, 255, 255]]
+    rgb = np.asarray(dataset.decode_image(buf, rgb=True))
+    assert rgb.shape == (1, 6, 3) and rgb[0, :, 1].tolist() == [0, 0, 1, 128, 255, 255]
+
+
+def test_pixels_of_unknown_range_count_as_unreadable(tmp_path, make_opt):
+    wide = encoded(np.array([[0, 70000]], dtype=np.int32), "TIFF")     # mode I: 32-bit integers
+    real = encoded(np.array([[0.0, 0.5]], dtype=np.float32), "TIFF")   # mode F
+    write_set(tmp_path / "odd", ["ab", "cd", "ef"], images=[wide, png(60), real])
+    ds = dataset.LmdbDataset(str(tmp_path / "odd"), make_opt())
+    assert [ds[i][0] is None for i in range(3)] == [True, False, True]
+    assert ds.num_undecodable == 2
+
+
+def test_write_lmdb_output_follows_the_umask(tmp_path):
+    old = os.umask(0o027)
+    try:
+        write_set(tmp_path / "q", ["ab"])
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(tmp_path / "q").st_mode) == 0o750  # not mkdtemp's 0700
+
+
+def test_full_disk_while_writing_is_a_user_error_and_leaves_nothing(tmp_path, monkeypatch):
+    def full(env, items):
+        raise lmdb.DiskError("mdb_txn_commit: No space left on device")
+
+    monkeypatch.setattr(dataset, "put_all", full)
+    with pytest.raises(UserError) as info:
+        write_set(tmp_path / "q", ["ab"])
+    assert str(info.value) == (f"{tmp_path / 'q'}: writing the LMDB failed (mdb_txn_commit: No space left on "
+                               f"device); free some space or choose another output folder")
+    assert os.listdir(tmp_path) == []
+
+
+def test_write_lmdb_removes_what_a_killed_writer_left(tmp_path):
+    dead = 2 ** 22 + 1  # above the largest pid Linux allows, unless pid_max says more
+    if os.path.exists("/proc/sys/kernel/pid_max"):
+        with open("/proc/sys/kernel/pid_max", encoding="ascii") as f:
+            dead = max(dead, int(f.read()) + 1)
+    stale = tmp_path / f".random_iter_1.{dead}.{utils.host_tag()}.0123abcd.tmp"
+    stale.mkdir()
+    (stale / "data.mdb").write_bytes(b"\0" * 4096)
+    os.utime(stale, (1e9, 1e9))
+    write_set(tmp_path / "random_iter_2", ["ab"])
+    assert os.listdir(tmp_path) == ["random_iter_2"]

@@ -1,9 +1,14 @@
 """utils: converters, decoding and confidence, calibration metrics, temperature scaling, simulated
 annotator noise, logging and device helpers. Expected values are worked out by hand in comments."""
+import errno
+import io
 import itertools
 import math
+import os
 import random
+import stat
 
+import lmdb
 import pytest
 import torch
 
@@ -122,6 +127,17 @@ def test_decode_predictions_attn_stops_at_eos():
     assert char_conf[1].tolist() == pytest.approx([0.5, 0.6, 0.7, 0.8], abs=1e-6)
     mask = utils.token_mask(logits, converter)
     assert mask.tolist() == [[True, True, True, False], [True, True, True, True]]
+
+
+def test_decode_predictions_attn_never_prints_go():
+    converter = utils.AttnLabelConverter("abc")  # [GO]=0 [s]=1 a=2 b=3 c=4
+    c = 5
+    logits = logits_from_probs([[peaked(c, 2, 0.9), peaked(c, 0, 0.6), peaked(c, 3, 0.8), peaked(c, 1, 0.5)]])
+    texts, word_conf, char_conf = utils.decode_predictions(logits, converter)
+    assert texts == ["ab"]  # a [GO] b [s]: the [GO] step adds no text
+    # 0.9 * 0.6 * 0.8 * 0.5 = 0.216: the [GO] step still counts in the confidence
+    assert word_conf.tolist() == pytest.approx([0.216], abs=1e-6)
+    assert char_conf[0].tolist() == pytest.approx([0.9, 0.6, 0.8, 0.5], abs=1e-6)
 
 
 def brute_force_ctc_probability(probs, text_indices):
@@ -262,53 +278,6 @@ def test_reliability_diagram_writes_a_png(tmp_path):
     assert [p.name for p in path.parent.iterdir()] == ["reliability.png"]  # no temporary left behind
 
 
-# ------------------------------------------------------------------------------ noise
-
-CHARSET = "0123456789abcdefghijklmnopqrstuvwxyz"
-
-
-def words(count, seed=0):
-    rng = random.Random(seed)
-    return ["".join(rng.choice(CHARSET) for _ in range(rng.randint(1, 12))) for _ in range(count)]
-
-
-def test_corrupt_label_changes_the_given_share_by_one_character():
-    labels = words(1000)
-    changed = []
-    for index, label in enumerate(labels, start=1):
-        noisy = utils.corrupt_label(label, ("MJ/train", index), 0.3, CHARSET, seed=1111)
-        assert len(noisy) == len(label)
-        diff = [i for i, (a, b) in enumerate(zip(label, noisy)) if a != b]
-        assert len(diff) in (0, 1)
-        if diff:
-            assert noisy[diff[0]] in CHARSET
-            changed.append(index)
-    # Binomial(1000, 0.3): mean 300, sd sqrt(210) = 14.5; allow 4 sd.
-    assert abs(len(changed) - 300) < 58
-
-
-def test_corrupt_label_is_repeatable_and_seed_dependent():
-    labels = words(300, seed=2)
-
-    def corrupted(seed, ratio=0.3):
-        return {i for i, label in enumerate(labels)
-                if utils.corrupt_label(label, ("ST", i), ratio, CHARSET, seed) != label}
-
-    first = [utils.corrupt_label(label, ("ST", i), 0.3, CHARSET, 7) for i, label in enumerate(labels)]
-    again = [utils.corrupt_label(label, ("ST", i), 0.3, CHARSET, 7) for i, label in enumerate(labels)]
-    assert first == again
-    assert corrupted(7) != corrupted(8)
-    assert corrupted(7, 0.3) <= corrupted(7, 0.6)  # a larger ratio corrupts a superset
-    assert corrupted(7, 0.0) == set()
-
-
-def test_corrupt_label_edge_cases():
-    assert utils.corrupt_label("", ("x", 1), 1.0, CHARSET, 0) == ""
-    assert utils.corrupt_label("aaa", ("x", 1), 1.0, "a", 0) == "aaa"
-    noisy = utils.corrupt_label("a", ("x", 1), 1.0, "ab", 0)
-    assert noisy == "b"
-
-
 # ------------------------------------------------------------------------------ logging
 
 def test_averager_is_weighted():
@@ -370,3 +339,146 @@ def test_set_seed_repeats_draws():
     first = (random.random(), torch.rand(3).tolist())
     utils.set_seed(5)
     assert (random.random(), torch.rand(3).tolist()) == first
+
+
+# ------------------------------------------------------------------------------ errors of the surroundings
+
+@pytest.mark.parametrize("err, line", [
+    (OSError(errno.EROFS, "Read-only file system", "/data/out/results.json"),
+     "error: /data/out/results.json: read-only file system; choose a folder on a writable disk"),
+    (PermissionError(errno.EACCES, "Permission denied", "/data/out"),
+     "error: /data/out: permission denied; fix its permissions or choose a path you may write to"),
+    (OSError(errno.ENOSPC, "No space left on device", "/data/out/last.pth"),
+     "error: /data/out/last.pth: no space left on device; free some space or choose a folder on another disk"),
+    (OSError(errno.EDQUOT, "Disk quota exceeded", "/data/q"),
+     "error: /data/q: disk quota exceeded; free some space or choose a folder on another disk"),
+    (lmdb.DiskError("mdb_txn_commit: No space left on device"),
+     "error: LMDB error: mdb_txn_commit: No space left on device; if a disk is full, free some space; if an "
+     "LMDB is damaged, rebuild it with create_lmdb_dataset.py"),
+])
+def test_wrapper_turns_a_full_or_read_only_disk_into_one_line(err, line, capsys):
+    def main():
+        raise err
+
+    with pytest.raises(SystemExit) as exit_info:
+        utils.exit_on_user_error(main)()
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.splitlines() == [line]
+
+
+@pytest.mark.parametrize("err", [FileNotFoundError(errno.ENOENT, "No such file", "x"), ValueError("a bug")])
+def test_wrapper_keeps_other_errors_for_their_traceback(err):
+    def main():
+        raise err
+
+    with pytest.raises(type(err)):
+        utils.exit_on_user_error(main)()
+
+
+def test_a_failed_write_names_the_output_not_its_temporary(tmp_path, monkeypatch):
+    target = tmp_path / "out" / "model.pth"
+    with pytest.raises(OSError) as info:
+        with utils.atomic_path(target):
+            raise OSError(errno.ENOSPC, "No space left on device")  # as file.write raises it: no file name
+    assert info.value.filename == str(target)
+    assert os.listdir(tmp_path / "out") == []
+
+    # torch.save to a path reports a full disk as a RuntimeError without errno; through a Python
+    # file it is the OSError the wrapper understands
+    class FullDisk(io.RawIOBase):
+        def writable(self):
+            return True
+
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(utils, "open", lambda *args, **kwargs: FullDisk(), raising=False)
+    with pytest.raises(OSError) as info:
+        utils.atomic_torch_save({"w": torch.zeros(3)}, target)
+    assert (info.value.errno, info.value.filename) == (errno.ENOSPC, str(target))
+    assert os.listdir(tmp_path / "out") == []
+
+
+# ------------------------------------------------------------------------------ temporaries
+
+@pytest.fixture
+def umask():
+    """Set the process umask for one test (restored afterwards)."""
+    old = os.umask(0o022)
+    yield os.umask
+    os.umask(old)
+
+
+def mode_of(path):
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+def test_outputs_and_temporaries_follow_the_umask(tmp_path, umask):
+    # mkstemp / mkdtemp would make 0600 / 0700 whatever the umask, and the rename keeps the mode
+    for mask, file_mode, dir_mode in ((0o022, 0o644, 0o755), (0o027, 0o640, 0o750), (0o077, 0o600, 0o700)):
+        umask(mask)
+        path = tmp_path / f"report_{mask:o}.json"
+        utils.atomic_write_text(path, "{}")
+        assert mode_of(path) == file_mode
+        assert mode_of(utils.make_temp_file(str(tmp_path), "x")) == file_mode
+        assert mode_of(utils.make_temp_dir(str(tmp_path), "x")) == dir_mode
+
+
+def test_temporary_names_carry_pid_and_host(tmp_path):
+    name = os.path.basename(utils.make_temp_dir(str(tmp_path), "random_iter_1"))
+    match = utils.TEMP_NAME.match(name)
+    assert match and match["name"] == "random_iter_1" and int(match["pid"]) == os.getpid()
+    assert match["host"] == utils.host_tag() and name.endswith(".tmp")
+    assert utils.make_temp_file(str(tmp_path), "a.b.c", suffix=".old").endswith(".old")
+
+
+def dead_pid():
+    """A process id no process can have: above the kernel's largest."""
+    try:
+        with open("/proc/sys/kernel/pid_max", encoding="ascii") as f:
+            return int(f.read()) + 1
+    except OSError:
+        return 2 ** 22 + 1
+
+
+def test_stale_temporaries_of_dead_writers_are_removed(tmp_path):
+    host, dead, alive = utils.host_tag(), dead_pid(), os.getppid()
+    assert not utils.pid_alive(dead) and utils.pid_alive(alive)
+    long_ago = utils.process_start_time() - 3600
+    entries = {
+        f".rounds.csv.{dead}.{host}.0123abcd.tmp": ("file", long_ago, "removed"),
+        f".random_iter_1.{dead}.{host}.89abcdef.tmp": ("dir", long_ago, "removed"),
+        f".CVPR2016.{dead}.{host}.00000000.old": ("dir", long_ago, "removed"),
+        f".results.json.{alive}.{host}.0123abcd.tmp": ("file", long_ago, "kept"),   # its writer runs
+        f".results.json.{dead}.{host}.fedcba98.tmp": ("file", None, "kept"),       # made after our start
+        f".results.json.{dead}.0badf00d.0123abcd.tmp": ("file", long_ago, "kept"),  # another host's
+        ".results.json.k2j_x9qa.tmp": ("file", long_ago, "kept"),                  # no pid: not ours to judge
+        f"results.json.{dead}.{host}.0123abcd.tmp": ("file", long_ago, "kept"),    # not hidden
+        "keep.txt": ("file", long_ago, "kept"),
+    }
+    for name, (kind, mtime, _) in entries.items():
+        path = tmp_path / name
+        if kind == "dir":
+            (path / "inner").mkdir(parents=True)
+            (path / "inner" / "data.mdb").write_bytes(b"x" * 100)
+        else:
+            path.write_bytes(b"x")
+        if mtime is not None:
+            os.utime(path, (mtime, mtime))
+
+    utils.atomic_write_text(tmp_path / "results.json", "{}")  # any atomic write cleans its folder
+    left = set(os.listdir(tmp_path))
+    assert left == {name for name, (_, _, fate) in entries.items() if fate == "kept"} | {"results.json"}
+
+
+def test_appending_logs_on_a_full_disk_names_the_file(tmp_path, monkeypatch):
+    class FullDisk(io.StringIO):
+        def write(self, text):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(utils, "open", lambda *args, **kwargs: FullDisk(), raising=False)
+    for write, path in ((lambda p: utils.append_text(p, "line\n"), tmp_path / "metrics.jsonl"),
+                        (lambda p: utils.Logger(str(p), echo=False).log("line"), tmp_path / "log_train.txt")):
+        with pytest.raises(OSError) as info:
+            write(path)
+        assert (info.value.errno, info.value.filename) == (errno.ENOSPC, str(path))

@@ -133,6 +133,7 @@ def plot_learning_curves(root):
     return path
 
 
+@utils.exit_on_user_error
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", required=True, help="a run folder of scripts/al_loop.sh (<out>/<query>)")
@@ -140,8 +141,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     run = os.path.normpath(args.run)
     if not os.path.isdir(os.path.join(run, "models")):
-        print(f"error: --run {run}: not a run folder of scripts/al_loop.sh (no models/ inside)", file=sys.stderr)
-        return 2
+        raise utils.UserError(f"--run {run}: not a run folder of scripts/al_loop.sh (no models/ inside)")
     rows = collect_rows(run, args.query or os.path.basename(run))
     write_tables(run, rows)
     plot_learning_curves(os.path.dirname(run) or ".")
