@@ -1,0 +1,847 @@
+"""Compare query strategies and calibrators over several seeds: a grid of active-learning loops
+with a shared round-0 model per seed, resumable at round granularity, with tables and plots.
+
+    python tools/experiment.py --out runs/compare --queries random,uncali,cali \\
+        --calibrators CE,boost_soft --noise 0,0.3 --seeds 1111,2222,3333 [loop settings]
+    python tools/experiment.py --grid configs/compare.yaml --out runs/compare
+
+A cell is (query strategy, calibrator of the active-learning rounds, annotator noise ratio, seed);
+each is one loop as scripts/al_loop.sh runs it. Round 0 is trained once per (seed, base
+calibrator), on clean labels, and every cell of that seed starts from it, so the comparison is
+paired. The loop settings are those of scripts/al_loop.sh; a --grid YAML file holds the same
+keys (the flags' names without the dashes; a list may be a YAML list or a comma-separated
+string); flags given on the command line override it, relative paths are relative to the
+current folder.
+
+Work order: every base model first, then round 1 of every cell, round 2 of every cell, and so on;
+the tables and plots in --out are rewritten after every finished round. Running the same command
+again skips finished rounds and continues a killed one (a training from its last.pth). Settings
+are recorded in <out>/experiment.json; only --rounds (to grow), --workers and the grid's lists (to
+gain values) may change for an existing --out. Exit status: 0 when every cell finished, 1 when a
+cell failed (the others still ran), 2 for bad settings (nothing is run), 130 when interrupted.
+
+Layout of --out:
+  experiment.json                        the settings (and the grid, as it grew)
+  base/seed<S>-<base calibrator>/        train_data/ (links to the base datasets), models/round0/,
+                                         eval/round0/results.json, logs/, round_times.json
+  cells/<query>-<calibrator>-noise<r>-seed<S>/
+                                         train_data/ (links and this cell's <query>_iter_<k> query
+                                         sets), models/round<k>/, eval/round<k>/, logs/round<k>-
+                                         {query,train,test}.log, round_times.json
+  comparison.csv/.md, summary.csv/.md, learning_curves.png, noise.png (more than one noise ratio)
+"""
+import argparse
+import datetime
+import fcntl
+import json
+import math
+import os
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+import comparison  # noqa: E402
+
+# name: (default, help); the loop settings carry scripts/al_loop.sh's defaults.
+SETTINGS = {
+    "queries": ("random,uncali", "query strategies, comma-separated (data_sampling.py --query)"),
+    "calibrators": ("boost_soft", "calibrators of the active-learning rounds, comma-separated"),
+    "noise": ("0", "annotator noise ratios of the active-learning rounds (train.py --noise_ratio), comma-separated"),
+    "seeds": ("1111", "seeds (--manualSeed), comma-separated; one round-0 model per seed"),
+    "base_calibrator": ("CE", "calibrator of round 0 (trained once per seed, clean labels)"),
+    "train_data": ("data/train_data_lmdb", "training LMDB root"),
+    "valid_data": ("data/test_data_lmdb", "validation LMDB root used during training"),
+    "test_data": ("", "LMDB root evaluated by test.py after each round (default: --valid_data)"),
+    "select_data": ("CVPR2016-NIPS2014", "base datasets, '-'-separated"),
+    "batch_ratio": ("0.5-0.5", "their batch shares"),
+    "label_ratio": ("0.1", "labelled fraction of each base dataset (--total_data_usage_ratio)"),
+    "rounds": ("3", "active-learning rounds after round 0"),
+    "query_ratio": ("0.01", "share of the pool queried per round"),
+    "num_query": ("", "or a fixed number queried per round (overrides --query_ratio)"),
+    "base_iters": ("2000", "iterations of round 0"),
+    "iters": ("1000", "iterations of each later round"),
+    "val_interval": ("500", "validation interval"),
+    "batch_size": ("192", "batch size"),
+    "workers": ("4", "data-loading workers"),
+    "arch": ("--Transformation TPS --FeatureExtraction ResNet --SequenceModeling BiLSTM --Prediction Attn",
+             "architecture and optimiser flags for train.py"),
+    "train_args": ("", "extra flags for every train.py call"),
+}
+GRID = ("queries", "calibrators", "noise", "seeds")
+MAY_CHANGE = ("rounds", "workers")
+FIXED = tuple(name for name in SETTINGS if name not in GRID + MAY_CHANGE)
+EXPERIMENT_FILE = "experiment.json"
+LOCK_FILE = ".experiment.lock"
+TAIL_LINES = 20
+
+
+class ConfigError(Exception):
+    """A setting the user can fix: one `error:` line, exit status 2."""
+
+
+class StepFailed(Exception):
+    def __init__(self, step, log):
+        super().__init__(step)
+        self.step, self.log = step, log
+
+
+# ---------------------------------------------------------------------------------------------
+# settings
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="\n\n".join(__doc__.split("\n\n")[2:]))
+    parser.add_argument("--out", help="output folder of the experiment (required, here or in --grid)")
+    parser.add_argument("--grid", help="YAML file with any of the settings below (flags override it)")
+    for name, (default, text) in SETTINGS.items():
+        shown = f" (default: {default})" if default else ""
+        parser.add_argument(f"--{name}", default=None, metavar=name.upper(), help=text + shown)
+    return parser
+
+
+def read_grid_file(path):
+    """The settings in a --grid YAML file, as strings (lists joined by commas)."""
+    import yaml
+
+    if not os.path.isfile(path):
+        raise ConfigError(f"--grid {path}: no such file")
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except (OSError, yaml.YAMLError) as err:
+        raise ConfigError(f"--grid {path}: not readable as YAML ({str(err).splitlines()[0]})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"--grid {path}: give a mapping of settings (e.g. 'queries: [random, uncali]')")
+    known = ("out",) + tuple(SETTINGS)
+    values = {}
+    for key, value in data.items():
+        if key not in known:
+            raise ConfigError(f"--grid {path}: unknown setting '{key}'; known: {', '.join(known)}")
+        if value is None:
+            continue
+        if isinstance(value, bool) or isinstance(value, dict):
+            raise ConfigError(f"--grid {path}: '{key}: {value}' is not a value of --{key}")
+        if isinstance(value, list):
+            if any(isinstance(v, (bool, list, dict)) or v is None for v in value):
+                raise ConfigError(f"--grid {path}: '{key}' must list plain values")
+            value = ",".join(str(v) for v in value)
+        values[key] = str(value)
+    return values
+
+
+def _list(name, text):
+    items = [item.strip() for item in text.split(",")]
+    if not text.strip() or any(not item for item in items):
+        raise ConfigError(f"--{name} '{text}': give one or more comma-separated values, none empty")
+    seen = set()
+    for item in items:
+        if item in seen:
+            raise ConfigError(f"--{name} {text}: '{item}' appears twice")
+        seen.add(item)
+    return items
+
+
+def _int(name, text, minimum, what):
+    if not re.fullmatch(r"-?[0-9]+", text.strip()):
+        raise ConfigError(f"--{name} {text}: give {what}")
+    value = int(text)
+    if value < minimum:
+        raise ConfigError(f"--{name} {text}: give {what}")
+    return value
+
+
+def _ratio(name, text, closed=False):
+    what = "a share in [0, 1]" if closed else "a share in (0, 1]"
+    try:
+        value = float(text)
+    except ValueError:
+        raise ConfigError(f"--{name} {text}: give {what}") from None
+    if not (math.isfinite(value) and (0.0 <= value if closed else 0.0 < value) and value <= 1.0):
+        raise ConfigError(f"--{name} {text}: give {what}")
+    return value
+
+
+def _split_flags(name, text):
+    try:
+        return shlex.split(text)
+    except ValueError as err:
+        raise ConfigError(f"--{name} {text!r}: {err}") from None
+
+
+def _flag_value(flags, flag):
+    for i, item in enumerate(flags):
+        if item == flag and i + 1 < len(flags):
+            return flags[i + 1]
+        if item.startswith(flag + "="):
+            return item.split("=", 1)[1]
+    return None
+
+
+def resolve_settings(raw):
+    """Check every raw (string) setting and return the normalized settings (what experiment.json
+    holds): lists for the grid, numbers, absolute data paths. ConfigError on the first bad one."""
+    import calibrators
+    import query_strategies
+
+    s = {}
+    queries = _list("queries", raw["queries"])
+    for query in queries:
+        if query not in query_strategies.STRATEGIES:
+            raise ConfigError(f"--queries {query}: unknown strategy; choose from {', '.join(query_strategies.STRATEGIES)}")
+    s["queries"] = queries
+    arch = _split_flags("arch", raw["arch"])
+    _split_flags("train_args", raw["train_args"])
+    prediction = _flag_value(arch, "--Prediction")
+    known = calibrators.names_for(prediction) if prediction in ("CTC", "Attn") else list(calibrators.CALIBRATORS)
+    for flag, names in (("calibrators", _list("calibrators", raw["calibrators"])),
+                        ("base_calibrator", [raw["base_calibrator"].strip()])):
+        for name in names:
+            if name not in calibrators.CALIBRATORS:
+                raise ConfigError(f"--{flag} {name}: unknown calibrator; choose from {', '.join(known)}")
+            if name not in known:
+                raise ConfigError(f"--{flag} {name}: has no form for --Prediction {prediction}; "
+                                  f"choose from {', '.join(known)}")
+    s["calibrators"] = _list("calibrators", raw["calibrators"])
+    s["base_calibrator"] = raw["base_calibrator"].strip()
+    noise = [_ratio("noise", item, closed=True) for item in _list("noise", raw["noise"])]
+    if len(set(noise)) != len(noise):
+        raise ConfigError(f"--noise {raw['noise']}: a ratio appears twice")
+    s["noise"] = noise
+    s["seeds"] = [_int("seeds", item, -2 ** 63, "whole numbers") for item in _list("seeds", raw["seeds"])]
+    if len(set(s["seeds"])) != len(s["seeds"]):
+        raise ConfigError(f"--seeds {raw['seeds']}: a seed appears twice")
+    s["rounds"] = _int("rounds", raw["rounds"], 0, "a whole number of rounds after the base round (0 or more)")
+    for name in ("base_iters", "iters", "val_interval", "batch_size"):
+        s[name] = _int(name, raw[name], 1, "a whole number of at least 1")
+    s["workers"] = _int("workers", raw["workers"], 0, "a whole number (0: load in the main process)")
+    s["label_ratio"] = _ratio("label_ratio", raw["label_ratio"])
+    if raw["num_query"].strip():
+        s["num_query"] = _int("num_query", raw["num_query"], 1, "a whole number of at least 1")
+        s["query_ratio"] = None
+    else:
+        s["num_query"] = None
+        s["query_ratio"] = _ratio("query_ratio", raw["query_ratio"])
+    for name in ("train_data", "valid_data", "test_data"):
+        path = raw[name].strip() or (raw["valid_data"].strip() if name == "test_data" else "")
+        if not os.path.isdir(path):
+            raise ConfigError(f"--{name} {path}: no such folder (run `make data` or set --{name})")
+        s[name] = os.path.abspath(path)
+    names = raw["select_data"].strip().split("-")
+    if not raw["select_data"].strip() or any(not n for n in names):
+        raise ConfigError(f"--select_data {raw['select_data']}: give '-'-separated dataset names")
+    for name in names:
+        if not os.path.exists(os.path.join(s["train_data"], name)):
+            raise ConfigError(f"--select_data {name}: {os.path.join(s['train_data'], name)} does not exist")
+    s["select_data"] = raw["select_data"].strip()
+    shares = raw["batch_ratio"].strip().split("-")
+    try:
+        ok = len(shares) == len(names) and all(math.isfinite(float(v)) and float(v) > 0 for v in shares)
+    except ValueError:
+        ok = False
+    if not ok:
+        raise ConfigError(f"--batch_ratio {raw['batch_ratio']}: give one positive share per --select_data "
+                          f"name ({len(names)}), '-'-separated")
+    s["batch_ratio"] = raw["batch_ratio"].strip()
+    s["arch"] = raw["arch"].strip()
+    s["train_args"] = raw["train_args"].strip()
+    return s
+
+
+def parse(argv):
+    """`(out, settings)` from the command line and --grid; ConfigError when something is wrong."""
+    args = get_args_parser().parse_args(argv)
+    raw = {name: default for name, (default, _) in SETTINGS.items()}
+    out = None
+    if args.grid:
+        values = read_grid_file(args.grid)
+        out = values.pop("out", None)
+        raw.update(values)
+    for name in SETTINGS:
+        if getattr(args, name) is not None:
+            raw[name] = getattr(args, name)
+    out = args.out if args.out is not None else out
+    if not out or not out.strip():
+        raise ConfigError("--out: give the experiment's output folder (on the command line or in --grid)")
+    return os.path.abspath(out), resolve_settings(raw)
+
+
+def _comparable(name, value):
+    return _split_flags(name, value) if name in ("arch", "train_args") else value
+
+
+def merge_with_recorded(out, recorded, settings):
+    """The settings to continue an experiment with: `recorded` (experiment.json's) with the grid's
+    new values appended and --rounds/--workers taken from `settings`. ConfigError naming every
+    setting that may not change like this."""
+    changed = []
+    for name in FIXED:
+        if _comparable(name, recorded.get(name)) != _comparable(name, settings[name]):
+            changed.append(f"--{name}")
+    if settings["rounds"] < recorded["rounds"]:
+        changed.append(f"--rounds (fewer than {recorded['rounds']})")
+    merged = dict(recorded)
+    for name in GRID:
+        dropped = [v for v in recorded[name] if v not in settings[name]]
+        if dropped:
+            changed.append(f"--{name} (without {','.join(comparison.format_value(v) for v in dropped)})")
+        merged[name] = list(recorded[name]) + [v for v in settings[name] if v not in recorded[name]]
+    if changed:
+        raise ConfigError(f"{out} holds an experiment made with other settings ({', '.join(changed)}); use the "
+                          f"same ones to continue it (only --rounds may grow, --workers may change and "
+                          f"--queries/--calibrators/--noise/--seeds may gain values), or another --out")
+    merged["rounds"], merged["workers"] = settings["rounds"], settings["workers"]
+    return merged
+
+
+# ---------------------------------------------------------------------------------------------
+# child processes
+
+
+def _libc():
+    try:
+        import ctypes
+
+        return ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return None
+
+
+LIBC = _libc() if sys.platform.startswith("linux") else None
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent(parent):
+    """preexec_fn: the child gets SIGKILL when this process dies (however it dies), so a killed
+    experiment never leaves a training running beside the next one."""
+
+    def setup():
+        if LIBC is not None:
+            LIBC.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os._exit(1)
+
+    return setup
+
+
+def child_env():
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def stop_child(process, grace=5):
+    """Stop the child: a Ctrl-C in the terminal reached it too, so first give it `grace` seconds to
+    finish on its own (train.py saves last.pth); then interrupt it (SIGINT, as Ctrl-C would), and
+    kill it when it has not stopped a minute later."""
+    for signal_to_send, timeout in ((None, grace), (signal.SIGINT, 60), (signal.SIGKILL, None)):
+        if process.poll() is not None:
+            return
+        if signal_to_send is not None:
+            process.send_signal(signal_to_send)
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def run_logged(command, log):
+    """Run `command` (cwd = the repository) with stdout and stderr appended to `log`; True when it
+    exits 0. Ctrl-C stops the child and propagates."""
+    os.makedirs(os.path.dirname(log), exist_ok=True)
+    with open(log, "a", encoding="utf-8") as f:
+        f.write(f"=== {datetime.datetime.now().isoformat(timespec='seconds')} $ {shlex.join(command)}\n")
+        f.flush()
+        process = subprocess.Popen(command, cwd=REPO, env=child_env(), stdout=f, stderr=subprocess.STDOUT,
+                                   stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent(os.getpid()))
+        try:
+            code = process.wait()
+        except BaseException:
+            stop_child(process)
+            f.write(f"=== interrupted (exit status {process.returncode})\n")
+            raise
+        f.write(f"=== exit status {code}\n")
+    return code == 0
+
+
+def run_checks(commands, parallel=2, follow=None):
+    """Run `(name, command)` pairs, `parallel` at a time, output captured; `follow(name, status,
+    output)` may return more pairs to run once one finishes. Returns {name: (status, output)}."""
+    results, pending, running = {}, list(commands), []
+    try:
+        while pending or running:
+            while pending and len(running) < parallel:
+                name, command = pending.pop(0)
+                output = tempfile.TemporaryFile(mode="w+", encoding="utf-8", errors="replace")
+                process = subprocess.Popen(command, cwd=REPO, env=child_env(), stdout=output,
+                                           stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                           preexec_fn=_die_with_parent(os.getpid()))
+                running.append((name, process, output))
+            time.sleep(0.05)
+            for entry in [e for e in running if e[1].poll() is not None]:
+                running.remove(entry)
+                name, process, output = entry
+                output.seek(0)
+                results[name] = (process.returncode, output.read())
+                output.close()
+                if follow is not None:
+                    pending += follow(name, process.returncode, results[name][1])
+    except BaseException:
+        for _, process, output in running:
+            stop_child(process)
+            output.close()
+        raise
+    return results
+
+
+def script(name):
+    return [sys.executable, os.path.join(REPO, name)]
+
+
+def common_args(s, seed):
+    return ["--valid_data", s["valid_data"], "--manualSeed", str(seed), "--batch_size", str(s["batch_size"]),
+            "--workers", str(s["workers"]), "--total_data_usage_ratio", repr(s["label_ratio"]), "--no_progress"]
+
+
+def query_size_args(s):
+    return ["--num_query", str(s["num_query"])] if s["num_query"] is not None else ["--ratio", repr(s["query_ratio"])]
+
+
+def link_base_datasets(s, root):
+    os.makedirs(root, exist_ok=True)
+    for name in s["select_data"].split("-"):
+        link = os.path.join(root, name)
+        if not os.path.lexists(link):
+            os.symlink(os.path.join(s["train_data"], name), link)
+
+
+def first_error_line(output, command):
+    for line in output.splitlines():
+        if "error:" in line:
+            return line[line.index("error:"):]
+    last = next((line for line in reversed(output.splitlines()) if line.strip()), "no output")
+    return f"error: {shlex.join(command)} failed: {last}"
+
+
+def preflight(s, base, calibrators, queries):
+    """The scripts' own checks without training or scoring, in a scratch root that links the base
+    datasets: data_sampling.py --dry_run per query strategy and, when train.py has --dry_run, the
+    base round and an active-learning round per calibrator. ConfigError with the first error."""
+    scratch = tempfile.mkdtemp(prefix="experiment-check-")
+    try:
+        link_base_datasets(s, scratch)
+        arch, extra = shlex.split(s["arch"]), shlex.split(s["train_args"])
+        seed = s["seeds"][0]
+        selection = ["--select_data", s["select_data"], "--batch_ratio", s["batch_ratio"]]
+        checks = [("help", script("train.py") + ["--help"])]
+        for query in queries:
+            checks.append((f"query {query}", script("data_sampling.py") + [
+                "--dry_run", "--train_data", scratch, *common_args(s, seed), *arch, *selection,
+                "--saved_model", os.path.join(scratch, "none.pth"), "--query", query, *query_size_args(s),
+                "--out_name", f"{query}_iter_1"]))
+        train_checks = []
+
+        def follow(name, code, output):
+            if name != "help" or code != 0 or "--dry_run" not in output:
+                return []
+            train = script("train.py") + ["--dry_run", "--train_data", scratch, *common_args(s, seed), *arch, *extra,
+                                          *selection, "--output_dir", os.path.join(scratch, "models")]
+            if base:
+                train_checks.append(("base", train + ["--calibrator", s["base_calibrator"], "--mode", "base",
+                                                      "--num_iter", str(s["base_iters"]),
+                                                      "--valInterval", str(s["val_interval"])]))
+            for calibrator in calibrators:
+                train_checks.append((f"calibrator {calibrator}", train + [
+                    "--calibrator", calibrator, "--mode", "al", "--noise_ratio", repr(max(s["noise"])),
+                    "--num_iter", str(s["iters"]), "--valInterval", str(s["val_interval"])]))
+            return train_checks
+
+        results = run_checks(checks, follow=follow)
+        for name, command in checks[1:] + train_checks:
+            code, output = results[name]
+            if code != 0:
+                raise ConfigError(first_error_line(output, command)[len("error: "):])
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# the grid
+
+
+def noise_text(noise):
+    return comparison.format_value(float(noise))
+
+
+class Unit:
+    """A base model (round 0 of one seed) or a cell (rounds 1.. of one loop)."""
+
+    def __init__(self, out, seed, base_calibrator, query=None, calibrator=None, noise=None, base=None):
+        self.seed, self.query, self.calibrator, self.noise, self.base = seed, query, calibrator, noise, base
+        if query is None:
+            self.name = f"seed{seed}-{base_calibrator}"
+            self.folder = os.path.join(out, "base", self.name)
+            self.label = f"base {self.name}"
+        else:
+            self.name = f"{query}-{calibrator}-noise{noise_text(noise)}-seed{seed}"
+            self.folder = os.path.join(out, "cells", self.name)
+            self.label = f"cell {self.name}"
+        self.root = os.path.join(self.folder, "train_data")
+
+    def path(self, *parts):
+        return os.path.join(self.folder, *parts)
+
+    def model_dir(self, k):
+        if k == 0 and self.base is not None:
+            return self.base.model_dir(0)
+        return self.path("models", f"round{k}")
+
+    def model(self, k):
+        return os.path.join(self.model_dir(k), "best_accuracy.pth")
+
+    def results(self, k):
+        if k == 0 and self.base is not None:
+            return self.base.results(0)
+        return self.path("eval", f"round{k}", "results.json")
+
+    def query_set(self, k):
+        return os.path.join(self.root, f"{self.query}_iter_{k}")
+
+    def log(self, k, step):
+        return self.path("logs", f"round{k}-{step}.log")
+
+    def trained(self, k):
+        return os.path.isfile(os.path.join(self.model_dir(k), "train_summary.json"))
+
+    def evaluated(self, k):
+        results, model = self.results(k), self.model(k)
+        return (os.path.isfile(results) and os.path.isfile(model)
+                and os.stat(results).st_mtime_ns >= os.stat(model).st_mtime_ns)
+
+    def finished(self, k):
+        return self.trained(k) and self.evaluated(k)
+
+    def record_time(self, k, seconds):
+        path = self.path("round_times.json")
+        times = read_json(path) if os.path.isfile(path) else {}
+        times[str(k)] = round(seconds, 1)
+        comparison.atomic_write(path, json.dumps(times, indent=1, sort_keys=True) + "\n")
+
+    def times(self):
+        path = self.path("round_times.json")
+        return {int(k): v for k, v in read_json(path).items()} if os.path.isfile(path) else {}
+
+
+def read_json(path):
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def build_units(out, s):
+    bases = {seed: Unit(out, seed, s["base_calibrator"]) for seed in s["seeds"]}
+    cells = [Unit(out, seed, s["base_calibrator"], query, calibrator, noise, bases[seed])
+             for query in s["queries"] for calibrator in s["calibrators"] for noise in s["noise"]
+             for seed in s["seeds"]]
+    return bases, cells
+
+
+def train_round(unit, k, s, arguments):
+    """train.py for round k: skipped when finished, resumed from last.pth when killed after a
+    checkpoint, started afresh when killed before one."""
+    folder = unit.model_dir(k)
+    if unit.trained(k):
+        return
+    resume = []
+    if os.path.isfile(os.path.join(folder, "last.pth")):
+        resume = ["--resume", os.path.join(folder, "last.pth")]
+    elif os.path.exists(folder):
+        shutil.rmtree(folder)
+    command = script("train.py") + ["--train_data", unit.root, *common_args(s, unit.seed), *shlex.split(s["arch"]),
+                                    *shlex.split(s["train_args"]), "--output_dir", os.path.dirname(folder),
+                                    "--exp_name", os.path.basename(folder), *resume, *arguments]
+    if not run_logged(command, unit.log(k, "train")):
+        raise StepFailed("train", unit.log(k, "train"))
+
+
+def evaluate_round(unit, k, s):
+    if unit.evaluated(k):
+        return
+    command = script("test.py") + ["--eval_data", s["test_data"], "--saved_model", unit.model(k),
+                                   "--batch_size", str(s["batch_size"]), "--workers", str(s["workers"]),
+                                   "--output", os.path.dirname(unit.results(k))]
+    if not run_logged(command, unit.log(k, "test")):
+        raise StepFailed("test", unit.log(k, "test"))
+
+
+def run_round(unit, k, s):
+    """Every step of round k of a unit that is not done yet."""
+    link_base_datasets(s, unit.root)
+    selection = ["--select_data", s["select_data"], "--batch_ratio", s["batch_ratio"]]
+    if unit.base is None:
+        train_round(unit, 0, s, [*selection, "--calibrator", s["base_calibrator"], "--mode", "base",
+                                 "--num_iter", str(s["base_iters"]), "--valInterval", str(s["val_interval"])])
+    else:
+        previous = unit.model(k - 1)
+        summary = os.path.join(unit.query_set(k), "summary.json")
+        if not os.path.isfile(summary):
+            command = script("data_sampling.py") + [
+                "--train_data", unit.root, *common_args(s, unit.seed), *selection, "--saved_model", previous,
+                "--query", unit.query, *query_size_args(s), "--out_name", os.path.basename(unit.query_set(k)),
+                "--mode", "al"]
+            if not run_logged(command, unit.log(k, "query")):
+                raise StepFailed("query", unit.log(k, "query"))
+        picked = read_json(summary)
+        train_round(unit, k, s, ["--select_data", picked["next_select_data"], "--batch_ratio",
+                                 picked["next_batch_ratio"], "--saved_model", previous, "--calibrator",
+                                 unit.calibrator, "--mode", "al", "--num_iter", str(s["iters"]),
+                                 "--valInterval", str(s["val_interval"]), "--query_iter",
+                                 os.path.basename(unit.query_set(k)), "--noise_ratio", repr(unit.noise)])
+    evaluate_round(unit, k, s)
+
+
+def round_record(unit, k):
+    trained = read_json(os.path.join(unit.model_dir(k), "train_summary.json"))
+    total = read_json(unit.results(k))["total"]
+
+    def number(value):
+        return float("nan") if value is None else float(value)
+
+    return {"query": unit.query, "calibrator": unit.calibrator, "noise": unit.noise, "seed": unit.seed,
+            "round": k, "labelled": trained["labelled_total"], "accuracy": number(total.get("accuracy")),
+            "ece": number(total.get("ece"))}
+
+
+def collect_records(bases, cells, s):
+    """One record per finished round of every cell (round 0 from its seed's base model), each
+    cell's rounds from 0 up to its first unfinished one."""
+    records = []
+    for cell in cells:
+        if not bases[cell.seed].finished(0):
+            continue
+        for k in range(s["rounds"] + 1):
+            if not cell.finished(k):
+                break
+            records.append(round_record(cell, k))
+    return records
+
+
+def write_reports(out, bases, cells, s):
+    records = collect_records(bases, cells, s)
+    comparison_rows, summary_rows = comparison.write_tables(out, records)
+    comparison.plot_learning_curves(comparison_rows, os.path.join(out, "learning_curves.png"))
+    comparison.plot_noise(summary_rows, os.path.join(out, "noise.png"))
+    return summary_rows
+
+
+def duration(seconds):
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+class Progress:
+    """Counts finished rounds and estimates the time left: the mean recorded seconds of a base
+    round times the base rounds left, plus the mean of an active-learning round (of every round
+    while none has been timed) times the active-learning rounds left."""
+
+    def __init__(self, bases, cells, s):
+        self.start = time.time()
+        self.total = len(bases) + len(cells) * s["rounds"]
+        self.base_times = [t for unit in bases.values() for t in unit.times().values()]
+        self.al_times = [t for unit in cells for t in unit.times().values()]
+        self.done = sum(unit.finished(0) for unit in bases.values()) + sum(
+            cell.finished(k) for cell in cells for k in range(1, s["rounds"] + 1))
+
+    def estimate(self, base_left, al_left):
+        timed = self.base_times + self.al_times
+        if not timed:
+            return None
+        per_al = self.al_times or timed
+        per_base = self.base_times or timed
+        return base_left * sum(per_base) / len(per_base) + al_left * sum(per_al) / len(per_al)
+
+    def finished(self, unit, k, seconds, base_left, al_left):
+        (self.base_times if unit.base is None else self.al_times).append(seconds)
+        self.done += 1
+        total = read_json(unit.results(k))["total"]
+        accuracy = "n/a" if total.get("accuracy") is None else f"{total['accuracy']:.2f}%"
+        ece = "" if total.get("ece") is None else f" (ECE {total['ece']:.4f})"
+        left = self.estimate(base_left, al_left)
+        left = "done" if base_left + al_left == 0 else ("?" if left is None else f"about {duration(left)} left")
+        print(f"[{self.done}/{self.total}] {unit.label} round {k}: test accuracy {accuracy}{ece} in "
+              f"{duration(seconds)}; elapsed {duration(time.time() - self.start)}, {left}", flush=True)
+
+
+def report_failure(unit, k, step_failed):
+    lines = []
+    if os.path.isfile(step_failed.log):
+        with open(step_failed.log, encoding="utf-8", errors="replace") as f:
+            lines = f.read().splitlines()[-TAIL_LINES:]
+    print(f"{unit.label} failed in round {k}: see {step_failed.log}", file=sys.stderr)
+    for line in lines:
+        print(f"  | {line}", file=sys.stderr)
+    sys.stderr.flush()
+
+
+def run_grid(out, s):
+    """Every base model, then the cells round by round; returns the names of the failed cells."""
+    bases, cells = build_units(out, s)
+    progress = Progress(bases, cells, s)
+    failed = {}  # unit name -> (round, log of the failed step)
+    if progress.done:
+        print(f"continuing {out}: {progress.done} of {progress.total} rounds finished already", flush=True)
+
+    def rounds_left(k_now):
+        base_left = sum(1 for u in bases.values() if u.name not in failed and not u.finished(0))
+        al_left = sum(1 for c in cells if c.name not in failed for k in range(max(1, k_now), s["rounds"] + 1)
+                      if not c.finished(k))
+        return base_left, al_left
+
+    def attempt(unit, k):
+        if unit.finished(k):
+            return False
+        start = time.time()
+        try:
+            run_round(unit, k, s)
+        except StepFailed as err:
+            failed[unit.name] = (k, err.log)
+            report_failure(unit, k, err)
+            return False
+        seconds = time.time() - start
+        unit.record_time(k, seconds)
+        progress.finished(unit, k, seconds, *rounds_left(k))
+        return True
+
+    for base in bases.values():
+        if attempt(base, 0):
+            write_reports(out, bases, cells, s)
+    for cell in cells:
+        if cell.base.name in failed:
+            failed[cell.name] = failed[cell.base.name]
+            print(f"cell {cell.name} failed in round 0: see {failed[cell.base.name][1]}", file=sys.stderr, flush=True)
+    for k in range(1, s["rounds"] + 1):
+        for cell in cells:
+            if cell.name not in failed and attempt(cell, k):
+                write_reports(out, bases, cells, s)
+    summary = write_reports(out, bases, cells, s)
+    return [cell.name for cell in cells if cell.name in failed], summary, cells
+
+
+_held_locks = []
+
+
+def lock_output(out):
+    """One run per output folder: an exclusive flock on <out>/.experiment.lock, held until this
+    process ends (the kernel drops it however the process ends); children do not inherit it."""
+    handle = open(os.path.join(out, LOCK_FILE), "a+", encoding="utf-8")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.seek(0)
+        holder = handle.read().strip() or "?"
+        handle.close()
+        raise ConfigError(f"--out {out}: another tools/experiment.py (pid {holder}) is running in it; wait for it "
+                          f"or stop it first") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    _held_locks.append(handle)
+
+
+def prepare(out, settings):
+    """Check the output folder against experiment.json (refusing other settings), run the scripts'
+    dry-run checks for what is new, then record the settings. Returns the settings to run with."""
+    path = os.path.join(out, EXPERIMENT_FILE)
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ConfigError(f"--out {out}: exists and is not a folder")
+    if os.path.isfile(path):
+        lock_output(out)
+        recorded = read_json(path)
+        merged = merge_with_recorded(out, recorded["settings"], settings)
+        old = recorded["settings"]
+        new_calibrators = [c for c in merged["calibrators"] if c not in old["calibrators"] or old["rounds"] == 0]
+        new_queries = [q for q in merged["queries"] if q not in old["queries"] or old["rounds"] == 0]
+        if merged["rounds"] >= 1 and (new_calibrators or new_queries):
+            preflight(merged, False, new_calibrators, new_queries)
+        if merged != old:
+            recorded["settings"] = merged
+            comparison.atomic_write(path, json.dumps(recorded, indent=2) + "\n")
+        return merged
+    if os.path.isdir(out) and set(os.listdir(out)) - {LOCK_FILE}:
+        raise ConfigError(f"--out {out}: holds files but no {EXPERIMENT_FILE}; choose a new or empty folder")
+    if settings["rounds"] >= 1:
+        preflight(settings, True, settings["calibrators"], settings["queries"])
+    else:
+        preflight(settings, True, [], [])
+    os.makedirs(out, exist_ok=True)
+    lock_output(out)
+    record = {"created": datetime.datetime.now().isoformat(timespec="seconds"), "settings": settings}
+    comparison.atomic_write(path, json.dumps(record, indent=2) + "\n")
+    return settings
+
+
+def _terminate(signum, frame):
+    raise KeyboardInterrupt
+
+
+def release_locks():
+    while _held_locks:
+        _held_locks.pop().close()
+
+
+def main(argv=None):
+    """Run the experiment; returns the exit status (0, 1, 2 or 130, see the module docstring)."""
+    try:
+        return run(argv)
+    finally:
+        release_locks()
+
+
+def run(argv):
+    try:
+        out, settings = parse(argv)
+        settings = prepare(out, settings)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted before the first round; nothing was started", file=sys.stderr)
+        return 130
+    print(f"experiment {out}: {len(settings['queries'])} queries x {len(settings['calibrators'])} calibrators x "
+          f"{len(settings['noise'])} noise ratios x {len(settings['seeds'])} seeds, {settings['rounds']} rounds "
+          f"after round 0", flush=True)
+    try:
+        failed, summary, cells = run_grid(out, settings)
+    except KeyboardInterrupt:
+        print("\ninterrupted; run the same command again to continue (finished rounds are kept, a killed "
+              "training resumes from its last.pth)", file=sys.stderr)
+        return 130
+    print(comparison.markdown_text(summary, comparison.SUMMARY_COLUMNS), end="")
+    print(f"tables: {os.path.join(out, 'comparison.csv')} (.md), {os.path.join(out, 'summary.csv')} (.md); "
+          f"plots: {os.path.join(out, 'learning_curves.png')}"
+          + (f", {os.path.join(out, 'noise.png')}" if len(settings["noise"]) > 1 else ""), flush=True)
+    if failed:
+        print(f"{len(failed)} of {len(cells)} cells failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, _terminate)  # a plain kill stops the child like Ctrl-C does
+    sys.exit(main())
