@@ -27,6 +27,7 @@ import torch.utils.data
 from PIL import Image
 from tqdm import tqdm
 
+import calibration
 import dataset
 import locking
 import options
@@ -36,7 +37,7 @@ from evaluation import eval_loader, fit_temperature_on_valid_data, forward_logit
 
 TRAINING_ONLY_FLAGS = ("exp_name", "output_dir", "valInterval", "num_iter", "lr", "beta1", "rho", "eps", "grad_clip",
                        "lr_schedule", "warmup_iters", "calibrator", "alpha", "beta", "smooth_tail", "patience", "mode",
-                       "query_iter", "noise_ratio", "noise_scope", "B", "t")
+                       "query_iter", "noise_ratio", "noise_model", "noise_scope", "B", "t")
 DEFAULT_RATIO = 0.01
 ROUND_PATTERN = re.compile(r"_iter_(\d+)$")
 IMAGE_EXTENSIONS = {"JPEG": "jpg", "PNG": "png", "BMP": "bmp", "GIF": "gif", "TIFF": "tif", "WEBP": "webp"}
@@ -256,7 +257,7 @@ def show_progress(opt, rank=0):
 
 
 def scale(logits, temperature):
-    return logits if temperature is None else utils.apply_temperature(logits, temperature)
+    return logits if temperature is None else calibration.apply_temperature(logits, temperature)
 
 
 def mutual_information(model, images, opt, temperature, mask, device):
@@ -440,7 +441,7 @@ def query_meta(opt, strategy, name, pool_size, picked_scores, temperature):
         "name": name, "strategy": strategy.name, "model": os.path.abspath(opt.saved_model),
         "ratio": opt.ratio if opt.num_query is None else None, "num_query": opt.num_query,
         "num_picked": len(picked_scores), "pool_size": pool_size, "temperature": temperature,
-        "seed": opt.manualSeed, "select_data": "-".join(opt.select_data),
+        "calibration": opt.calibration, "seed": opt.manualSeed, "select_data": "-".join(opt.select_data),
         "total_data_usage_ratio": opt.total_data_usage_ratio,
         "scores": [round(float(s), 6) for s in picked_scores],
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -461,7 +462,7 @@ def make_summary(opt, name, path, columns, picked, pool_total, temperature, elap
         "mean_confidence": {"picked": mean_or_none(columns["confidence"][picked]),
                             "pool": mean_or_none(columns["confidence"])},
         "accuracy": {"picked": mean_or_none(columns["correct"][picked]), "pool": mean_or_none(columns["correct"])},
-        "temperature": temperature,
+        "temperature": temperature, "calibration": opt.calibration,
         "time_s": round(elapsed, 3),
         "next_select_data": select_data, "next_batch_ratio": batch_ratio,
     }
@@ -535,11 +536,12 @@ def score_round(opt, model, converter, strategy, temperature, device, plan, rank
     pool, pool_log = build_pool(opt, plan.pool_names, queried_before(opt, plan))
     query_strategies.query_count(len(pool), opt.ratio, opt.num_query)  # fail before the long scoring pass
     if temperature == "auto":
-        temperature = fit_temperature_on_valid_data(model, converter, opt, device)
+        temperature = fit_temperature_on_valid_data(model, converter, opt, device, opt.calibration)
     if rank == 0:
         print(pool_log)
         if temperature is not None:
-            print(f"temperature: {temperature:.4f}")
+            print(f"temperature: {temperature:.4f}"
+                  + (f" (fitted on --valid_data, {opt.calibration}-level)" if opt.calibration else ""))
     columns = score_pool(model, shard(pool, rank, world_size), converter, opt, strategy, temperature, device, rank)
     parts = utils.all_gather_object(columns) if distributed else [columns]
     if rank != 0:
@@ -627,6 +629,8 @@ def main(opt, given=None):
     strategy = query_strategies.get_strategy(opt.query)
     # "auto" is fitted once the pool is known to be non-empty, after the model is loaded.
     temperature = options.parse_temperature(opt.temperature, default="auto" if strategy.calibrated else None)
+    # from here on: how the temperature is fitted ('token' or 'word'), None when it is not
+    opt.calibration = options.parse_calibration(opt.calibration, temperature)
     if opt.dry_run:
         return dry_run(opt, strategy)
     rank, world_size, local_rank, distributed = utils.init_distributed()

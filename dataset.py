@@ -198,16 +198,18 @@ class LmdbDataset(Dataset):
     """One leaf LMDB. Items are `(image, label, identity)`; `image` is None when it does not decode.
 
     `relpath` is the leaf's path relative to the root given by the user (identity's first part).
-    `noise_ratio` > 0 corrupts that share of the labels once, here (annotator_noise), so that a
-    sample keeps the same wrong label every epoch."""
+    `noise_ratio` > 0 corrupts that share of the labels once, here (annotator_noise, with the
+    noise model `noise_model`), so that a sample keeps the same wrong label every epoch."""
 
-    def __init__(self, root, opt, relpath=".", noise_ratio=0.0, noise_seed=None):
+    def __init__(self, root, opt, relpath=".", noise_ratio=0.0, noise_seed=None,
+                 noise_model=annotator_noise.DEFAULT_MODEL):
         self.root = os.fspath(root)
         self.relpath = relpath
         self.rgb = bool(getattr(opt, "rgb", False))
         self.rules = LabelRules(opt)
         self.charset = opt.character
-        self.noisy_labels = {}
+        self.noisy_labels = {}  # LMDB index -> wrong label
+        self.noise_kinds = {}  # LMDB index -> kind of error (annotator_noise)
         self.num_corrupted = 0
         self.num_undecodable = 0  # counted in this process only; loaders count skips per batch
         self.filter_counts = collections.Counter()
@@ -218,7 +220,8 @@ class LmdbDataset(Dataset):
             self.is_query = txn.get(QUERY_META_KEY) is not None
             self.indices = self._filtered_indices(txn)
         if noise_ratio:
-            self.add_noise(noise_ratio, getattr(opt, "manualSeed", 0) if noise_seed is None else noise_seed)
+            self.add_noise(noise_ratio, getattr(opt, "manualSeed", 0) if noise_seed is None else noise_seed,
+                           noise_model)
 
     def _filtered_indices(self, txn):
         if not self.rules.filtering:
@@ -252,8 +255,10 @@ class LmdbDataset(Dataset):
         self.indices = self.indices[~drop]
         return int(drop.sum())
 
-    def add_noise(self, noise_ratio, seed):
-        """Corrupt exactly round(noise_ratio x n) of the n current labels (annotator_noise) and count them.
+    def add_noise(self, noise_ratio, seed, model=annotator_noise.DEFAULT_MODEL):
+        """Corrupt exactly round(noise_ratio x n) of the n current labels with the noise model
+        `model` (annotator_noise) and count them; the samples are given in index order (the order
+        `mixed` takes its neighbouring words from).
 
         Query sets key the noise by each sample's origin, so a sample gets the same annotator
         error whichever set it is read from."""
@@ -269,9 +274,26 @@ class LmdbDataset(Dataset):
                 samples.append((identity, self.rules.clean(self.rules.normalise(raw))))
         # a wrong label must still fit the model's decoder
         max_length = self.rules.max_length if self.rules.filtering else None
-        wrong = annotator_noise.noisy_labels(samples, noise_ratio, self.charset, seed, max_length)
-        self.noisy_labels = {index_of[identity]: label for identity, label in wrong.items()}
+        wrong = annotator_noise.noisy_labels(samples, noise_ratio, self.charset, seed, max_length, model=model)
+        self.noisy_labels = {index_of[identity]: wrong[identity].label for identity in wrong}
+        self.noise_kinds = {index_of[identity]: wrong[identity].kind for identity in wrong}
         self.num_corrupted = len(self.noisy_labels)
+
+    def noise_records(self):
+        """One dict per corrupted label, in index order: `relpath, index` (the sample here),
+        `origin_relpath, origin_index` (a query set's record of where it came from; None
+        elsewhere), `clean_label` (as read, normalised), `noisy_label`, `kind`."""
+        records = []
+        with shared_env(self.root).begin(write=False) as txn:
+            for index in sorted(self.noisy_labels):
+                raw = (txn.get(label_key(index)) or b"").decode("utf-8", errors="replace")
+                origin = read_origin(txn, index) if self.is_query else None
+                records.append({"relpath": self.relpath, "index": index,
+                                "origin_relpath": origin[0] if origin else None,
+                                "origin_index": origin[1] if origin else None,
+                                "clean_label": self.rules.clean(self.rules.normalise(raw)),
+                                "noisy_label": self.noisy_labels[index], "kind": self.noise_kinds[index]})
+        return records
 
     @property
     def identities(self):
@@ -432,14 +454,14 @@ def group_by_relpath(identities):
 
 
 def hierarchical_dataset(root, opt, select_data="/", split=None, exclude=None, noise_ratio=0.0,
-                         noise_scope="queried", flag=None):
+                         noise_scope="queried", flag=None, noise_model=annotator_noise.DEFAULT_MODEL):
     """Every selected leaf LMDB below root as one dataset; returns `(dataset, log_text)`.
 
     The labelled/unlabelled boundary is taken on the filtered samples before `exclude`, so it
     stays put when queried samples are later excluded from the pool."""
     if split not in (None, "labelled", "unlabelled"):
         raise ValueError(f"split must be None, 'labelled' or 'unlabelled', not {split!r}")
-    check_noise(noise_ratio, noise_scope)
+    check_noise(noise_ratio, noise_scope, noise_model)
     relpaths = select_leaves(root, select_data, flag)
     leaves = [LmdbDataset(os.path.join(root, rel), opt, relpath=rel) for rel in relpaths]
 
@@ -469,7 +491,7 @@ def hierarchical_dataset(root, opt, select_data="/", split=None, exclude=None, n
 
     for leaf in leaves:
         if noise_ratio and (noise_scope == "all" or leaf.is_query):
-            leaf.add_noise(noise_ratio, getattr(opt, "manualSeed", 0))
+            leaf.add_noise(noise_ratio, getattr(opt, "manualSeed", 0), noise_model)
 
     dataset = SelectedDataset(leaves)
     lines = []
@@ -496,11 +518,12 @@ def describe_leaf(leaf, split, labelled, excluded):
     return f"{text} ({'; '.join(details)})"
 
 
-def check_noise(noise_ratio, noise_scope):
+def check_noise(noise_ratio, noise_scope, noise_model=annotator_noise.DEFAULT_MODEL):
     if not 0.0 <= float(noise_ratio) <= 1.0:
         raise UserError(f"--noise_ratio {noise_ratio}: must lie between 0 and 1")
     if noise_scope not in NOISE_SCOPES:
         raise UserError(f"--noise_scope {noise_scope}: unknown; choose one of {', '.join(NOISE_SCOPES)}")
+    annotator_noise.get_model(noise_model)
 
 
 # A dataset smaller than its batch share is drawn with replacement; an "epoch" of it is this many
@@ -585,7 +608,8 @@ class Batch_Balanced_Dataset:
                             "shares; give one share per dataset")
         noise_ratio = float(getattr(opt, "noise_ratio", 0.0) or 0.0)
         noise_scope = getattr(opt, "noise_scope", "queried") or "queried"
-        check_noise(noise_ratio, noise_scope)
+        noise_model = getattr(opt, "noise_model", None) or annotator_noise.DEFAULT_MODEL
+        check_noise(noise_ratio, noise_scope, noise_model)
         self.names = names
         self.rgb = bool(getattr(opt, "rgb", False))
         self.num_samples = {}
@@ -604,7 +628,8 @@ class Batch_Balanced_Dataset:
         rule = "-" * 80
         lines = [rule, f"dataset_root: {root}", f"opt.select_data: {names}", f"opt.batch_ratio: {ratios}"]
         if noise_ratio:
-            lines.append(f"label noise: ratio {noise_ratio} on {noise_scope} samples, seed {opt.manualSeed}")
+            lines.append(f"label noise: ratio {noise_ratio} on {noise_scope} samples, model {noise_model}, "
+                         f"seed {opt.manualSeed}")
 
         selected = {name: select_leaves(root, [name], "--train_data") for name in names}
         query_leaves = {name: [rel for rel in rels if is_query_set(os.path.join(root, rel))]
@@ -631,7 +656,8 @@ class Batch_Balanced_Dataset:
             batch = max(round(opt.batch_size * ratio), 1)
             dataset, leaf_log = hierarchical_dataset(root, opt, select_data=[name], split="labelled",
                                                      exclude=queried or None, noise_ratio=noise_ratio,
-                                                     noise_scope=noise_scope, flag="--train_data")
+                                                     noise_scope=noise_scope, flag="--train_data",
+                                                     noise_model=noise_model)
             left_out = [] if query_sets else query_leaves[name]
             if left_out:
                 dataset = SelectedDataset([leaf for leaf in dataset.leaves if not leaf.is_query])
@@ -698,6 +724,17 @@ class Batch_Balanced_Dataset:
     @property
     def num_corrupted(self):
         return sum(self.corrupted.values())
+
+    def noise_records(self):
+        """`LmdbDataset.noise_records` of every training leaf (a leaf two names select, once), in
+        the order of --select_data and the leaves."""
+        records, seen = [], set()
+        for name in self.names:
+            for leaf in self.datasets[name].leaves:
+                if leaf.relpath not in seen:
+                    seen.add(leaf.relpath)
+                    records += leaf.noise_records()
+        return records
 
     def next_from(self, k):
         position = self.positions[k]

@@ -4,26 +4,29 @@
 
 Prints one row per image (file, prediction, confidence) as an aligned table; `--csv PATH` also
 writes it as CSV. The architecture comes from the flags, or, for flags not given, from the
-opt.yaml beside the model. Files that do not decode as images are listed as skipped."""
+opt.yaml beside the model. Files that do not decode as images are listed as skipped. The confidence
+may be temperature-scaled: by a number (as test.py fits it), or `--temperature auto` fitted on the
+labelled `--valid_data` at the token or the word level (`--calibration`)."""
 import csv
 import os
 
 import torch
 
+import calibration
 import options
 import utils
 from dataset import RawDataset
-from evaluation import eval_loader, forward_logits, load_model
+from evaluation import eval_loader, fit_temperature_on_valid_data, forward_logits, load_model
 
-# Fitting needs labelled images, so demo takes the number test.py fits.
-DEMO_TEMPERATURE_NOTE = "fit one with test.py --temperature auto"
+# Fitting needs labelled images: those of --valid_data, or the number test.py fits.
+DEMO_TEMPERATURE_NOTE = "auto needs labelled images in --valid_data (or take the number test.py --temperature auto fits)"
 
 
 def get_args_parser():
     parser = options.make_parser("Predict the text of every image in --image_folder with a saved model.")
     group = parser.add_argument_group("demo")
     group.add_argument("--image_folder", help="folder of images (searched recursively; required)")
-    options.add_temperature_arg(group, allow_auto=False, note=DEMO_TEMPERATURE_NOTE)
+    options.add_temperature_arg(group, note=DEMO_TEMPERATURE_NOTE)
     group.add_argument("--csv", default="", help="also write the table to this CSV file "
                                                  "(columns file, prediction, confidence, status)")
     options.add_common_args(parser, saved_model_help="model to run (required)")
@@ -47,7 +50,7 @@ def predict(model, loader, converter, opt, device, temperature):
                 logits = forward_logits(model, images.to(device), opt.batch_max_length, opt.Prediction)
             logits = logits.float()
             if temperature is not None:
-                logits = utils.apply_temperature(logits, temperature)
+                logits = calibration.apply_temperature(logits, temperature)
             texts, confidence, _ = utils.decode_predictions(logits, converter)
             rows.extend(zip(paths, texts, confidence.tolist()))
     return rows
@@ -68,9 +71,12 @@ def main(opt):
     check_inputs(opt)
     options.fill_from_saved(opt, options.given_option_names(opt, get_args_parser()))
     options.resolve_options(opt)
-    temperature = options.parse_temperature(opt.temperature, allow_auto=False, hint=DEMO_TEMPERATURE_NOTE)
+    temperature = options.parse_temperature(opt.temperature)
+    method = options.parse_calibration(opt.calibration, temperature)
     device = utils.select_device(opt.device)
     model, converter = load_model(opt, device)
+    if temperature == "auto":
+        temperature = fit_temperature_on_valid_data(model, converter, opt, device, method)
 
     images = RawDataset(opt.image_folder, opt)
     predictions = predict(model, eval_loader(images, opt, device), converter, opt, device, temperature)
@@ -90,7 +96,8 @@ def main(opt):
                               + (", ..." if len(skipped) > 5 else "") + ")")
 
     if temperature is not None:
-        print(f"confidence calibrated with temperature {temperature:g}")
+        print(f"confidence calibrated with temperature {temperature:g}"
+              + (f" (fitted on --valid_data, {method}-level)" if method else ""))
     print(utils.format_table(["file", "prediction", "confidence"], [[n, t, f"{c:.4f}"] for n, t, c in rows],
                              align="<<>"))
     if skipped:

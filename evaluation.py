@@ -1,11 +1,13 @@
 """Validation and evaluation shared by the scripts: load a saved model, run it over a loader,
-decode, measure accuracy, normalised edit distance, loss and calibration, and fit a temperature."""
+decode, measure accuracy, normalised edit distance, loss and calibration, and fit a temperature
+(token or word level, see calibration.py)."""
 import time
 
 import torch
 import torch.utils.data
 from nltk.metrics.distance import edit_distance
 
+import calibration
 import options
 import utils
 from dataset import AlignCollate, hierarchical_dataset, loader_worker_init
@@ -51,16 +53,19 @@ def normalized_edit_similarity(pred, gt):
 
 
 def evaluate(model, loader, converter, opt, device, criterion=None, amp=False, temperature=None,
-             max_samples_kept=0):
+             max_samples_kept=0, compare_temperatures=None):
     """Evaluate `model` on every batch of `loader`.
 
     Returns a dict with accuracy (%), norm_ED, valid_loss (criterion on the greedy logits, when a
     criterion is given), the calibration metrics, images_per_s, n, plus `confidence` and `correct`
-    tensors and up to `max_samples_kept` example (gt, pred, confidence) triples."""
+    tensors and up to `max_samples_kept` example (gt, pred, confidence) triples. With
+    `compare_temperatures` ({name: temperature or None}), also `confidence_at` {name: the word
+    confidence of the same readings under that temperature (None: unscaled)}, from the same pass."""
     was_training = model.training
     model.eval()
     loss_avg = utils.Averager()
     confidences, corrects = [], []
+    compared = {name: [] for name in (compare_temperatures or {})}
     similarity_sum = 0.0
     examples = []
     n = 0
@@ -79,8 +84,11 @@ def evaluate(model, loader, converter, opt, device, criterion=None, amp=False, t
                 text, length = text.to(device), length.to(device)
                 target = text if opt.Prediction == "CTC" else text[:, 1:]
                 loss_avg.add(criterion(logits, target, length, (0, 1)), len(labels))
+            for name, other in (compare_temperatures or {}).items():
+                scaled = logits if other is None else calibration.apply_temperature(logits, other)
+                compared[name].append(utils.decode_predictions(scaled, converter)[1])
             if temperature is not None:
-                logits = utils.apply_temperature(logits, temperature)
+                logits = calibration.apply_temperature(logits, temperature)
             texts, word_conf, _ = utils.decode_predictions(logits, converter)
             correct = torch.tensor([p == g for p, g in zip(texts, labels)], dtype=torch.float32)
             similarity_sum += sum(normalized_edit_similarity(p, g) for p, g in zip(texts, labels))
@@ -97,8 +105,8 @@ def evaluate(model, loader, converter, opt, device, criterion=None, amp=False, t
         model.train()
     confidence = torch.cat(confidences) if confidences else torch.zeros(0)
     correct = torch.cat(corrects) if corrects else torch.zeros(0)
-    metrics = utils.calibration_metrics(confidence, correct, bins=getattr(opt, "bins", 15))
-    return {
+    metrics = calibration.calibration_metrics(confidence, correct, bins=getattr(opt, "bins", 15))
+    result = {
         "n": n,
         "accuracy": 100.0 * correct.mean().item() if n else float("nan"),
         "norm_ED": similarity_sum / n if n else float("nan"),
@@ -112,6 +120,10 @@ def evaluate(model, loader, converter, opt, device, criterion=None, amp=False, t
         "correct": correct,
         "examples": examples,
     }
+    if compare_temperatures is not None:
+        result["confidence_at"] = {name: torch.cat(parts) if parts else torch.zeros(0)
+                                   for name, parts in compared.items()}
+    return result
 
 
 def collect_logits(model, loader, opt, device, amp=False):
@@ -128,25 +140,51 @@ def collect_logits(model, loader, opt, device, amp=False):
     return logits, labels
 
 
-def fit_temperature_on_loader(model, loader, converter, opt, device, amp=False, source="the loader"):
-    """The temperature minimising the NLL of the labels of `loader` under the greedy logits (Attn:
-    the `text[:, 1:]` tokens, [s] included; CTC: the CTC form). `source` names the data in the
-    error raised when no sample is readable."""
+def fit_temperature_on_logits(logits, labels, converter, opt, method="token"):
+    """The temperature of `method` for (B, T, C) greedy `logits` and their `labels`.
+    token: minimising the NLL of the labels (Attn: the `text[:, 1:]` tokens, [s] included; CTC: the
+    CTC form). word: minimising the binary NLL of each greedy reading being right under its word
+    confidence (`calibration.fit_word_temperature`)."""
+    if method == "word":
+        texts = utils.decode_predictions(logits, converter)[0]
+        correct = torch.tensor([p == g for p, g in zip(texts, labels)], dtype=torch.float64)
+        return calibration.fit_word_temperature(logits, converter, correct)
+    if method != "token":
+        raise ValueError(f"unknown calibration method {method!r}; one of {', '.join(calibration.METHODS)}")
+    text, length = converter.encode(labels, batch_max_length=opt.batch_max_length)
+    if opt.Prediction == "CTC":
+        return float(calibration.fit_temperature(logits, text, target_lengths=length))
+    return float(calibration.fit_temperature(logits, text[:, 1:]))
+
+
+def fit_temperatures_on_loader(model, loader, converter, opt, device, methods=("token",), amp=False,
+                               source="the loader"):
+    """{method: temperature} for each of `methods`, from one pass of the model over `loader` (see
+    `fit_temperature_on_logits`). `source` names the data in the error raised when no sample is
+    readable."""
     logits, labels = collect_logits(model, loader, opt, device, amp)
     if not labels:
         raise utils.UserError(f"{source}: no readable sample to fit the temperature on")
-    text, length = converter.encode(labels, batch_max_length=opt.batch_max_length)
-    if opt.Prediction == "CTC":
-        return float(utils.fit_temperature(torch.cat(logits), text, target_lengths=length))
-    return float(utils.fit_temperature(torch.cat(logits), text[:, 1:]))
+    logits = torch.cat(logits)
+    return {method: float(fit_temperature_on_logits(logits, labels, converter, opt, method)) for method in methods}
 
 
-def fit_temperature_on_valid_data(model, converter, opt, device):
-    """`--temperature auto`: one temperature fitted on every sample of `--valid_data`."""
+def fit_temperature_on_loader(model, loader, converter, opt, device, amp=False, source="the loader", method="token"):
+    """The temperature of `method` (token or word) fitted on the samples of `loader`."""
+    return fit_temperatures_on_loader(model, loader, converter, opt, device, (method,), amp, source)[method]
+
+
+def fit_temperatures_on_valid_data(model, converter, opt, device, methods):
+    """`--temperature auto`: {method: temperature} fitted on every sample of `--valid_data`."""
     hint = "--temperature auto fits the temperature on it (or give --temperature none or a number)"
     options.require_dir(opt.valid_data, "--valid_data", hint, if_absent=hint)
     valid_set, _ = hierarchical_dataset(opt.valid_data, opt, select_data="/", flag="--valid_data")
     if len(valid_set) == 0:
         raise utils.UserError(f"--valid_data {opt.valid_data}: no samples to fit the temperature on")
-    return fit_temperature_on_loader(model, eval_loader(valid_set, opt, device), converter, opt, device,
-                                     amp=opt.amp, source=f"--valid_data {opt.valid_data}")
+    return fit_temperatures_on_loader(model, eval_loader(valid_set, opt, device), converter, opt, device, methods,
+                                      amp=opt.amp, source=f"--valid_data {opt.valid_data}")
+
+
+def fit_temperature_on_valid_data(model, converter, opt, device, method="token"):
+    """`--temperature auto`: one temperature of `method` (token or word) fitted on `--valid_data`."""
+    return fit_temperatures_on_valid_data(model, converter, opt, device, (method,))[method]

@@ -257,11 +257,18 @@ def check_output_dir(value, flag):
         raise UserError(f"{flag} {value}: {blocking} is a file, not a folder; choose another path")
 
 
-def add_temperature_arg(group, allow_auto=True, default="none", note=""):
-    """--temperature, read by `parse_temperature` with the same `allow_auto`."""
+def add_temperature_arg(group, allow_auto=True, default="none", note="", allow_both=False):
+    """--temperature, read by `parse_temperature` with the same `allow_auto`, and with it
+    --calibration (how auto fits it; read by `parse_calibration` with the same `allow_both`)."""
     choices = "none | auto (fitted on --valid_data by NLL) | a number > 0" if allow_auto else "none | a number > 0"
     group.add_argument("--temperature", default=default,
                        help=f"temperature scaling of the logits: {choices}" + (f"; {note}" if note else ""))
+    if allow_auto:
+        group.add_argument("--calibration", default=None,
+                           help="how --temperature auto is fitted: token (default): NLL of the label tokens; "
+                                "word: NLL of each reading being right under its word confidence"
+                                + ("; both: report the metrics unscaled, token- and word-scaled side by side "
+                                   "(the token temperature scales the main table)" if allow_both else ""))
 
 
 def parse_temperature(value, default=None, allow_auto=True, hint="", flag="--temperature"):
@@ -282,6 +289,22 @@ def parse_temperature(value, default=None, allow_auto=True, hint="", flag="--tem
     if not math.isfinite(temperature) or temperature <= 0:
         raise UserError(f"{flag} {value}: the temperature must be a positive finite number")
     return temperature
+
+
+def parse_calibration(value, temperature, allow_both=False, flag="--calibration"):
+    """--calibration with the parsed --temperature: the fitting method in force ('token', 'word'
+    or, when `allow_both`, 'both'), or None when no temperature is fitted. Not given -> 'token' for
+    auto; given without auto -> UserError (it would change nothing)."""
+    methods = ("token", "word", "both") if allow_both else ("token", "word")
+    text = "" if value is None else str(value).strip().lower()
+    if text and text not in methods:
+        raise UserError(f"{flag} {value}: give " + ", ".join(methods[:-1]) + f" or {methods[-1]}")
+    if temperature != "auto":
+        if text:
+            raise UserError(f"{flag} {value}: it chooses how --temperature auto is fitted; give --temperature "
+                            f"auto (or leave {flag} out)")
+        return None
+    return text or "token"
 
 
 def resolve_charset(opt):

@@ -6,7 +6,9 @@ normalised edit distance, calibration (ECE, ACE, MCE, Brier) and speed, per set 
 
 The architecture comes from the flags, or, for flags not given, from the opt.yaml that train.py
 saved beside the model. Results go to a table on stdout, a JSON file and one reliability diagram
-per set."""
+per set. `--temperature auto --calibration both` also compares ECE, ACE, MCE and Brier unscaled,
+after token-level and after word-level temperature scaling (see calibration.py), in a second table
+and under `calibration` of every set and of the total in the JSON."""
 import json
 import math
 import os
@@ -14,10 +16,11 @@ import re
 
 import torch
 
+import calibration
 import options
 import utils
 from dataset import find_lmdbs, hierarchical_dataset
-from evaluation import eval_loader, evaluate, fit_temperature_on_valid_data, load_model
+from evaluation import eval_loader, evaluate, fit_temperatures_on_valid_data, load_model
 
 # The standard benchmark sets, in the order the original family reports them.
 BENCHMARK_SETS = ("IIIT5k_3000", "SVT", "IC03_860", "IC03_867", "IC13_857", "IC13_1015",
@@ -26,6 +29,9 @@ METRICS = ("accuracy", "norm_ED", "ece", "ace", "mce", "brier", "images_per_s")
 COLUMNS = (("accuracy", "accuracy", "{:.2f}"), ("norm_ED", "norm_ED", "{:.4f}"), ("ece", "ECE", "{:.4f}"),
            ("ace", "ACE", "{:.4f}"), ("mce", "MCE", "{:.4f}"), ("brier", "Brier", "{:.4f}"),
            ("images_per_s", "img/s", "{:.1f}"))
+# --calibration both: the confidences compared, and the metrics kept of each.
+SCALINGS = ("none", "token", "word")
+CALIBRATION_METRICS = (("ece", "ECE"), ("ace", "ACE"), ("mce", "MCE"), ("brier", "Brier"))
 
 
 def get_args_parser():
@@ -35,7 +41,7 @@ def get_args_parser():
     group.add_argument("--benchmark_all_eval", action="store_true",
                        help="evaluate the standard benchmark folders under --eval_data in their usual order ("
                             + ", ".join(BENCHMARK_SETS) + "); missing ones are listed as absent")
-    options.add_temperature_arg(group)
+    options.add_temperature_arg(group, allow_both=True)
     group.add_argument("--output", default="",
                        help="folder for results.json and the reliability diagrams reliability_<set>.png "
                             "(default: test_results/<model name>/ beside --saved_model)")
@@ -87,24 +93,76 @@ def find_eval_sets(opt):
     return sets, []
 
 
-def resolve_temperature(opt, model, converter, device):
+def parse_temperature_options(opt):
+    """`(temperature, method)`: --temperature parsed (a number, None or 'auto') and the fitting
+    method of --calibration (None unless auto), checked before any work."""
     temperature = options.parse_temperature(opt.temperature)
-    if temperature == "auto":
-        temperature = fit_temperature_on_valid_data(model, converter, opt, device)
-    return temperature
+    return temperature, options.parse_calibration(opt.calibration, temperature, allow_both=True)
 
 
-def evaluate_set(name, path, model, converter, opt, device, temperature):
+def resolve_temperature(opt, model, converter, device, temperature, method):
+    """`(temperature of the main table, {method: fitted temperature} or None)`; with `both` the main
+    table is scaled by the token-level one."""
+    if temperature != "auto":
+        return temperature, None
+    methods = calibration.METHODS if method == "both" else (method,)
+    fitted = fit_temperatures_on_valid_data(model, converter, opt, device, methods)
+    return fitted["token" if method == "both" else method], fitted
+
+
+def evaluate_set(name, path, model, converter, opt, device, temperature, compare=None):
+    """One set's metrics; with `compare` ({scaling: temperature or None}) also its word
+    confidences under each (`confidence_at`)."""
     dataset, _ = hierarchical_dataset(path, opt, select_data="/", flag="--eval_data")
     result = {"name": name, "path": path, "size": len(dataset)}
     if len(dataset) == 0:
         result.update({"n": 0, "skipped": 0, **{k: float("nan") for k in METRICS},
                        "confidence": torch.zeros(0), "correct": torch.zeros(0)})
+        if compare is not None:
+            result["confidence_at"] = {scaling: torch.zeros(0) for scaling in compare}
         return result
     result.update(evaluate(model, eval_loader(dataset, opt, device), converter, opt, device,
-                           amp=opt.amp, temperature=temperature))
+                           amp=opt.amp, temperature=temperature, compare_temperatures=compare))
     result["skipped"] = len(dataset) - result["n"]
     return result
+
+
+def calibration_block(confidence_at, correct, compare, bins):
+    """{scaling: {ece, ace, mce, brier[, temperature]}} of one set or of all pooled (NaN when empty)."""
+    block = {}
+    for scaling, temperature in compare.items():
+        metrics = calibration.calibration_metrics(confidence_at[scaling], correct, bins=bins)
+        block[scaling] = {key: metrics[key] for key, _ in CALIBRATION_METRICS}
+        if temperature is not None:
+            block[scaling]["temperature"] = temperature
+    return block
+
+
+def add_calibration_blocks(results, total, compare, bins):
+    """The `calibration` block of every set and of the total (all samples pooled)."""
+    for r in results:
+        r["calibration"] = calibration_block(r["confidence_at"], r["correct"], compare, bins)
+    scored = [r for r in results if r["n"] > 0]
+    pooled = {s: torch.cat([r["confidence_at"][s] for r in scored]) if scored else torch.zeros(0) for s in compare}
+    correct = torch.cat([r["correct"] for r in scored]) if scored else torch.zeros(0)
+    total["calibration"] = calibration_block(pooled, correct, compare, bins)
+
+
+def calibration_table(results, total):
+    """One row per set and scaling (then the total): temperature and ECE, ACE, MCE, Brier."""
+    def cells(block):
+        return [f"{block[key]:.4f}" if math.isfinite(block[key]) else "-" for key, _ in CALIBRATION_METRICS]
+
+    header = ["set", "scaling", "temperature"] + [title for _, title in CALIBRATION_METRICS]
+    rows = []
+    for name, block in [(r["name"], r["calibration"]) for r in results] + [("total", total["calibration"])]:
+        if name == "total":
+            rows.append(None)
+        for k, (scaling, values) in enumerate(block.items()):
+            temperature = values.get("temperature")
+            rows.append([name if k == 0 else "", scaling, "-" if temperature is None else f"{temperature:.4f}"]
+                        + cells(values))
+    return utils.format_table(header, rows, align="<<>>>>>")
 
 
 def summarise(results, bins):
@@ -115,8 +173,8 @@ def summarise(results, bins):
     correct = torch.cat([r["correct"] for r in scored]) if scored else torch.zeros(0)
     total = {"n": n, "skipped": sum(r["skipped"] for r in results), **{k: float("nan") for k in METRICS}}
     if n:
-        calibration = utils.calibration_metrics(confidence, correct, bins=bins)
-        total.update({k: calibration[k] for k in ("ece", "ace", "mce", "brier")})
+        metrics = calibration.calibration_metrics(confidence, correct, bins=bins)
+        total.update({k: metrics[k] for k in ("ece", "ace", "mce", "brier")})
         total["accuracy"] = 100.0 * correct.mean().item()
         total["norm_ED"] = sum(r["norm_ED"] * r["n"] for r in scored) / n
         # evaluate() times its own loop; the pooled speed is all samples over all that time
@@ -158,9 +216,15 @@ def finite_or_none(value):
     return value if not isinstance(value, float) or math.isfinite(value) else None
 
 
+def calibration_record(block):
+    return {scaling: {k: finite_or_none(float(v)) for k, v in values.items()} for scaling, values in block.items()}
+
+
 def set_record(result):
     record = {"name": result["name"], "path": result["path"], "n": result["n"], "skipped": result["skipped"]}
     record.update({k: finite_or_none(float(result[k])) for k in METRICS})
+    if "calibration" in result:
+        record["calibration"] = calibration_record(result["calibration"])
     return record
 
 
@@ -170,22 +234,23 @@ def write_reliability_diagrams(results, folder, bins):
         if r["n"] == 0:
             continue
         path = os.path.join(folder, f"reliability_{safe_name(r['name'])}.png")
-        utils.reliability_diagram(r["confidence"], r["correct"], path, bins=bins,
+        calibration.reliability_diagram(r["confidence"], r["correct"], path, bins=bins,
                                   title=f"{r['name']}: accuracy {r['accuracy']:.2f}%")
         paths[r["name"]] = path
     return paths
 
 
-def write_json(path, opt, temperature, results, total, mean, absent, diagrams):
+def write_json(path, opt, temperature, method, results, total, mean, absent, diagrams):
     report = {
         "saved_model": os.path.abspath(opt.saved_model),
         "eval_data": os.path.abspath(opt.eval_data),
         "temperature": temperature,
+        "calibration_method": method,
         "bins": opt.bins,
         "architecture": {k: getattr(opt, k) for k in ("Transformation", "FeatureExtraction",
                                                       "SequenceModeling", "Prediction")},
         "sets": [{**set_record(r), "reliability_diagram": diagrams.get(r["name"])} for r in results],
-        "total": {k: finite_or_none(v) for k, v in total.items()},
+        "total": {k: calibration_record(v) if k == "calibration" else finite_or_none(v) for k, v in total.items()},
         "mean_over_sets": {k: finite_or_none(v) for k, v in mean.items()},
         "absent": absent,
     }
@@ -194,24 +259,33 @@ def write_json(path, opt, temperature, results, total, mean, absent, diagrams):
 
 def main(opt):
     check_inputs(opt)
+    temperature, method = parse_temperature_options(opt)
     options.fill_from_saved(opt, options.given_option_names(opt, get_args_parser()))
     options.resolve_options(opt)
     sets, absent = find_eval_sets(opt)
     device = utils.select_device(opt.device)
     model, converter = load_model(opt, device)
-    temperature = resolve_temperature(opt, model, converter, device)
+    temperature, fitted = resolve_temperature(opt, model, converter, device, temperature, method)
+    compare = {"none": None, **fitted} if method == "both" else None
 
-    results = [evaluate_set(name, path, model, converter, opt, device, temperature) for name, path in sets]
+    results = [evaluate_set(name, path, model, converter, opt, device, temperature, compare) for name, path in sets]
     check_something_read(results, opt)
     total, mean = summarise(results, opt.bins)
+    if compare is not None:
+        add_calibration_blocks(results, total, compare, opt.bins)
 
     folder, json_path = output_paths(opt)
     diagrams = write_reliability_diagrams(results, folder, opt.bins)
-    write_json(json_path, opt, temperature, results, total, mean, absent, diagrams)
+    write_json(json_path, opt, temperature, method, results, total, mean, absent, diagrams)
 
     print(f"model {opt.saved_model} on {device}, temperature "
-          f"{'none' if temperature is None else f'{temperature:.4f}'}")
+          f"{'none' if temperature is None else f'{temperature:.4f}'}"
+          + (f" (fitted on --valid_data, {'token' if method == 'both' else method}-level)" if method else ""))
     print(results_table(results, total, mean))
+    if compare is not None:
+        print("calibration before and after temperature scaling (fitted on --valid_data at the token and the "
+              "word level):")
+        print(calibration_table(results, total))
     for r in results:
         if r["skipped"]:
             print(f"{r['name']}: {r['skipped']} undecodable image(s) skipped")
@@ -220,7 +294,8 @@ def main(opt):
     if absent:
         print("absent: " + ", ".join(absent))
     print(f"results written to {json_path}; reliability diagrams in {folder}")
-    return {"sets": results, "total": total, "mean": mean, "absent": absent, "temperature": temperature}
+    return {"sets": results, "total": total, "mean": mean, "absent": absent, "temperature": temperature,
+            "calibration_method": method}
 
 
 if __name__ == "__main__":

@@ -12,6 +12,8 @@ DistributedDataParallel (rank 0 logs, validates and saves).
 `--resume` continues bit for bit: last.pth holds the weights, the optimizer, the loss average, the
 random generators and every data stream's position, all taken between two steps (Ctrl-C only asks
 the loop to stop there)."""
+import csv
+import io
 import json
 import math
 import os
@@ -25,6 +27,8 @@ import torch
 import torch.utils.data
 from tqdm import tqdm
 
+import annotator_noise
+import calibration
 import calibrators
 import options
 import utils
@@ -38,10 +42,13 @@ from model import Model, initialize_weights, load_weights, save_weights, state_d
 RESUME_MAY_CHANGE = ("num_iter", "workers", "device", "threads", "no_progress", "resume", "output_dir", "exp_name",
                      "dry_run", "saved_model", "FT")
 PATH_OPTIONS = ("train_data", "valid_data", "character_file")
+# Options added after checkpoints were written without them: the value such a checkpoint's run used.
+RESUME_DEFAULTS = {"noise_model": annotator_noise.DEFAULT_MODEL}
 # What a run leaves in its folder that a new run there must not be mixed with: the earlier run's
 # records (metrics.jsonl, train_summary.json) and its best-calibrated model, which a new run only
 # replaces once it reads some words.
-STALE_OUTPUTS = ("metrics.jsonl", "train_summary.json", "best_calibration.pth")
+STALE_OUTPUTS = ("metrics.jsonl", "train_summary.json", "best_calibration.pth", "noise_log.csv")
+NOISE_LOG_COLUMNS = ("relpath", "index", "origin_relpath", "origin_index", "clean_label", "noisy_label", "kind")
 
 
 def get_args_parser():
@@ -89,7 +96,13 @@ def get_args_parser():
                             "selects are left out; a name selecting only query sets is an error); al: plus the "
                             "query sets in --select_data")
     group.add_argument("--query_iter", default="", help="name of this round, part of the default --exp_name")
-    group.add_argument("--noise_ratio", type=float, default=0.0, help="share of labels given one wrong character")
+    group.add_argument("--noise_ratio", type=float, default=0.0,
+                       help="exact share of labels the simulated annotator gets wrong (--noise_model: how)")
+    group.add_argument("--noise_model", choices=tuple(annotator_noise.NOISE_MODELS),
+                       default=annotator_noise.DEFAULT_MODEL,
+                       help="the simulated annotator's errors: substitute (one character, the original's), "
+                            "confusable (look-alike glyphs), edit (one insertion, deletion or substitution), "
+                            "mixed (README)")
     group.add_argument("--noise_scope", choices=("queried", "all"), default="queried",
                        help="which labels the simulated annotator noise touches")
     group.add_argument("--channels_last", action="store_true",
@@ -276,6 +289,7 @@ def check_resume_options(opt, saved, path, names):
     """UserError listing every option (among `names`) whose value differs from the run that wrote
     the checkpoint, except those in RESUME_MAY_CHANGE."""
     changed = []
+    saved = {**RESUME_DEFAULTS, **saved}
     for name in names:
         if name in RESUME_MAY_CHANGE or name not in saved or not hasattr(opt, name):
             continue
@@ -367,6 +381,17 @@ class StopOnSigint:
         if self.installed:
             signal.signal(signal.SIGINT, self.previous if self.previous is not None else signal.default_int_handler)
         return False
+
+
+def noise_log_text(records):
+    """noise_log.csv: one row per corrupted training label (`NOISE_LOG_COLUMNS`; the origin columns
+    empty outside query sets)."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(NOISE_LOG_COLUMNS)
+    for record in records:
+        writer.writerow(["" if record[column] is None else record[column] for column in NOISE_LOG_COLUMNS])
+    return buffer.getvalue()
 
 
 def describe_plan(opt, save_dir, train_dataset, valid_set, start_iter, world_size, n_params):
@@ -515,7 +540,12 @@ def main(opt):
                       f"{f' x {world_size} processes' if distributed else ''}, amp={'on' if opt.amp else 'off'}")
         if train_dataset.num_corrupted:
             log_train.log(f"simulated annotator noise: {train_dataset.num_corrupted} labels corrupted "
-                          f"(noise_ratio {opt.noise_ratio}, scope {opt.noise_scope})")
+                          f"(noise_ratio {opt.noise_ratio}, scope {opt.noise_scope}, model {opt.noise_model}; "
+                          f"noise_log.csv)")
+        if opt.noise_ratio > 0:
+            # the truth behind every corrupted label, for any tool to score itself against
+            utils.atomic_write_text(os.path.join(save_dir, "noise_log.csv"),
+                                    noise_log_text(train_dataset.noise_records()))
 
     start_time = time.time()
 
@@ -548,7 +578,7 @@ def main(opt):
         if result["accuracy"] > best["accuracy"]:
             best["accuracy"] = result["accuracy"]
             save_weights(model, os.path.join(save_dir, "best_accuracy.pth"))
-            utils.reliability_diagram(result["confidence"], result["correct"],
+            calibration.reliability_diagram(result["confidence"], result["correct"],
                                       os.path.join(save_dir, "reliability_best_accuracy.png"),
                                       bins=opt.bins, title=f"best accuracy, iteration {iteration}")
         if improved_ece:
@@ -558,7 +588,7 @@ def main(opt):
         elif best["ece"] != float("inf"):
             stale_validations += 1
         best["norm_ED"] = max(best["norm_ED"], result["norm_ED"])
-        utils.reliability_diagram(result["confidence"], result["correct"],
+        calibration.reliability_diagram(result["confidence"], result["correct"],
                                   os.path.join(save_dir, "reliability_latest.png"),
                                   bins=opt.bins, title=f"iteration {iteration}")
         seconds = elapsed()

@@ -22,6 +22,8 @@ usage: scripts/al_loop.sh [--name value ...]      (or the upper-case environment
   --query_ratio R         share of the pool queried per round        (0.01)
   --num_query N           or a fixed number per round (overrides --query_ratio)
   --noise_ratio R         simulated annotator noise on queried labels (0)
+  --noise_model NAME      the simulated annotator's errors: substitute, confusable, edit,
+                          mixed (train.py --noise_model)             (substitute)
   --base_iters N          iterations of round 0                      (2000)
   --iters N               iterations of each later round             (1000)
   --val_interval N        validation interval                        (500)
@@ -61,6 +63,7 @@ ROUNDS=${ROUNDS:-3}
 QUERY_RATIO=${QUERY_RATIO:-0.01}
 NUM_QUERY=${NUM_QUERY:-}
 NOISE_RATIO=${NOISE_RATIO:-0}
+NOISE_MODEL=${NOISE_MODEL:-substitute}
 BASE_ITERS=${BASE_ITERS:-2000}
 ITERS=${ITERS:-1000}
 VAL_INTERVAL=${VAL_INTERVAL:-500}
@@ -80,7 +83,7 @@ while [ $# -gt 0 ]; do
       var=$(printf '%s' "${1#--}" | tr '[:lower:]' '[:upper:]')
       case "$var" in
         TRAIN_DATA|VALID_DATA|TEST_DATA|SELECT_DATA|BATCH_RATIO|LABEL_RATIO|QUERY|BASE_CALIBRATOR|\
-        AL_CALIBRATOR|ROUNDS|QUERY_RATIO|NUM_QUERY|NOISE_RATIO|BASE_ITERS|ITERS|VAL_INTERVAL|ARCH|\
+        AL_CALIBRATOR|ROUNDS|QUERY_RATIO|NUM_QUERY|NOISE_RATIO|NOISE_MODEL|BASE_ITERS|ITERS|VAL_INTERVAL|ARCH|\
         TRAIN_ARGS|BATCH_SIZE|WORKERS|SEED|OUT|PYTHON) printf -v "$var" '%s' "$2" ;;
         *) echo "error: unknown option $1 (see --help)" >&2; exit 2 ;;
       esac
@@ -110,6 +113,9 @@ is_int "$WORKERS" || fail "--workers $WORKERS: give a whole number (0: load in t
 [[ "$SEED" =~ ^-?[0-9]+$ ]] || fail "--seed $SEED: give a whole number"
 is_ratio "$LABEL_RATIO" || fail "--label_ratio $LABEL_RATIO: give a share in (0, 1]"
 is_ratio "$NOISE_RATIO" closed || fail "--noise_ratio $NOISE_RATIO: give a share in [0, 1]"
+known=$("$PYTHON" -c 'import annotator_noise; print(", ".join(annotator_noise.NOISE_MODELS))') || \
+  fail "cannot read the noise models of annotator_noise.py; run this script from the repository root"
+[[ ", $known, " == *", $NOISE_MODEL, "* ]] || fail "--noise_model $NOISE_MODEL: unknown; choose one of $known"
 if [ -n "$NUM_QUERY" ]; then
   { is_int "$NUM_QUERY" && [ "$NUM_QUERY" -ge 1 ]; } || fail "--num_query $NUM_QUERY: give a whole number of at least 1"
 else
@@ -134,6 +140,8 @@ settings() {
              BATCH_SIZE SEED; do
     printf '%s=%s\n' "$var" "${!var}"
   done
+  # recorded only when not the default, so that a run made before the option still matches
+  [ "$NOISE_MODEL" = substitute ] || printf 'NOISE_MODEL=%s\n' "$NOISE_MODEL"
 }
 
 # shellcheck disable=SC2206
@@ -146,8 +154,9 @@ query_size=(--ratio "$QUERY_RATIO")
 [ -n "$NUM_QUERY" ] && query_size=(--num_query "$NUM_QUERY")
 
 if [ -f "$SETTINGS_FILE" ]; then
-  changed=$(diff <(settings) "$SETTINGS_FILE" | sed -n 's/^> \([A-Z_]*\)=.*/\1/p' | tr '[:upper:]' '[:lower:]' | \
-            sed 's/^/--/' | paste -sd' ' -) || true
+  # a setting recorded on one side only (NOISE_MODEL, when not the default) counts as changed too
+  changed=$(diff <(settings) "$SETTINGS_FILE" | sed -n 's/^[<>] \([A-Z_]*\)=.*/\1/p' | awk '!seen[$0]++' | \
+            tr '[:upper:]' '[:lower:]' | sed 's/^/--/' | paste -sd' ' -) || true
   [ -z "$changed" ] || fail "$RUN holds a run made with other settings ($changed); use the same ones to continue it, or another --out"
   echo "continuing the run in $RUN (finished steps are skipped)"
 elif [ -e "$RUN/models/round0" ]; then
@@ -171,7 +180,8 @@ else
   if [ "$ROUNDS" -ge 1 ]; then
     check "$PYTHON" train.py --dry_run --train_data "$scratch" "${COMMON[@]}" "${ARCH_ARGS[@]}" "${EXTRA_ARGS[@]}" \
       --select_data "$SELECT_DATA" --batch_ratio "$BATCH_RATIO" --calibrator "$AL_CALIBRATOR" --mode al \
-      --noise_ratio "$NOISE_RATIO" --num_iter "$ITERS" --valInterval "$VAL_INTERVAL" --output_dir "$scratch/models"
+      --noise_ratio "$NOISE_RATIO" --noise_model "$NOISE_MODEL" --num_iter "$ITERS" --valInterval "$VAL_INTERVAL" \
+      --output_dir "$scratch/models"
     check "$PYTHON" data_sampling.py --dry_run --train_data "$scratch" "${COMMON[@]}" "${ARCH_ARGS[@]}" \
       --select_data "$SELECT_DATA" --batch_ratio "$BATCH_RATIO" --saved_model "$scratch/none.pth" \
       --query "$QUERY" "${query_size[@]}" --out_name "${QUERY}_iter_1"
@@ -245,7 +255,7 @@ for round in $(seq 0 "$ROUNDS"); do
     ratio=$("$PYTHON" -c 'import json,sys; print(json.load(open(sys.argv[1]))["next_batch_ratio"])' "$summary")
     train_round --select_data "$select" --batch_ratio "$ratio" --calibrator "$AL_CALIBRATOR" --mode al \
       --saved_model "$previous" --num_iter "$ITERS" --valInterval "$VAL_INTERVAL" \
-      --query_iter "${QUERY}_iter_${round}" --noise_ratio "$NOISE_RATIO"
+      --query_iter "${QUERY}_iter_${round}" --noise_ratio "$NOISE_RATIO" --noise_model "$NOISE_MODEL"
   fi
   evaluate_round
   record_time $(( $(date +%s) - start ))

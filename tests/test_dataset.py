@@ -231,9 +231,9 @@ def test_query_set_used_in_full_and_absent_from_pool(pool_with_query, make_opt):
 
 # ---------------------------------------------------------------- label noise plumbing
 
-def noisy_opt(make_opt, root, scope):
+def noisy_opt(make_opt, root, scope, **extra):
     return make_opt(train_data=root, select_data="pool", batch_ratio="1", batch_size=4,
-                    total_data_usage_ratio="0.5", noise_ratio=0.3, noise_scope=scope, manualSeed=99)
+                    total_data_usage_ratio="0.5", noise_ratio=0.3, noise_scope=scope, manualSeed=99, **extra)
 
 
 def given_labels(ds):
@@ -258,7 +258,37 @@ def test_noise_only_on_queried_samples(pool_with_query, make_opt):
     clean = [(("pool/base", k), f"w{k}") for k in range(31, 41)]
     chosen = annotator_noise.noisy_labels(clean, 0.3, opt.character, 99, max_length=opt.batch_max_length)
     assert {("pool/queried", origin[1] - 30) for origin in chosen} == wrong
-    assert "3 corrupted labels" in log.getvalue()
+    assert "3 corrupted labels" in log.getvalue() and "model substitute" in log.getvalue()
+
+
+@pytest.mark.parametrize("model", list(annotator_noise.NOISE_MODELS))
+def test_noise_model_reaches_the_dataset_and_its_records(pool_with_query, make_opt, model):
+    opt = noisy_opt(make_opt, str(pool_with_query), "all", noise_model=model)
+    loader = dataset.Batch_Balanced_Dataset(opt)
+    given = given_labels(loader.datasets["pool"])
+    records = loader.noise_records()
+    assert len(records) == loader.num_corrupted == 9
+    # each record: where the sample is, where it came from, and the truth beside the given label
+    for record in records:
+        identity = (record["relpath"], record["index"])
+        assert record["clean_label"] == clean_label(identity) != record["noisy_label"] == given[identity]
+        if record["relpath"] == "pool/queried":
+            assert (record["origin_relpath"], record["origin_index"]) == ("pool/base", record["index"] + 30)
+        else:
+            assert record["origin_relpath"] is None and record["origin_index"] is None
+    # the same wrong labels and kinds as annotator_noise gives for those samples, keyed by origin
+    queried = [(("pool/base", k), f"w{k}") for k in range(31, 41)]
+    expected = annotator_noise.noisy_labels(queried, 0.3, opt.character, 99, max_length=opt.batch_max_length,
+                                            model=model)
+    assert {(r["origin_index"], r["noisy_label"], r["kind"]) for r in records if r["origin_relpath"]} == {
+        (index, c.label, c.kind) for (_, index), c in expected.items()}
+    leaf = next(leaf for leaf in loader.datasets["pool"].leaves if leaf.is_query)
+    assert set(leaf.noise_kinds) == set(leaf.noisy_labels) and len(leaf.noise_kinds) == 3
+
+
+def test_unknown_noise_model(pool_with_query, make_opt):
+    with pytest.raises(UserError, match="--noise_model typo: unknown; choose one of substitute, confusable"):
+        dataset.Batch_Balanced_Dataset(noisy_opt(make_opt, str(pool_with_query), "queried", noise_model="typo"))
 
 
 def test_noise_on_all_samples(pool_with_query, make_opt):

@@ -4,7 +4,10 @@ The model (None-VGG-None-CTC, charset "ab") has its CTC head's weight zeroed, so
 logits equal the head's bias whatever the image: blank -60, 'a' BETA, 'b' 0. Greedy decoding
 reads "a" on every image, and since the blank is out of reach the only alignment of "a" is
 'a' on all T frames, so the word confidence is P("a") = p**T with p = e^BETA / (e^BETA + 1)
-(T = 24 feature columns for VGG at imgW 100). BETA is chosen so that p**T = 0.7."""
+(T = 24 feature columns for VGG at imgW 100). BETA is chosen so that p**T = 0.7.
+
+Fitted on labels "a", "a", "b" (`valid_mixed`), the token-level temperature makes each frame's
+P('a') = 2/3 (T = BETA / log 2) and the word-level one makes P("a") = 2/3 (T = WORD_T)."""
 import csv
 import importlib.util
 import io
@@ -29,6 +32,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FRAMES = 24
 CONF = 0.7
 BETA = math.log(CONF ** (1 / FRAMES) / (1 - CONF ** (1 / FRAMES)))
+TOKEN_T = BETA / math.log(2)
+WORD_T = BETA / math.log((2 / 3) ** (1 / FRAMES) / (1 - (2 / 3) ** (1 / FRAMES)))
 ARCH = {"Transformation": "None", "FeatureExtraction": "VGG", "SequenceModeling": "None", "Prediction": "CTC",
         "output_channel": 16, "hidden_size": 8, "input_channel": 1, "num_fiducial": 20, "imgH": 32, "imgW": 100,
         "rgb": False, "PAD": False, "character": "ab", "sensitive": False, "character_file": "",
@@ -84,6 +89,7 @@ def world(tmp_path_factory):
     write_set(eval_root / "set10", ["b"])
     write_set(eval_root / "set2", ["a"])
     write_set(root / "valid", ["a", "a"])
+    write_set(root / "valid_mixed", ["a", "a", "b"])
     (root / "empty").mkdir()
 
     images = root / "images"
@@ -93,7 +99,8 @@ def world(tmp_path_factory):
     (images / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n but then nothing")
     (images / "notes.txt").write_text("not an image")
     return {"root": root, "model": str(model_dir / "best_accuracy.pth"), "model_dir": model_dir,
-            "eval": str(eval_root), "valid": str(root / "valid"), "empty": str(root / "empty"),
+            "eval": str(eval_root), "valid": str(root / "valid"), "valid_mixed": str(root / "valid_mixed"),
+            "empty": str(root / "empty"),
             "images": str(images)}
 
 
@@ -199,6 +206,69 @@ def test_temperature_auto_sharpens_when_every_prediction_is_right(world, tmp_pat
     assert f"temperature {temperature:.4f}" in capsys.readouterr().out
 
 
+def test_calibration_both_compares_unscaled_token_and_word_per_set_and_in_total(world, tmp_path):
+    # Every image reads "a" at one confidence, so each set's metrics follow from its labels in
+    # closed form: right words at confidence q give ECE 1 - q, wrong ones q; all 8 words pooled
+    # (4 right) fall in one bin, ECE |0.5 - q|. Token-level scaling (each frame's P('a') = 2/3)
+    # leaves q = (2/3)^24, almost 0; word-level makes q = 2/3, the share of "a" in valid_mixed.
+    json_path = tmp_path / "r.json"
+    result = run_script("test", ["--eval_data", world["eval"], "--saved_model", world["model"],
+                                 "--temperature", "auto", "--calibration", "both", "--valid_data",
+                                 world["valid_mixed"], "--output", str(tmp_path), "--output_json", str(json_path)],
+                        cwd=world["root"])
+    assert result.returncode == 0, result.stderr
+    report = json.loads(json_path.read_text())
+    assert report["calibration_method"] == "both"
+    assert report["temperature"] == pytest.approx(TOKEN_T, rel=5e-3)  # the main table: token-level
+    confidence = {"none": CONF, "token": (2 / 3) ** FRAMES, "word": 2 / 3}
+    metric_keys = {"ece", "ace", "mce", "brier"}
+
+    def check(block, right, wrong):
+        assert list(block) == ["none", "token", "word"]
+        assert set(block["none"]) == metric_keys
+        assert set(block["token"]) == set(block["word"]) == metric_keys | {"temperature"}
+        assert block["token"]["temperature"] == pytest.approx(TOKEN_T, rel=5e-3)
+        assert block["word"]["temperature"] == pytest.approx(WORD_T, rel=1e-4)
+        for scaling, q in confidence.items():
+            n = right + wrong
+            ece = abs(right / n - q)
+            assert block[scaling]["ece"] == pytest.approx(ece, abs=1e-4)
+            assert block[scaling]["mce"] == pytest.approx(ece, abs=1e-4)
+            assert block[scaling]["brier"] == pytest.approx((right * (1 - q) ** 2 + wrong * q ** 2) / n, abs=1e-4)
+
+    by_name = {s["name"]: s for s in report["sets"]}
+    check(by_name["IIIT5k_3000"]["calibration"], right=3, wrong=0)
+    check(by_name["CUTE80"]["calibration"], right=0, wrong=2)
+    check(by_name["set10"]["calibration"], right=0, wrong=1)
+    check(report["total"]["calibration"], right=4, wrong=4)
+    # the main table's figures are those of the token-level block
+    assert by_name["IIIT5k_3000"]["ece"] == pytest.approx(by_name["IIIT5k_3000"]["calibration"]["token"]["ece"])
+    assert "calibration" not in report["mean_over_sets"]
+
+    lines = result.stdout.splitlines()
+    assert f"temperature {report['temperature']:.4f} (fitted on --valid_data, token-level)" in lines[0]
+    header = next(k for k, line in enumerate(lines) if line.split()[:3] == ["set", "scaling", "temperature"])
+    total = next(k for k in range(header, len(lines)) if lines[k].startswith("total"))
+    # ACE: one word per equal-count bin (8 words, 15 bins), so the mean |correct - q|: 0.5 at q = 0.7
+    assert lines[total].split() == ["total", "none", "-", "0.2000", "0.5000", "0.2000",
+                                    f"{(0.3 ** 2 + 0.7 ** 2) / 2:.4f}"]
+    token_row, word_row = lines[total + 1].split(), lines[total + 2].split()
+    assert token_row[:3] == ["token", f"{report['temperature']:.4f}", f"{0.5 - (2 / 3) ** FRAMES:.4f}"]
+    assert word_row[:3] == ["word", f"{WORD_T:.4f}", f"{1 / 6:.4f}"]
+
+
+def test_calibration_word_scales_the_main_table(world, tmp_path):
+    script = load_script("test")
+    out = script.main(parse(script, ["--eval_data", os.path.join(world["eval"], "set2"),
+                                     "--saved_model", world["model"], "--temperature", "auto",
+                                     "--calibration", "word", "--valid_data", world["valid_mixed"],
+                                     "--output", str(tmp_path), *RUNTIME]))
+    assert out["temperature"] == pytest.approx(WORD_T, rel=1e-4) and out["calibration_method"] == "word"
+    assert out["sets"][0]["ece"] == pytest.approx(1 / 3, abs=1e-4)
+    report = json.loads((tmp_path / "results.json").read_text())
+    assert report["calibration_method"] == "word" and "calibration" not in report["sets"][0]
+
+
 @pytest.mark.parametrize("case, message", [
     ("missing_model", "--saved_model"),
     ("missing_folder", "--eval_data"),
@@ -207,6 +277,8 @@ def test_temperature_auto_sharpens_when_every_prediction_is_right(world, tmp_pat
     ("auto_without_valid", "--valid_data"),
     ("no_benchmark_set", "--benchmark_all_eval"),
     ("bad_temperature", "--temperature"),
+    ("calibration_without_auto", "--calibration word: it chooses how --temperature auto is fitted"),
+    ("bad_calibration", "--calibration chars: give token, word or both"),
 ])
 def test_test_py_errors_exit_2_with_one_line(world, tmp_path, capsys, case, message):
     args = {"missing_model": ["--eval_data", world["eval"], "--saved_model", str(tmp_path / "nope.pth")],
@@ -219,7 +291,11 @@ def test_test_py_errors_exit_2_with_one_line(world, tmp_path, capsys, case, mess
             "no_benchmark_set": ["--eval_data", os.path.join(world["eval"], "set2"), "--saved_model",
                                  world["model"], "--benchmark_all_eval"],
             "bad_temperature": ["--eval_data", world["eval"], "--saved_model", world["model"],
-                                "--temperature", "-1"]}[case]
+                                "--temperature", "-1"],
+            "calibration_without_auto": ["--eval_data", world["eval"], "--saved_model", world["model"],
+                                         "--temperature", "2", "--calibration", "word"],
+            "bad_calibration": ["--eval_data", world["eval"], "--saved_model", world["model"],
+                                "--temperature", "auto", "--calibration", "chars"]}[case]
     script = load_script("test")
     with pytest.raises(SystemExit) as exit_info:
         script.utils.exit_on_user_error(script.main)(parse(script, args + ["--output", str(tmp_path)] + RUNTIME))
@@ -255,12 +331,25 @@ def test_demo_table_csv_and_skipped_file(world, tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["pred.csv"]  # no temporary left behind
 
 
+def test_demo_temperature_auto_fitted_at_the_word_level(world, tmp_path, capsys):
+    script = load_script("demo")
+    rows, _ = script.main(parse(script, ["--image_folder", world["images"], "--saved_model", world["model"],
+                                         "--temperature", "auto", "--calibration", "word",
+                                         "--valid_data", world["valid_mixed"], *RUNTIME]))
+    assert [conf for _, _, conf in rows] == pytest.approx([2 / 3] * 3, abs=1e-4)
+    out = capsys.readouterr().out
+    assert f"confidence calibrated with temperature {WORD_T:g}"[:-2] in out and "word-level" in out
+
+
 def test_demo_errors_exit_2(world, tmp_path, capsys):
     script = load_script("demo")
     for args, message in ((["--image_folder", str(tmp_path / "none"), "--saved_model", world["model"]],
                            "--image_folder"),
                           (["--image_folder", world["images"], "--saved_model", world["model"],
-                            "--temperature", "auto"], "--temperature")):
+                            "--temperature", "auto"], "--valid_data"),
+                          (["--image_folder", world["images"], "--saved_model", world["model"],
+                            "--temperature", "auto", "--calibration", "both", "--valid_data", world["valid"]],
+                           "--calibration both: give token or word")):
         with pytest.raises(SystemExit) as exit_info:
             script.utils.exit_on_user_error(script.main)(parse(script, args + RUNTIME))
         assert exit_info.value.code == 2
@@ -300,6 +389,11 @@ def test_load_model_and_fit_temperature_on_a_loader(world, tmp_path):
     mixed, _ = dataset.hierarchical_dataset(str(tmp_path / "mixed"), opt)
     loader = evaluation.eval_loader(mixed, opt, "cpu")
     temperature = evaluation.fit_temperature_on_loader(model, loader, converter, opt, "cpu")
-    assert temperature == pytest.approx(BETA / math.log(2), rel=5e-3)
+    assert temperature == pytest.approx(TOKEN_T, rel=5e-3)
+    # word level: P("a") = 2/3, the share of right readings
+    assert evaluation.fit_temperature_on_loader(model, loader, converter, opt, "cpu", method="word") == \
+        pytest.approx(WORD_T, rel=1e-4)
+    both = evaluation.fit_temperatures_on_loader(model, loader, converter, opt, "cpu", methods=("token", "word"))
+    assert both == {"token": pytest.approx(TOKEN_T, rel=5e-3), "word": pytest.approx(WORD_T, rel=1e-4)}
     with pytest.raises(utils.UserError, match="^--valid_data v: no readable sample to fit the temperature on$"):
         evaluation.fit_temperature_on_loader(model, [], converter, opt, "cpu", source="--valid_data v")

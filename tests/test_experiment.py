@@ -154,7 +154,7 @@ def test_tables_and_plots_are_written(tmp_path):
     with open(tmp_path / "comparison.csv", encoding="utf-8") as f:
         table = list(csv.reader(f))
     assert tuple(table[0]) == comparison.COMPARISON_COLUMNS and len(table) == 1 + len(comparison_rows)
-    assert table[1] == ["random", "CE", "0", "0", "100", "2", "11", "1.414214", "0.011", "0.001414"]
+    assert table[1] == ["random", "CE", "0", "substitute", "0", "100", "2", "11", "1.414214", "0.011", "0.001414"]
     with open(tmp_path / "summary.csv", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
     assert tuple(rows[0]) == comparison.SUMMARY_COLUMNS
@@ -162,8 +162,8 @@ def test_tables_and_plots_are_written(tmp_path):
     assert entropy["final_accuracy_std"] == "" and entropy["diff_vs_random_low"] == ""
     assert [r["noise"] for r in rows] == ["0"] * 4 + ["0.3"] * 4
     markdown = (tmp_path / "summary.md").read_text().splitlines()
-    assert markdown[0].startswith("| query | calibrator | noise | seeds |") and len(markdown) == 2 + 8
-    assert "| uncali | CE | 0 | 2 | 39 | 1.41 | 24.75 |  | 38 | 11 | -1.71 | 23.71 |" in markdown
+    assert markdown[0].startswith("| query | calibrator | noise | noise_model | seeds |") and len(markdown) == 2 + 8
+    assert "| uncali | CE | 0 | substitute | 2 | 39 | 1.41 | 24.75 |  | 38 | 11 | -1.71 | 23.71 |" in markdown
     png = b"\x89PNG\r\n\x1a\n"
     assert comparison.plot_learning_curves(comparison_rows, str(tmp_path / "curves.png")) is not None
     assert (tmp_path / "curves.png").read_bytes()[:8] == png
@@ -211,6 +211,9 @@ def error_lines(capsys):
     (["--base_calibrator", "nonsense"], "--base_calibrator nonsense"),
     (["--noise", "0,1.5"], "--noise 1.5: give a share in [0, 1]"),
     (["--noise", "nan"], "--noise nan"),
+    (["--noise_models", "substitute,typo"], "--noise_models typo: unknown noise model; choose from substitute, "
+                                            "confusable, edit, mixed"),
+    (["--noise_models", "edit,edit"], "--noise_models edit,edit: 'edit' appears twice"),
     (["--seeds", "1111,abc"], "--seeds abc: give whole numbers"),
     (["--seeds", "1,01"], "--seeds 1,01: a seed appears twice"),
     (["--rounds", "-1"], "--rounds -1: give a whole number"),
@@ -261,6 +264,57 @@ def test_the_preset_grid_is_valid(tiny_data):
     settings = experiment.resolve_settings(raw)
     assert "random" in settings["queries"] and len(settings["queries"]) >= 2
     assert {"CE", "boost_soft"} <= set(settings["calibrators"]) and len(settings["noise"]) >= 2
+
+
+def test_noise_models_are_a_grid_axis_that_keeps_the_default_cells_names(tiny_data, tmp_path, no_runs):
+    out, settings = experiment.parse(base_args(tiny_data, tmp_path / "exp", "--noise", "0,0.3"))
+    assert settings["noise_models"] == ["substitute"]  # the default
+    names = [cell.name for cell in experiment.build_units(out, settings)[1]]
+    assert names[:4] == ["random-CE-noise0-seed1111", "random-CE-noise0-seed2222", "random-CE-noise0.3-seed1111",
+                         "random-CE-noise0.3-seed2222"]
+    _, grown = experiment.parse(base_args(tiny_data, tmp_path / "exp", "--noise", "0,0.3",
+                                          "--noise_models", "substitute,mixed"))
+    cells = experiment.build_units(out, grown)[1]
+    # the default model keeps its names; another is named; ratio 0 (no label corrupted) runs once
+    assert [c.name for c in cells if c.query == "random" and c.seed == 1111] == [
+        "random-CE-noise0-seed1111", "random-CE-noise0.3-seed1111", "random-CE-noise0.3-mixed-seed1111"]
+    assert [c.noise_model for c in cells if c.query == "random" and c.seed == 1111] == ["substitute", "substitute",
+                                                                                         "mixed"]
+    # an experiment.json written before --noise_models ran substitute: it continues and may gain models
+    recorded = {k: v for k, v in settings.items() if k != "noise_models"}
+    merged = experiment.merge_with_recorded(out, recorded, grown)
+    assert merged["noise_models"] == ["substitute", "mixed"]
+    assert experiment.merge_with_recorded(out, recorded, settings)["noise_models"] == ["substitute"]
+    with pytest.raises(experiment.ConfigError, match=r"--noise_models \(without substitute\)"):
+        experiment.merge_with_recorded(out, {**recorded, "noise_models": ["substitute", "mixed"]},
+                                       {**grown, "noise_models": ["mixed"]})
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(f"noise_models: [edit, confusable]\ntrain_data: {tiny_data.train}\nvalid_data: {tiny_data.valid}\n"
+                    f"arch: {ARCH}\ncalibrators: CE\nnum_query: 15\n")
+    assert experiment.parse(["--grid", str(grid), "--out", str(out)])[1]["noise_models"] == ["edit", "confusable"]
+
+
+def test_tables_keep_noise_models_apart_and_compare_each_with_its_own_random():
+    records = make_records(CURVES) + [{**r, "noise_model": "edit"} for r in make_records(CURVES, noise=0.3)]
+    records += [{**r, "noise_model": "mixed", "accuracy": r["accuracy"] - 5}
+                for r in make_records(CURVES, noise=0.3)]
+    rows = comparison.summarize(records)
+    assert [(r["noise"], r["noise_model"]) for r in rows] == [(0.0, "substitute")] * 4 + [(0.3, "edit")] * 4 + [
+        (0.3, "mixed")] * 4
+    by = {(r["query"], r["noise_model"]): r for r in rows}
+    # the same curves 5 points lower, against a random 5 points lower: the same paired difference
+    assert by[("uncali", "mixed")]["diff_vs_random_mean"] == pytest.approx(by[("uncali", "edit")]["diff_vs_random_mean"])
+    assert by[("uncali", "mixed")]["final_accuracy_mean"] == pytest.approx(by[("uncali", "edit")]["final_accuracy_mean"] - 5)
+    assert {r["noise_model"] for r in comparison.aggregate(records)} == {"substitute", "edit", "mixed"}
+
+
+def test_the_noise_plot_draws_one_line_per_calibrator_and_model(tmp_path):
+    records = make_records(CURVES) + [{**r, "noise_model": m} for m in ("edit", "mixed")
+                                      for r in make_records(CURVES, noise=0.3)]
+    rows = comparison.summarize(records)
+    assert comparison.plot_noise(rows, str(tmp_path / "noise.png")) is not None
+    assert (tmp_path / "noise.png").read_bytes()[:4] == b"\x89PNG"
+    assert comparison.plot_learning_curves(comparison.aggregate(records), str(tmp_path / "curves.png")) is not None
 
 
 def test_an_output_folder_with_other_files_is_refused(tiny_data, tmp_path, capsys, no_runs):

@@ -14,6 +14,7 @@ import torch
 import yaml
 from PIL import Image
 
+import calibration
 import data_sampling
 import dataset
 import options
@@ -255,7 +256,19 @@ def test_temperature_auto_reports_the_fitted_value(work, models, capsys):
     assert meta["temperature"] == temperature
     calibrated, raw = summary["mean_calibrated_confidence"], summary["mean_confidence"]
     assert calibrated["pool"] < raw["pool"] - 0.1
-    assert f"temperature: {temperature:.4f}" in capsys.readouterr().out
+    assert f"temperature: {temperature:.4f} (fitted on --valid_data, token-level)" in capsys.readouterr().out
+    assert summary["calibration"] == meta["calibration"] == "token"
+
+
+def test_temperature_fitted_at_the_word_level(work, models, capsys):
+    # No validation word is read right, so the word-level fit flattens until every validation
+    # confidence is down at the clamp of its objective (1e-7), and stops there.
+    summary = run_main(ctc_args(work, models.ctc, "--query", "cali", "--num_query", "3", "--calibration", "word"))
+    assert 2 < summary["temperature"] < calibration.WORD_TEMPERATURE_BOUNDS[1]
+    assert summary["mean_calibrated_confidence"]["pool"] < 1e-4
+    _, meta = read_set(os.path.join(str(work / "train_data_lmdb"), "cali_iter_1"))
+    assert summary["calibration"] == meta["calibration"] == "word"
+    assert "(fitted on --valid_data, word-level)" in capsys.readouterr().out
 
 
 def test_runs_are_reproducible_and_differ_by_seed(work, models, tmp_path_factory):
@@ -355,12 +368,13 @@ def error_cases(work, models):
         "everything labelled": (replaced("--total_data_usage_ratio", "1.0"), "the pool is empty"),
         "unknown strategy": (base + ["--query", "coreset"], "random, uncali, margin, entropy, bald, cali"),
         "bad temperature": (base + ["--temperature", "warm"], "--temperature warm"),
+        "calibration without auto": (base + ["--calibration", "word"], "--calibration word: it chooses how"),
     }
 
 
 @pytest.mark.parametrize("case", ["no saved_model", "missing model", "model does not fit", "no train_data",
                                   "ratio picks nothing", "everything labelled", "unknown strategy",
-                                  "bad temperature"])
+                                  "bad temperature", "calibration without auto"])
 def test_errors_exit_2_with_one_line_and_write_nothing(work, models, capsys, case):
     argv, message = error_cases(work, models)[case]
     before = listing(work / "train_data_lmdb")

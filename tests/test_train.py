@@ -1,5 +1,7 @@
 """train.py: the seed's commands, learning, resume, outputs and error exits."""
+import csv
 import json
+import math
 import os
 import re
 import signal
@@ -204,6 +206,48 @@ def test_noise_is_applied_to_queried_labels_and_logged(tiny_data, tmp_path):
     assert 50 <= kept <= 60
     assert summary["corrupted_labels"] == kept
     assert f"{kept} labels corrupted" in (tmp_path / "noisy" / "log_train.txt").read_text()
+
+
+def test_noise_log_holds_the_truth_behind_every_corrupted_label(tiny_data, tmp_path):
+    Data = train_root_with_query_set(tiny_data, tmp_path / "train", "CVPR2016", range(61, 121))
+    args = ["--train_data", Data.train, "--valid_data", Data.valid, "--select_data", "CVPR2016-NIPS2014-random_iter_1",
+            "--batch_ratio", "0.25-0.25-0.5", *SMALL_ARCH, "--batch_size", "8", "--workers", "0", "--num_iter", "1",
+            "--total_data_usage_ratio", "0.5", "--mode", "al", "--output_dir", str(tmp_path)]
+    result = run_train(args + ["--noise_ratio", "0.5", "--noise_model", "mixed", "--exp_name", "noisy"])
+    assert result.returncode == 0, result.stderr
+    folder = tmp_path / "noisy"
+    summary = json.loads(folder.joinpath("train_summary.json").read_text())
+    with open(folder / "noise_log.csv", newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == ["relpath", "index", "origin_relpath", "origin_index", "clean_label", "noisy_label", "kind"]
+    # round(0.5 x kept) of the query set's labels, one row each, and only those (scope 'queried')
+    assert len(rows) == summary["corrupted_labels"] == math.floor(summary["labelled_samples"]["random_iter_1"] * 0.5 + 0.5)
+    with dataset.shared_env(tiny_data.cvpr).begin() as txn:
+        for row in rows:
+            assert row["relpath"] == "random_iter_1" and (row["origin_relpath"], row["kind"] != "") == ("CVPR2016", True)
+            # identity: the query set's own index; origin: the source sample, whose label is the clean one
+            assert int(row["origin_index"]) == int(row["index"]) + 60
+            assert txn.get(dataset.label_key(int(row["origin_index"]))).decode().lower() == row["clean_label"]
+            assert row["noisy_label"] != row["clean_label"] and len(row["noisy_label"]) <= 25
+    assert yaml.safe_load(folder.joinpath("opt.yaml").read_text())["noise_model"] == "mixed"
+    assert "model mixed" in folder.joinpath("log_train.txt").read_text()
+    # without noise no log is written, and a rerun in a folder that held one removes it
+    result = run_train(args + ["--exp_name", "noisy"])
+    assert result.returncode == 0, result.stderr
+    assert not (folder / "noise_log.csv").exists() and "noise_log.csv" in result.stderr
+
+
+def test_resume_counts_the_noise_model_and_reads_an_older_checkpoint_as_substitute():
+    names = ["noise_model", "noise_ratio"]
+    older = {"noise_ratio": 0.3}  # written before --noise_model existed
+    train.check_resume_options(types.SimpleNamespace(noise_model="substitute", noise_ratio=0.3), older, "last.pth",
+                               names)
+    with pytest.raises(utils.UserError, match="--noise_model 'substitute' -> 'confusable'"):
+        train.check_resume_options(types.SimpleNamespace(noise_model="confusable", noise_ratio=0.3), older,
+                                   "last.pth", names)
+    with pytest.raises(utils.UserError, match="--noise_model 'edit' -> 'mixed'"):
+        train.check_resume_options(types.SimpleNamespace(noise_model="mixed", noise_ratio=0.3),
+                                   {**older, "noise_model": "edit"}, "last.pth", names)
 
 
 @pytest.mark.parametrize("change, message", [

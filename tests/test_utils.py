@@ -1,5 +1,5 @@
-"""utils: converters, decoding and confidence, calibration metrics, temperature scaling, simulated
-annotator noise, logging and device helpers. Expected values are worked out by hand in comments."""
+"""utils: converters, decoding and confidence, simulated annotator noise, logging and device
+helpers (temperature scaling and the calibration metrics: test_calibration.py). Expected values are worked out by hand in comments."""
 import errno
 import io
 import itertools
@@ -186,96 +186,6 @@ def test_margin_and_entropy_over_counted_steps():
     # entropies: -(0.7 ln 0.7 + 0.2 ln 0.2 + 0.1 ln 0.1) = 0.801819, ln 2 = 0.693147 -> mean 0.747483
     assert utils.mean_entropy(probs, mask).tolist() == pytest.approx([0.747483], abs=1e-5)
     assert utils.mean_margin(probs, torch.zeros(1, 3, dtype=torch.bool)).tolist() == [0.0]
-
-
-# ------------------------------------------------------------------------------ temperature
-
-def test_fit_temperature_recovers_a_known_temperature():
-    generator = torch.Generator().manual_seed(0)
-    z = 3.0 * torch.randn(4000, 10, generator=generator)
-    labels = torch.multinomial((z / 2.0).softmax(-1), 1, generator=generator).squeeze(1) + 1
-    mask = torch.ones_like(labels, dtype=torch.bool)
-    # Labels are 1-based here so that none is mistaken for the ignored index 0 by default.
-    logits = torch.cat([torch.full((4000, 1), -1e4), z], dim=1)
-    assert utils.fit_temperature(logits, labels) == pytest.approx(2.0, abs=0.15)
-    assert utils.fit_temperature(logits, labels, mask) == pytest.approx(2.0, abs=0.15)
-    scaled = utils.apply_temperature(logits, 2.0)
-    assert torch.allclose(scaled, logits / 2.0)
-
-
-def test_fit_temperature_ctc_form_recovers_a_known_temperature():
-    # Texts drawn from the CTC model itself at T0 = 2: sample a path frame by frame from
-    # softmax(z / 2) and collapse it; the CTC likelihood of those texts peaks near T = 2.
-    generator = torch.Generator().manual_seed(1)
-    batch, steps, num_class = 400, 10, 6
-    z = 3.0 * torch.randn(batch, steps, num_class, generator=generator)
-    paths = torch.multinomial((z / 2.0).softmax(-1).view(-1, num_class), 1, generator=generator).view(batch, steps)
-    keep = utils.ctc_keep_mask(paths)
-    lengths = keep.sum(1)
-    targets = torch.zeros(batch, steps, dtype=torch.long)
-    for i in range(batch):
-        targets[i, :lengths[i]] = paths[i][keep[i]]
-    assert utils.fit_temperature(z, targets, target_lengths=lengths) == pytest.approx(2.0, abs=0.15)
-
-
-def test_fit_temperature_with_nothing_counted_is_one():
-    assert utils.fit_temperature(torch.randn(2, 3, 4), torch.zeros(2, 3, dtype=torch.long)) == 1.0
-
-
-# ------------------------------------------------------------------------------ metrics
-
-def test_metrics_small_case_by_hand():
-    conf = [0.1, 0.3, 0.35, 0.75, 0.9, 1.0]
-    correct = [0, 0, 1, 1, 0, 1]
-    m = utils.calibration_metrics(conf, correct, bins=5)
-    # Equal-width bins of 0.2: {0.1} acc 0 conf 0.1 gap 0.1; {0.3, 0.35} acc 0.5 conf 0.325 gap 0.175;
-    # {0.75} acc 1 gap 0.25; {0.9, 1.0} acc 0.5 conf 0.95 gap 0.45.
-    # ECE = (1*0.1 + 2*0.175 + 1*0.25 + 2*0.45) / 6 = 1.6 / 6; MCE = 0.45.
-    assert m["ece"] == pytest.approx(1.6 / 6)
-    assert m["mce"] == pytest.approx(0.45)
-    # Brier = (0.01 + 0.09 + 0.4225 + 0.0625 + 0.81 + 0) / 6 = 1.395 / 6.
-    assert m["brier"] == pytest.approx(1.395 / 6)
-    assert m["n"] == 6 and m["accuracy"] == pytest.approx(0.5) and m["confidence"] == pytest.approx(3.4 / 6)
-    # Equal-count bins of 2 after sorting: {0.1, 0.3} acc 0 conf 0.2 gap 0.2; {0.35, 0.75} acc 1
-    # conf 0.55 gap 0.45; {0.9, 1.0} acc 0.5 conf 0.95 gap 0.45. ACE = (0.4 + 0.9 + 0.9) / 6 = 2.2 / 6.
-    assert utils.calibration_metrics(conf, correct, bins=3)["ace"] == pytest.approx(2.2 / 6)
-
-
-def test_metrics_perfectly_calibrated_is_zero():
-    conf = torch.tensor([0.5, 0.5, 0.5, 0.5, 1.0, 1.0])
-    correct = torch.tensor([1, 0, 1, 0, 1, 1])
-    m = utils.calibration_metrics(conf, correct, bins=3)
-    assert m["ece"] == pytest.approx(0.0) and m["ace"] == pytest.approx(0.0) and m["mce"] == pytest.approx(0.0)
-    assert m["brier"] == pytest.approx(4 * 0.25 / 6)
-
-
-def test_metrics_all_wrong_at_full_confidence():
-    m = utils.calibration_metrics(torch.ones(7), torch.zeros(7))
-    assert m["ece"] == pytest.approx(1.0) and m["ace"] == pytest.approx(1.0)
-    assert m["mce"] == pytest.approx(1.0) and m["brier"] == pytest.approx(1.0)
-
-
-def test_bin_edges_zero_in_first_one_in_last_and_right_closed():
-    assert utils.equal_width_bins(torch.tensor([0.0, 0.25, 0.5, 0.51, 1.0]), bins=2).tolist() == [0, 0, 0, 1, 1]
-    # conf 0 counts: alone in the first bin with a wrong answer -> ECE 0 there; 1.0 right in the last.
-    assert utils.calibration_metrics([0.0, 1.0], [0, 1], bins=15)["ece"] == pytest.approx(0.0)
-
-
-def test_metrics_of_nothing_are_nan():
-    m = utils.calibration_metrics(torch.zeros(0), torch.zeros(0))
-    assert m["n"] == 0
-    assert all(math.isnan(m[k]) for k in ("ece", "ace", "mce", "brier"))
-
-
-def test_reliability_diagram_writes_a_png(tmp_path):
-    generator = torch.Generator().manual_seed(0)
-    conf = torch.rand(200, generator=generator)
-    correct = (torch.rand(200, generator=generator) < conf).float()
-    path = tmp_path / "sub" / "reliability.png"
-    utils.reliability_diagram(conf, correct, path, bins=10, title="test")
-    data = path.read_bytes()
-    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000
-    assert [p.name for p in path.parent.iterdir()] == ["reliability.png"]  # no temporary left behind
 
 
 # ------------------------------------------------------------------------------ logging

@@ -2,29 +2,32 @@
 with a shared round-0 model per seed, resumable at round granularity, with tables and plots.
 
     python tools/experiment.py --out runs/compare --queries random,uncali,cali \\
-        --calibrators CE,boost_soft --noise 0,0.3 --seeds 1111,2222,3333 [loop settings]
+        --calibrators CE,boost_soft --noise 0,0.3 [--noise_models substitute,mixed] \
+        --seeds 1111,2222,3333 [loop settings]
     python tools/experiment.py --grid configs/compare.yaml --out runs/compare
 
-A cell is (query strategy, calibrator of the active-learning rounds, annotator noise ratio, seed);
-each is one loop as scripts/al_loop.sh runs it. Round 0 is trained once per (seed, base
-calibrator), on clean labels, and every cell of that seed starts from it, so the comparison is
-paired. The loop settings are those of scripts/al_loop.sh; a --grid YAML file holds the same
-keys (the flags' names without the dashes; a list may be a YAML list or a comma-separated
-string); flags given on the command line override it, relative paths are relative to the
-current folder.
+A cell is (query strategy, calibrator of the active-learning rounds, annotator noise ratio,
+annotator noise model, seed); each is one loop as scripts/al_loop.sh runs it. At noise ratio 0 the
+noise model changes nothing, so that ratio gets one cell (under the first model given). Round 0 is
+trained once per (seed, base calibrator), on clean labels, and every cell of that seed starts from
+it, so the comparison is paired. The loop settings are those of scripts/al_loop.sh; a --grid YAML
+file holds the same keys (the flags' names without the dashes; a list may be a YAML list or a
+comma-separated string); flags given on the command line override it, relative paths are relative
+to the current folder.
 
 Work order: every base model first, then round 1 of every cell, round 2 of every cell, and so on;
 the tables and plots in --out are rewritten after every finished round. Running the same command
 again skips finished rounds and continues a killed one (a training from its last.pth). Settings
-are recorded in <out>/experiment.json; only --rounds (to grow), --workers and the grid's lists (to
-gain values) may change for an existing --out. Exit status: 0 when every cell finished, 1 when a
+are recorded in <out>/experiment.json (one written before --noise_models existed means
+substitute); only --rounds (to grow), --workers and the grid's lists (to gain values) may change for
+an existing --out. Exit status: 0 when every cell finished, 1 when a
 cell failed (the others still ran), 2 for bad settings (nothing is run), 130 when interrupted.
 
 Layout of --out:
   experiment.json                        the settings (and the grid, as it grew)
   base/seed<S>-<base calibrator>/        train_data/ (links to the base datasets), models/round0/,
                                          eval/round0/results.json, logs/, round_times.json
-  cells/<query>-<calibrator>-noise<r>-seed<S>/
+  cells/<query>-<calibrator>-noise<r>[-<noise model>]-seed<S>/   (the model named unless substitute)
                                          train_data/ (links and this cell's <query>_iter_<k> query
                                          sets), models/round<k>/, eval/round<k>/, logs/round<k>-
                                          {query,train,test}.log, round_times.json
@@ -55,6 +58,8 @@ SETTINGS = {
     "queries": ("random,uncali", "query strategies, comma-separated (data_sampling.py --query)"),
     "calibrators": ("boost_soft", "calibrators of the active-learning rounds, comma-separated"),
     "noise": ("0", "annotator noise ratios of the active-learning rounds (train.py --noise_ratio), comma-separated"),
+    "noise_models": ("substitute", "annotator noise models of the active-learning rounds (train.py --noise_model), "
+                                   "comma-separated"),
     "seeds": ("1111", "seeds (--manualSeed), comma-separated; one round-0 model per seed"),
     "base_calibrator": ("CE", "calibrator of round 0 (trained once per seed, clean labels)"),
     "train_data": ("data/train_data_lmdb", "training LMDB root"),
@@ -75,7 +80,8 @@ SETTINGS = {
              "architecture and optimiser flags for train.py"),
     "train_args": ("", "extra flags for every train.py call"),
 }
-GRID = ("queries", "calibrators", "noise", "seeds")
+GRID = ("queries", "calibrators", "noise", "noise_models", "seeds")
+DEFAULT_NOISE_MODEL = "substitute"  # train.py's default; a cell of it keeps the name it had before models
 MAY_CHANGE = ("rounds", "workers")
 FIXED = tuple(name for name in SETTINGS if name not in GRID + MAY_CHANGE)
 EXPERIMENT_FILE = "experiment.json"
@@ -219,6 +225,13 @@ def resolve_settings(raw):
     if len(set(noise)) != len(noise):
         raise ConfigError(f"--noise {raw['noise']}: a ratio appears twice")
     s["noise"] = noise
+    import annotator_noise
+
+    s["noise_models"] = _list("noise_models", raw["noise_models"])
+    for model in s["noise_models"]:
+        if model not in annotator_noise.NOISE_MODELS:
+            raise ConfigError(f"--noise_models {model}: unknown noise model; choose from "
+                              f"{', '.join(annotator_noise.NOISE_MODELS)}")
     s["seeds"] = [_int("seeds", item, -2 ** 63, "whole numbers") for item in _list("seeds", raw["seeds"])]
     if len(set(s["seeds"])) != len(s["seeds"]):
         raise ConfigError(f"--seeds {raw['seeds']}: a seed appears twice")
@@ -281,10 +294,17 @@ def _comparable(name, value):
     return _split_flags(name, value) if name in ("arch", "train_args") else value
 
 
+def upgrade_recorded(recorded):
+    """experiment.json's settings as this version reads them: one written before --noise_models
+    existed ran every cell with the default model."""
+    return {**recorded, "noise_models": recorded.get("noise_models") or [DEFAULT_NOISE_MODEL]}
+
+
 def merge_with_recorded(out, recorded, settings):
     """The settings to continue an experiment with: `recorded` (experiment.json's) with the grid's
     new values appended and --rounds/--workers taken from `settings`. ConfigError naming every
     setting that may not change like this."""
+    recorded = upgrade_recorded(recorded)
     changed = []
     for name in FIXED:
         if _comparable(name, recorded.get(name)) != _comparable(name, settings[name]):
@@ -300,7 +320,8 @@ def merge_with_recorded(out, recorded, settings):
     if changed:
         raise ConfigError(f"{out} holds an experiment made with other settings ({', '.join(changed)}); use the "
                           f"same ones to continue it (only --rounds may grow, --workers may change and "
-                          f"--queries/--calibrators/--noise/--seeds may gain values), or another --out")
+                          f"--queries/--calibrators/--noise/--noise_models/--seeds may gain values), or another "
+                          f"--out")
     merged["rounds"], merged["workers"] = settings["rounds"], settings["workers"]
     return merged
 
@@ -465,6 +486,7 @@ def preflight(s, base, calibrators, queries):
             for calibrator in calibrators:
                 train_checks.append((f"calibrator {calibrator}", train + [
                     "--calibrator", calibrator, "--mode", "al", "--noise_ratio", repr(max(s["noise"])),
+                    "--noise_model", s["noise_models"][-1],
                     "--num_iter", str(s["iters"]), "--valInterval", str(s["val_interval"])]))
             return train_checks
 
@@ -488,14 +510,19 @@ def noise_text(noise):
 class Unit:
     """A base model (round 0 of one seed) or a cell (rounds 1.. of one loop)."""
 
-    def __init__(self, out, seed, base_calibrator, query=None, calibrator=None, noise=None, base=None):
+    def __init__(self, out, seed, base_calibrator, query=None, calibrator=None, noise=None, base=None,
+                 noise_model=DEFAULT_NOISE_MODEL):
         self.seed, self.query, self.calibrator, self.noise, self.base = seed, query, calibrator, noise, base
+        self.noise_model = noise_model
         if query is None:
             self.name = f"seed{seed}-{base_calibrator}"
             self.folder = os.path.join(out, "base", self.name)
             self.label = f"base {self.name}"
         else:
-            self.name = f"{query}-{calibrator}-noise{noise_text(noise)}-seed{seed}"
+            # the default model is not named, so that a grid made before noise models (or growing
+            # a second model later) keeps its cell folders
+            model = "" if noise_model == DEFAULT_NOISE_MODEL else f"-{noise_model}"
+            self.name = f"{query}-{calibrator}-noise{noise_text(noise)}{model}-seed{seed}"
             self.folder = os.path.join(out, "cells", self.name)
             self.label = f"cell {self.name}"
         self.root = os.path.join(self.folder, "train_data")
@@ -549,10 +576,18 @@ def read_json(path):
         return json.load(f)
 
 
+def noise_cells(s):
+    """(noise ratio, noise model) pairs of the grid: at ratio 0 no label is corrupted, whatever the
+    model, so it gets one pair, with the first model (the grid's lists only grow at their end, so
+    that cell stays the same one when models are added)."""
+    models = s.get("noise_models") or [DEFAULT_NOISE_MODEL]
+    return [(noise, model) for noise in s["noise"] for model in models if noise > 0 or model == models[0]]
+
+
 def build_units(out, s):
     bases = {seed: Unit(out, seed, s["base_calibrator"]) for seed in s["seeds"]}
-    cells = [Unit(out, seed, s["base_calibrator"], query, calibrator, noise, bases[seed])
-             for query in s["queries"] for calibrator in s["calibrators"] for noise in s["noise"]
+    cells = [Unit(out, seed, s["base_calibrator"], query, calibrator, noise, bases[seed], noise_model)
+             for query in s["queries"] for calibrator in s["calibrators"] for noise, noise_model in noise_cells(s)
              for seed in s["seeds"]]
     return bases, cells
 
@@ -607,7 +642,8 @@ def run_round(unit, k, s):
                                  picked["next_batch_ratio"], "--saved_model", previous, "--calibrator",
                                  unit.calibrator, "--mode", "al", "--num_iter", str(s["iters"]),
                                  "--valInterval", str(s["val_interval"]), "--query_iter",
-                                 os.path.basename(unit.query_set(k)), "--noise_ratio", repr(unit.noise)])
+                                 os.path.basename(unit.query_set(k)), "--noise_ratio", repr(unit.noise),
+                                 "--noise_model", unit.noise_model])
     evaluate_round(unit, k, s)
 
 
@@ -618,7 +654,8 @@ def round_record(unit, k):
     def number(value):
         return float("nan") if value is None else float(value)
 
-    return {"query": unit.query, "calibrator": unit.calibrator, "noise": unit.noise, "seed": unit.seed,
+    return {"query": unit.query, "calibrator": unit.calibrator, "noise": unit.noise,
+            "noise_model": unit.noise_model, "seed": unit.seed,
             "round": k, "labelled": trained["labelled_total"], "accuracy": number(total.get("accuracy")),
             "ece": number(total.get("ece"))}
 
@@ -774,12 +811,12 @@ def prepare(out, settings):
         lock_output(out)
         recorded = read_json(path)
         merged = merge_with_recorded(out, recorded["settings"], settings)
-        old = recorded["settings"]
+        old = upgrade_recorded(recorded["settings"])
         new_calibrators = [c for c in merged["calibrators"] if c not in old["calibrators"] or old["rounds"] == 0]
         new_queries = [q for q in merged["queries"] if q not in old["queries"] or old["rounds"] == 0]
         if merged["rounds"] >= 1 and (new_calibrators or new_queries):
             preflight(merged, False, new_calibrators, new_queries)
-        if merged != old:
+        if merged != recorded["settings"]:
             recorded["settings"] = merged
             comparison.atomic_write(path, json.dumps(recorded, indent=2) + "\n")
         return merged
@@ -824,7 +861,10 @@ def run(argv):
         print("interrupted before the first round; nothing was started", file=sys.stderr)
         return 130
     print(f"experiment {out}: {len(settings['queries'])} queries x {len(settings['calibrators'])} calibrators x "
-          f"{len(settings['noise'])} noise ratios x {len(settings['seeds'])} seeds, {settings['rounds']} rounds "
+          f"{len(settings['noise'])} noise ratios"
+          + (f" x {len(settings['noise_models'])} noise models" if settings["noise_models"] != [DEFAULT_NOISE_MODEL]
+             else "")
+          + f" x {len(settings['seeds'])} seeds, {settings['rounds']} rounds "
           f"after round 0", flush=True)
     try:
         failed, summary, cells = run_grid(out, settings)

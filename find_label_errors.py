@@ -1,0 +1,366 @@
+"""Find wrong labels: score every labelled sample of a selection with a trained model and rank them
+by label quality, the model's probability of the given label relative to its own best reading
+(label_quality.py has the formula for both heads).
+
+    python find_label_errors.py --saved_model saved_models/<exp>/best_accuracy.pth \
+        --train_data data/train_data_lmdb --select_data CVPR2016-NIPS2014-uncali_iter_1 \
+        --batch_ratio 0.25-0.25-0.5 --total_data_usage_ratio 0.2 --out runs/label_errors
+
+--batch_ratio may be given (training's value) and is not used: no batches are mixed. The
+labelled samples are those training reads: the first --total_data_usage_ratio of each base
+dataset (less the samples a selected query set holds) and every selected query set whole. Writes
+`<out>/label_errors.csv` (every scored sample, worst first) and `<out>/summary.json`, and prints the
+top of the list and how many labels fall under --threshold.
+
+With the simulated annotator noise flags training used (--noise_ratio, --noise_scope,
+--noise_model, --manualSeed), the same wrong labels are rebuilt and scored, and the ranking is
+measured against the truth: precision and recall at k (k = the number of wrong labels scored) and
+the area under the ROC curve.
+
+Runs as `python find_label_errors.py` or under `torchrun` (rank r scores every world_size-th
+sample, rank 0 gathers and writes)."""
+import csv
+import json
+import math
+import os
+import sys
+import time
+from datetime import datetime, timezone
+
+import numpy as np
+import torch
+import torch.utils.data
+from tqdm import tqdm
+
+import annotator_noise
+import dataset
+import label_quality
+import options
+import utils
+from evaluation import eval_loader, load_model
+
+CSV_NAME = "label_errors.csv"
+SUMMARY_NAME = "summary.json"
+NOISE_SCOPES = ("queried", "all")
+DEFAULT_NOISE_MODEL = "substitute"
+
+
+def get_args_parser():
+    parser = options.make_parser("Rank the labelled samples of a selection by how far a trained model believes "
+                                 "their labels, worst first; with the simulated noise flags of training, measure "
+                                 "how well that finds the wrong labels.")
+    options.add_common_args(parser, saved_model_help="the trained model whose readings judge the labels (required)")
+    group = parser.add_argument_group("label errors")
+    group.add_argument("--out", default="", help="folder for label_errors.csv and summary.json (made when missing; "
+                                                 "required)")
+    which = group.add_mutually_exclusive_group()
+    which.add_argument("--num_issues", type=int, default=None, metavar="K",
+                       help="flag the K lowest label qualities as issues (the `issue` column)")
+    which.add_argument("--threshold", type=float, default=0.1, metavar="Q",
+                       help="flag the labels whose quality is below this as issues; the count below it is "
+                            "reported either way")
+    group.add_argument("--show", type=int, default=20, metavar="N", help="print this many of the worst labels")
+    noise = parser.add_argument_group("simulated annotator noise (give the values training used)")
+    noise.add_argument("--noise_ratio", type=float, default=0.0,
+                       help="share of the labels the simulated annotator got wrong (train.py --noise_ratio); > 0 "
+                            "rebuilds those wrong labels, scores them and measures the ranking against the truth")
+    noise.add_argument("--noise_scope", choices=NOISE_SCOPES, default="queried",
+                       help="which labels the noise touched: the query sets only, or all labelled samples")
+    noise.add_argument("--noise_model", default=DEFAULT_NOISE_MODEL,
+                       help="how a wrong label differs from the right one: " + ", ".join(noise_model_names()))
+    return parser
+
+
+def noise_model_names():
+    """The annotator noise models annotator_noise offers (its NOISE_MODELS registry; substitute
+    alone where there is none)."""
+    registry = getattr(annotator_noise, "NOISE_MODELS", None)
+    if registry:
+        return tuple(registry)
+    return (DEFAULT_NOISE_MODEL,)
+
+
+def noise_arguments(opt):
+    """The keywords of `hierarchical_dataset` that apply the noise as training did. The noise
+    model is passed only when it is not the default, the one every version of the data layer uses."""
+    arguments = {"noise_ratio": opt.noise_ratio, "noise_scope": opt.noise_scope}
+    model = getattr(opt, "noise_model", DEFAULT_NOISE_MODEL)
+    if opt.noise_ratio and model != DEFAULT_NOISE_MODEL:
+        arguments["noise_model"] = model
+    return arguments
+
+
+# ---------------------------------------------------------------------------------------------
+# checks
+
+
+def check_inputs(opt):
+    options.require_file(opt.saved_model, "--saved_model", "give the trained model whose readings judge the labels")
+    options.require_dir(opt.train_data, "--train_data", "give the root folder of the training LMDBs")
+    if not opt.out:
+        raise utils.UserError("--out is required: give a folder for label_errors.csv and summary.json")
+    options.check_output_dir(opt.out, "--out")
+    if opt.num_issues is not None and opt.num_issues < 1:
+        raise utils.UserError(f"--num_issues {opt.num_issues}: must be at least 1")
+    if not (math.isfinite(opt.threshold) and 0.0 < opt.threshold <= 1.0):
+        raise utils.UserError(f"--threshold {opt.threshold}: give a label quality in (0, 1], e.g. 0.1")
+    if opt.show < 0:
+        raise utils.UserError(f"--show {opt.show}: must be at least 0")
+    if not (math.isfinite(opt.noise_ratio) and 0.0 <= opt.noise_ratio <= 1.0):
+        raise utils.UserError(f"--noise_ratio {opt.noise_ratio}: must lie between 0 and 1")
+    names = noise_model_names()
+    if opt.noise_model not in names:
+        raise utils.UserError(f"--noise_model {opt.noise_model}: unknown; choose one of {', '.join(names)}")
+
+
+# ---------------------------------------------------------------------------------------------
+# the labelled samples, as training reads them
+
+
+def selected_query_origins(opt):
+    """Origins held by the query sets that --select_data selects: training leaves them out of the
+    base datasets' labelled parts (each sample is trained on once), and so does the scoring."""
+    queried = set()
+    leaves = {rel for name in opt.select_data for rel in dataset.select_leaves(opt.train_data, [name], "--train_data")}
+    for rel in sorted(leaves):
+        path = os.path.join(opt.train_data, rel)
+        if dataset.is_query_set(path):
+            queried |= dataset.read_query_origins(path)
+    return queried
+
+
+def labelled_samples(opt):
+    """`(data, log)`: every labelled sample of --select_data, as `train.py --mode al` builds them
+    (Batch_Balanced_Dataset): per name, `hierarchical_dataset(split="labelled")` with the selected
+    query sets' origins excluded and the noise applied as training applied it. A sample that two
+    names select is scored once (the first name's)."""
+    queried = selected_query_origins(opt)
+    parts, logs, earlier = [], [], []  # earlier: (relpaths, identities) of the parts kept so far
+    for name in opt.select_data:
+        data, log = dataset.hierarchical_dataset(opt.train_data, opt, [name], split="labelled",
+                                                 exclude=queried or None, flag="--train_data",
+                                                 **noise_arguments(opt))
+        logs.append(log.rstrip("\n"))
+        identities = data.identities
+        relpaths = {leaf.relpath for leaf in data.parts}
+        overlap = relpaths & {rel for kept, _ in earlier for rel in kept}
+        if overlap:  # rare: two names select one LMDB; only then are identities listed
+            taken = {identity for kept, ids in earlier if kept & overlap for identity in ids if identity[0] in overlap}
+            keep = [i for i, identity in enumerate(identities) if identity not in taken]
+            identities = [identities[i] for i in keep]
+            relpaths = {rel for rel, _ in identities}
+            data = torch.utils.data.Subset(data, keep)
+        if len(data):
+            parts.append(data)
+            earlier.append((relpaths, identities))
+    if not parts:
+        raise utils.UserError(f"--select_data {'-'.join(opt.select_data)}: no labelled sample under {opt.train_data} "
+                              f"(after filtering and --total_data_usage_ratio {opt.total_data_usage_ratio}); give "
+                              f"the ratio training used, or name a query set")
+    return torch.utils.data.ConcatDataset(parts), "\n".join(logs)
+
+
+def shard(data, rank, world_size):
+    if world_size == 1:
+        return data
+    return torch.utils.data.Subset(data, range(rank, len(data), world_size))
+
+
+def show_progress(opt, rank=0):
+    return rank == 0 and not opt.no_progress and sys.stderr.isatty()
+
+
+def score_shard(model, data, converter, opt, device, rank):
+    loader = eval_loader(data, opt, device)
+    bar = tqdm(loader, total=len(loader), desc="scoring labels", unit="batch",
+               disable=not show_progress(opt, rank), dynamic_ncols=True)
+    try:
+        return label_quality.score_batches(model, bar, converter, opt, device)
+    finally:
+        bar.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# truth, ranking and outputs
+
+
+def source_facts(root, opt, relpaths, indices):
+    """Per row: the clean label (the LMDB's, normalised as the dataset does, without noise) and the
+    origin of a query set's sample (`(relpath, index)` or None)."""
+    rules = dataset.LabelRules(opt)
+    clean, origins = [None] * len(relpaths), [None] * len(relpaths)
+    rows = {}
+    for row, rel in enumerate(relpaths):
+        rows.setdefault(rel, []).append(row)
+    for rel, positions in rows.items():
+        path = os.path.join(root, rel)
+        with dataset.shared_env(path).begin(write=False) as txn:
+            for row in positions:
+                raw = txn.get(dataset.label_key(int(indices[row])))
+                if raw is None:
+                    raise utils.UserError(f"{path}: sample {int(indices[row])} vanished while scoring; was the "
+                                          f"dataset rewritten?")
+                clean[row] = rules.clean(rules.normalise(raw.decode("utf-8", errors="replace")))
+                origins[row] = dataset.read_origin(txn, int(indices[row]))
+    return clean, origins
+
+
+def rank_rows(opt, columns):
+    """The gathered columns worst first, with quality, reading confidence, clean label, origin,
+    `corrupted` (given label != clean label) and `issue`."""
+    rows = label_quality.reorder(columns, label_quality.worst_first(columns))
+    rows["label_quality"] = label_quality.quality(rows["log_quality"])
+    rows["reading_confidence"] = label_quality.quality(rows["reading_log_prob"])
+    rows["clean_label"], rows["origin"] = source_facts(opt.train_data, opt, rows["relpath"], rows["index"])
+    rows["corrupted"] = np.array([g != c for g, c in zip(rows["label"], rows["clean_label"])], dtype=bool)
+    n = len(rows["index"])
+    if opt.num_issues is not None:
+        rows["issue"] = np.arange(n) < opt.num_issues
+    else:
+        rows["issue"] = rows["log_quality"] < math.log(opt.threshold)
+    return rows
+
+
+def number(x):
+    """A float as text that reads back to the same value (repr), 'inf'/'-inf'/'nan' as such."""
+    return repr(float(x))
+
+
+def write_csv(path, rows, noisy):
+    header = ["rank", "relpath", "index", "origin", "given_label", "reading", "label_quality", "log_quality",
+              "reading_confidence", "issue"] + (["clean_label", "corrupted"] if noisy else [])
+    with utils.atomic_path(path) as tmp:
+        with open(tmp, "w", encoding="utf-8", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(header)
+            for i in range(len(rows["index"])):
+                origin = rows["origin"][i]
+                line = [i + 1, rows["relpath"][i], int(rows["index"][i]),
+                        "" if origin is None else f"{origin[0]}:{origin[1]}", rows["label"][i], rows["reading"][i],
+                        number(rows["label_quality"][i]), number(rows["log_quality"][i]),
+                        number(rows["reading_confidence"][i]), int(rows["issue"][i])]
+                if noisy:
+                    line += [rows["clean_label"][i], int(rows["corrupted"][i])]
+                writer.writerow(line)
+
+
+def make_summary(opt, rows, labelled, elapsed, world_size, csv_path):
+    log_q = rows["log_quality"]
+    log_threshold = math.log(opt.threshold)
+    summary = {
+        "saved_model": os.path.abspath(opt.saved_model),
+        "train_data": os.path.abspath(opt.train_data),
+        "select_data": "-".join(opt.select_data),
+        "total_data_usage_ratio": opt.total_data_usage_ratio,
+        "prediction": opt.Prediction,
+        "labelled": labelled,
+        "scored": int(len(log_q)),
+        "unreadable": labelled - int(len(log_q)),
+        "reading_equals_label": int(sum(r == g for r, g in zip(rows["reading"], rows["label"]))),
+        "threshold": opt.threshold,
+        "under_threshold": int((log_q < log_threshold).sum()),
+        "num_issues": opt.num_issues,
+        "issues": int(rows["issue"].sum()),
+        "csv": os.path.abspath(csv_path),
+        "noise": None,
+        "amp": bool(opt.amp),
+        "processes": world_size,
+        "time_s": round(elapsed, 3),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    if opt.noise_ratio > 0:
+        truth = rows["corrupted"]
+        noise = {"ratio": opt.noise_ratio, "scope": opt.noise_scope, "model": opt.noise_model,
+                 "seed": opt.manualSeed}
+        noise.update(label_quality.detection_metrics(log_q, truth))
+        noise["under_threshold"] = label_quality.threshold_metrics(log_q, truth, log_threshold)
+        summary["noise"] = noise
+    return summary
+
+
+def format_report(summary, rows, show):
+    lines = []
+    shown = min(show, len(rows["index"]))
+    if shown:
+        noisy = summary["noise"] is not None
+        header = ["rank", "sample", "given label", "reading", "quality"] + (["wrong"] if noisy else [])
+        table = []
+        for i in range(shown):
+            cells = [str(i + 1), f"{rows['relpath'][i]}:{int(rows['index'][i])}", repr(rows["label"][i]),
+                     repr(rows["reading"][i]), f"{rows['label_quality'][i]:.3g}"]
+            if noisy:
+                cells.append("yes" if rows["corrupted"][i] else "")
+            table.append(cells)
+        lines.append(f"the {shown} lowest label qualities of {summary['scored']}:")
+        lines.append(utils.format_table(header, table, align="><<<>" + (">" if noisy else "")))
+    lines.append(f"{summary['under_threshold']} of {summary['scored']} labels have quality below "
+                 f"{summary['threshold']:g}" + (f"; {summary['issues']} flagged (--num_issues)"
+                                                  if summary["num_issues"] is not None else "")
+                 + (f"; {summary['unreadable']} unreadable image(s) skipped" if summary["unreadable"] else ""))
+    noise = summary["noise"]
+    if noise is not None:
+        def fmt(x):
+            return "n/a" if x is None else f"{x:.4f}"
+
+        lines.append(f"against the simulated noise ({noise['model']}, ratio {noise['ratio']:g}, scope "
+                     f"{noise['scope']}, seed {noise['seed']}): {noise['corrupted']} wrong labels scored; "
+                     f"precision@k {fmt(noise['precision_at_k'])}, recall@k {fmt(noise['recall_at_k'])} "
+                     f"(k = {noise['k']}), ROC AUC {fmt(noise['roc_auc'])}")
+        below = noise["under_threshold"]
+        lines.append(f"  below the threshold: precision {fmt(below['precision'])}, recall {fmt(below['recall'])}")
+        if noise["corrupted"] == 0:
+            lines.append("  no scored label is wrong: --noise_scope queried touches query sets only; is one selected?")
+    return "\n".join(lines)
+
+
+def finish(opt, columns, labelled, start, world_size):
+    """Rank 0: rank, write the CSV and the summary, print the report; returns the summary."""
+    rows = rank_rows(opt, columns)
+    os.makedirs(opt.out, exist_ok=True)
+    csv_path = os.path.join(opt.out, CSV_NAME)
+    write_csv(csv_path, rows, noisy=opt.noise_ratio > 0)
+    summary = make_summary(opt, rows, labelled, time.time() - start, world_size, csv_path)
+    utils.atomic_write_text(os.path.join(opt.out, SUMMARY_NAME), json.dumps(summary, indent=2) + "\n")
+    print(format_report(summary, rows, opt.show))
+    print(f"written: {csv_path}, {os.path.join(opt.out, SUMMARY_NAME)}")
+    return summary
+
+
+def main(opt, given=None):
+    """Score, rank and write; `given` holds the option names set on the command line (the other
+    architecture options come from the opt.yaml beside --saved_model; default:
+    `options.given_option_names`). Returns the summary on rank 0, None on the others."""
+    start = time.time()
+    check_inputs(opt)
+    given = options.given_option_names(opt, get_args_parser()) if given is None else set(given)
+    options.fill_from_saved(opt, given)
+    if "batch_ratio" not in given and isinstance(opt.select_data, str):
+        # unused here (no batches are mixed): one share per name satisfies resolve_options
+        opt.batch_ratio = "-".join("1" for name in opt.select_data.split("-") if name) or "1"
+    options.resolve_options(opt)
+    rank, world_size, local_rank, distributed = utils.init_distributed()
+    try:
+        device = utils.select_device(opt.device, local_rank)
+        utils.set_seed(opt.manualSeed)
+        model, converter = load_model(opt, device)
+        data, log = labelled_samples(opt)
+        if rank == 0:
+            print(log)
+            print(f"scoring {len(data)} labelled samples with {opt.saved_model} ({opt.Prediction}) on {device}"
+                  + (f", {world_size} processes" if world_size > 1 else ""))
+        columns = score_shard(model, shard(data, rank, world_size), converter, opt, device, rank)
+        parts = utils.all_gather_object(columns) if distributed else [columns]
+        if rank != 0:
+            return None
+        columns = label_quality.merge_columns(parts)
+        if len(columns["index"]) == 0:
+            raise utils.UserError(f"none of the {len(data)} labelled images of --select_data "
+                                  f"{'-'.join(opt.select_data)} decodes; nothing to score")
+        return finish(opt, columns, len(data), start, world_size)
+    finally:
+        if distributed:
+            torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    utils.exit_on_user_error(main)(options.parse_with_given(get_args_parser()))
