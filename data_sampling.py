@@ -17,7 +17,6 @@ import math
 import os
 import re
 import shutil
-import sys
 import time
 from datetime import datetime, timezone
 
@@ -33,7 +32,8 @@ import locking
 import options
 import query_strategies
 import utils
-from evaluation import eval_loader, fit_temperature_on_valid_data, forward_logits, load_model
+from evaluation import (concatenate_columns, eval_loader, fit_temperature_on_valid_data, forward_logits, load_model,
+                        rank_share, show_progress)
 
 TRAINING_ONLY_FLAGS = ("exp_name", "output_dir", "valInterval", "num_iter", "lr", "beta1", "rho", "eps", "grad_clip",
                        "lr_schedule", "warmup_iters", "calibrator", "alpha", "beta", "smooth_tail", "patience", "mode",
@@ -242,16 +242,6 @@ def build_pool(opt, pool_names, queried):
     return Pool(parts), "\n".join(logs)
 
 
-def shard(pool, rank, world_size):
-    if world_size == 1:
-        return pool
-    return torch.utils.data.Subset(pool, range(rank, len(pool), world_size))
-
-
-def show_progress(opt, rank=0):
-    return rank == 0 and not opt.no_progress and sys.stderr.isatty()
-
-
 # ---------------------------------------------------------------------------------------------
 # scoring
 
@@ -347,12 +337,7 @@ def score_pool(model, data, converter, opt, strategy, temperature, device, rank=
 
 def merge_columns(parts, leaf_relpaths):
     """Concatenate the ranks' columns and sort them into pool order."""
-    merged = {}
-    for key in parts[0]:
-        if isinstance(parts[0][key], np.ndarray):
-            merged[key] = np.concatenate([p[key] for p in parts])
-        else:
-            merged[key] = [x for p in parts for x in p[key]]
+    merged = concatenate_columns(parts)
     leaf_order = {rel: k for k, rel in enumerate(leaf_relpaths)}
     # Within one leaf the pool keeps LMDB order, so (leaf position, index) is the pool order.
     leaf_rank = np.fromiter((leaf_order[r] for r in merged["relpath"]), dtype=np.int64, count=len(merged["relpath"]))
@@ -542,7 +527,7 @@ def score_round(opt, model, converter, strategy, temperature, device, plan, rank
         if temperature is not None:
             print(f"temperature: {temperature:.4f}"
                   + (f" (fitted on --valid_data, {opt.calibration}-level)" if opt.calibration else ""))
-    columns = score_pool(model, shard(pool, rank, world_size), converter, opt, strategy, temperature, device, rank)
+    columns = score_pool(model, rank_share(pool, rank, world_size), converter, opt, strategy, temperature, device, rank)
     parts = utils.all_gather_object(columns) if distributed else [columns]
     if rank != 0:
         return None, len(pool), temperature
@@ -636,6 +621,7 @@ def main(opt, given=None):
     rank, world_size, local_rank, distributed = utils.init_distributed()
     try:
         device = utils.select_device(opt.device, local_rank)
+        opt.amp = utils.effective_amp(opt.amp, device)
         utils.set_seed(opt.manualSeed)
         model, converter = load_model(opt, device)
         # Held from naming the output to publishing it: a second sampler on this root waits or

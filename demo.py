@@ -74,6 +74,7 @@ def main(opt):
     temperature = options.parse_temperature(opt.temperature)
     method = options.parse_calibration(opt.calibration, temperature)
     device = utils.select_device(opt.device)
+    opt.amp = utils.effective_amp(opt.amp, device)
     model, converter = load_model(opt, device)
     if temperature == "auto":
         temperature = fit_temperature_on_valid_data(model, converter, opt, device, method)

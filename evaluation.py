@@ -1,8 +1,10 @@
 """Validation and evaluation shared by the scripts: load a saved model, run it over a loader,
 decode, measure accuracy, normalised edit distance, loss and calibration, and fit a temperature
 (token or word level, see calibration.py)."""
+import sys
 import time
 
+import numpy as np
 import torch
 import torch.utils.data
 from nltk.metrics.distance import edit_distance
@@ -35,6 +37,30 @@ def eval_loader(data, opt, device):
     return torch.utils.data.DataLoader(data, batch_size=opt.batch_size, shuffle=False, num_workers=opt.workers,
                                        collate_fn=collate, pin_memory=torch.device(device).type == "cuda",
                                        persistent_workers=opt.workers > 0, worker_init_fn=loader_worker_init)
+
+
+def rank_share(data, rank, world_size):
+    """This process's share of `data` when several score it together: every world_size-th item
+    from `rank` (all of it for one process)."""
+    if world_size == 1:
+        return data
+    return torch.utils.data.Subset(data, range(rank, len(data), world_size))
+
+
+def show_progress(opt, rank=0):
+    """Progress bars on rank 0 only, on a terminal, unless --no_progress."""
+    return rank == 0 and not opt.no_progress and sys.stderr.isatty()
+
+
+def concatenate_columns(parts):
+    """One dict of columns from several (one per process): arrays concatenated, lists chained."""
+    merged = {}
+    for key in parts[0]:
+        if isinstance(parts[0][key], np.ndarray):
+            merged[key] = np.concatenate([p[key] for p in parts])
+        else:
+            merged[key] = [x for p in parts for x in p[key]]
+    return merged
 
 
 def forward_logits(model, images, batch_max_length, prediction, text=None):

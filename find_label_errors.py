@@ -23,7 +23,6 @@ import csv
 import json
 import math
 import os
-import sys
 import time
 from datetime import datetime, timezone
 
@@ -34,10 +33,10 @@ from tqdm import tqdm
 
 import annotator_noise
 import dataset
+import evaluation
 import label_quality
 import options
 import utils
-from evaluation import eval_loader, load_model
 
 CSV_NAME = "label_errors.csv"
 SUMMARY_NAME = "summary.json"
@@ -160,20 +159,10 @@ def labelled_samples(opt):
     return torch.utils.data.ConcatDataset(parts), "\n".join(logs)
 
 
-def shard(data, rank, world_size):
-    if world_size == 1:
-        return data
-    return torch.utils.data.Subset(data, range(rank, len(data), world_size))
-
-
-def show_progress(opt, rank=0):
-    return rank == 0 and not opt.no_progress and sys.stderr.isatty()
-
-
 def score_shard(model, data, converter, opt, device, rank):
-    loader = eval_loader(data, opt, device)
+    loader = evaluation.eval_loader(data, opt, device)
     bar = tqdm(loader, total=len(loader), desc="scoring labels", unit="batch",
-               disable=not show_progress(opt, rank), dynamic_ncols=True)
+               disable=not evaluation.show_progress(opt, rank), dynamic_ncols=True)
     try:
         return label_quality.score_batches(model, bar, converter, opt, device)
     finally:
@@ -341,18 +330,19 @@ def main(opt, given=None):
     rank, world_size, local_rank, distributed = utils.init_distributed()
     try:
         device = utils.select_device(opt.device, local_rank)
+        opt.amp = utils.effective_amp(opt.amp, device)
         utils.set_seed(opt.manualSeed)
-        model, converter = load_model(opt, device)
+        model, converter = evaluation.load_model(opt, device)
         data, log = labelled_samples(opt)
         if rank == 0:
             print(log)
             print(f"scoring {len(data)} labelled samples with {opt.saved_model} ({opt.Prediction}) on {device}"
                   + (f", {world_size} processes" if world_size > 1 else ""))
-        columns = score_shard(model, shard(data, rank, world_size), converter, opt, device, rank)
+        columns = score_shard(model, evaluation.rank_share(data, rank, world_size), converter, opt, device, rank)
         parts = utils.all_gather_object(columns) if distributed else [columns]
         if rank != 0:
             return None
-        columns = label_quality.merge_columns(parts)
+        columns = evaluation.concatenate_columns(parts)
         if len(columns["index"]) == 0:
             raise utils.UserError(f"none of the {len(data)} labelled images of --select_data "
                                   f"{'-'.join(opt.select_data)} decodes; nothing to score")

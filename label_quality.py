@@ -169,17 +169,6 @@ def score_batches(model, batches, converter, opt, device):
     return table.columns()
 
 
-def merge_columns(parts):
-    """Concatenate column dicts (one per process) into one."""
-    merged = {}
-    for key in parts[0]:
-        if isinstance(parts[0][key], np.ndarray):
-            merged[key] = np.concatenate([p[key] for p in parts])
-        else:
-            merged[key] = [x for p in parts for x in p[key]]
-    return merged
-
-
 def worst_first(columns):
     """Row order of the columns, lowest log quality first, ties by relpath then index (so the
     ranking depends neither on the scoring order nor on the number of processes). NaN (broken

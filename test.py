@@ -264,6 +264,7 @@ def main(opt):
     options.resolve_options(opt)
     sets, absent = find_eval_sets(opt)
     device = utils.select_device(opt.device)
+    opt.amp = utils.effective_amp(opt.amp, device)
     model, converter = load_model(opt, device)
     temperature, fitted = resolve_temperature(opt, model, converter, device, temperature, method)
     compare = {"none": None, **fitted} if method == "both" else None

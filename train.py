@@ -419,6 +419,7 @@ def main(opt):
     rank, world_size, local_rank, distributed = utils.init_distributed()
     is_main = rank == 0
     device = utils.select_device(opt.device, local_rank)
+    opt.amp = utils.effective_amp(opt.amp, device)
     utils.set_seed(opt.manualSeed)
     converter = utils.make_converter(opt.Prediction, opt.character)
     opt.num_class = len(converter.character)

@@ -19,6 +19,7 @@ import yaml
 from PIL import Image, ImageDraw, ImageFont
 
 import dataset
+import evaluation
 import find_label_errors
 import label_quality
 import options
@@ -451,11 +452,11 @@ def test_sharded_scoring_ranks_as_one_process(tiny):
     data, _ = find_label_errors.labelled_samples(opt)
 
     def ranked(parts):
-        columns = label_quality.merge_columns(parts)
+        columns = evaluation.concatenate_columns(parts)
         return label_quality.reorder(columns, label_quality.worst_first(columns))
 
     whole = ranked([find_label_errors.score_shard(model, data, converter, opt, "cpu", 0)])
-    shards = ranked([find_label_errors.score_shard(model, find_label_errors.shard(data, r, 3), converter, opt, "cpu", r)
+    shards = ranked([find_label_errors.score_shard(model, evaluation.rank_share(data, r, 3), converter, opt, "cpu", r)
                      for r in range(3)])
     assert list(zip(whole["relpath"], whole["index"].tolist())) == \
         list(zip(shards["relpath"], shards["index"].tolist()))
@@ -471,7 +472,7 @@ def test_a_sample_two_names_select_is_scored_once(tiny):
     assert len(identities) == len(set(identities)) == 24
 
 
-def test_num_issues_without_noise_and_the_attn_head_with_amp(tiny, tmp_path, capsys):
+def test_num_issues_without_noise_and_the_attn_head_with_amp(tiny, tmp_path, capsys, monkeypatch):
     out = tmp_path / "ctc"
     summary = run_main(args(tiny, tiny.ctc, out, "--num_issues", "3", "--show", "5"))
     rows = read_csv(out / "label_errors.csv")
@@ -482,6 +483,7 @@ def test_num_issues_without_noise_and_the_attn_head_with_amp(tiny, tmp_path, cap
 
     # the Attn head (two passes per batch) under autocast: every sample scored, the columns consistent
     out = tmp_path / "attn"
+    monkeypatch.setenv("ROBUST_AL_CPU_AMP", "1")  # the bf16 path even on a CPU without native bf16
     summary = run_main(args(tiny, tiny.attn, out, "--amp", *NOISE))
     rows = read_csv(out / "label_errors.csv")
     assert summary["prediction"] == "Attn" and summary["amp"] and summary["scored"] == 24

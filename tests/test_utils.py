@@ -392,3 +392,21 @@ def test_appending_logs_on_a_full_disk_names_the_file(tmp_path, monkeypatch):
         with pytest.raises(OSError) as info:
             write(path)
         assert (info.value.errno, info.value.filename) == (errno.ENOSPC, str(path))
+
+
+# ------------------------------------------------------------------------------ mixed precision
+
+def test_amp_falls_back_to_fp32_on_a_cpu_without_native_bf16(monkeypatch, capsys):
+    monkeypatch.delenv("ROBUST_AL_CPU_AMP", raising=False)
+    avx2_only = {"fpu", "sse2", "avx2", "fma"}
+    assert utils.effective_amp(True, "cpu", flags=avx2_only) is False
+    err = capsys.readouterr().err
+    assert err.startswith("warning: --amp:") and "fp32" in err and err.count("\n") == 1
+    assert utils.effective_amp(True, "cpu", flags=avx2_only | {"avx512_bf16"}) is True
+    assert utils.effective_amp(True, "cpu", flags={"fp", "asimd", "bf16"}) is True  # aarch64
+    assert utils.effective_amp(True, "cpu", flags=None) is True  # flags unknown: as asked
+    assert utils.effective_amp(False, "cpu", flags=avx2_only) is False
+    assert utils.effective_amp(True, "cuda", flags=avx2_only) is True
+    monkeypatch.setenv("ROBUST_AL_CPU_AMP", "1")
+    assert utils.effective_amp(True, "cpu", flags=avx2_only) is True
+    assert capsys.readouterr().err == ""  # only the fall-back speaks
