@@ -27,6 +27,7 @@ from PIL import Image
 from tqdm import tqdm
 
 import calibration
+import acquisition
 import dataset
 import locking
 import options
@@ -57,6 +58,12 @@ def get_args_parser():
     options.add_temperature_arg(group, default=None,
                                 note="applied before the confidence, margin, entropy and bald scores (uncali always "
                                      "ranks raw confidence); default auto for cali, none otherwise")
+    group.add_argument("--acquisition", default="topk", choices=acquisition.ACQUISITIONS,
+                       help="how the batch is taken from the strategy's ranking: topk (the first ones), or drawn "
+                            "without replacement with weight informativeness**beta (power), exp(beta x "
+                            "informativeness) (softmax) or rank**-beta (softrank); repeatable per seed and round")
+    group.add_argument("--acquisition_beta", type=float, default=1.0,
+                       help="beta of the stochastic acquisitions (large: close to topk; 0: uniform)")
     group.add_argument("--cali_threshold", type=float, default=0.5,
                        help="cali: least calibrated confidence at or above this first, then the closest below it")
     group.add_argument("--mc_samples", type=int, default=10,
@@ -349,10 +356,11 @@ def merge_columns(parts, leaf_relpaths):
 # picking and writing
 
 
-def pick(columns, strategy, opt, count):
+def pick(columns, strategy, opt, count, round_name):
     identities = list(zip(columns["relpath"], columns["index"].tolist()))
     keys = query_strategies.identity_keys(identities, opt.manualSeed)
-    chosen = strategy.select(columns, keys, count, threshold=opt.cali_threshold)
+    chosen = acquisition.select(opt.acquisition, opt.acquisition_beta, strategy, columns, keys, count,
+                                opt.manualSeed, round_name, threshold=opt.cali_threshold)
     scores = strategy.score(columns, keys)
     return np.sort(chosen), scores
 
@@ -424,6 +432,7 @@ def publish_images(staged, folder, overwrite, query_path):
 def query_meta(opt, strategy, name, pool_size, picked_scores, temperature):
     return {
         "name": name, "strategy": strategy.name, "model": os.path.abspath(opt.saved_model),
+        "acquisition": opt.acquisition, "acquisition_beta": None if opt.acquisition == "topk" else opt.acquisition_beta,
         "ratio": opt.ratio if opt.num_query is None else None, "num_query": opt.num_query,
         "num_picked": len(picked_scores), "pool_size": pool_size, "temperature": temperature,
         "calibration": opt.calibration, "seed": opt.manualSeed, "select_data": "-".join(opt.select_data),
@@ -550,7 +559,7 @@ def write_round(opt, strategy, plan, columns, pool_size, temperature, start):
     if len(columns["index"]) == 0:
         raise utils.UserError(f"the pool of {pool_size} samples holds no readable image")
     count = query_strategies.query_count(len(columns["index"]), opt.ratio, opt.num_query)
-    picked, scores = pick(columns, strategy, opt, count)
+    picked, scores = pick(columns, strategy, opt, count, plan.name)
     identities = [(columns["relpath"][i], int(columns["index"][i])) for i in picked]
     staged = stage_images(opt.save_images, read_raw_samples(opt.train_data, identities), plan.name) \
         if opt.save_images else None
@@ -612,6 +621,7 @@ def main(opt, given=None):
         options.fill_from_saved(opt, given)
     options.resolve_options(opt)
     strategy = query_strategies.get_strategy(opt.query)
+    acquisition.check(opt.acquisition, opt.acquisition_beta, strategy)
     # "auto" is fitted once the pool is known to be non-empty, after the model is loaded.
     temperature = options.parse_temperature(opt.temperature, default="auto" if strategy.calibrated else None)
     # from here on: how the temperature is fitted ('token' or 'word'), None when it is not

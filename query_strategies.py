@@ -32,6 +32,9 @@ class Strategy:
     calibrated: bool = False  # True: --temperature defaults to auto
     help: str = ""
     params: dict = field(default_factory=dict)  # parameter name -> default
+    # scores -> how useful each sample is, higher = more (power and softmax acquisition weight by
+    # it); None where the ranking is not one score (random, cali)
+    informativeness: Callable = None
 
     def rank(self, scores, tie_key, **params):
         """Indices of all samples, the one to query first at position 0."""
@@ -70,13 +73,17 @@ def register(strategy):
 register(Strategy("random", (), lambda s, p: [],
                   help="uniformly at random (keyed by seed and sample identity)"))
 register(Strategy("uncali", ("confidence",), lambda s, p: [s["confidence"]], "confidence",
-                  help="lowest raw word confidence first (never temperature-scaled)"))
+                  help="lowest raw word confidence first (never temperature-scaled)",
+                  informativeness=lambda s: 1.0 - np.asarray(s["confidence"], dtype=np.float64)))
 register(Strategy("margin", ("margin",), lambda s, p: [s["margin"]], "margin",
-                  help="smallest mean top-1/top-2 probability margin first"))
+                  help="smallest mean top-1/top-2 probability margin first",
+                  informativeness=lambda s: 1.0 - np.asarray(s["margin"], dtype=np.float64)))
 register(Strategy("entropy", ("entropy",), lambda s, p: [-np.asarray(s["entropy"], dtype=np.float64)], "entropy",
-                  help="highest mean token entropy first"))
+                  help="highest mean token entropy first",
+                  informativeness=lambda s: np.asarray(s["entropy"], dtype=np.float64)))
 register(Strategy("bald", ("mc",), lambda s, p: [-np.asarray(s["mc"], dtype=np.float64)], "mc",
-                  help="highest mutual information over stochastic (MC-dropout) passes first"))
+                  help="highest mutual information over stochastic (MC-dropout) passes first",
+                  informativeness=lambda s: np.clip(np.asarray(s["mc"], dtype=np.float64), 0.0, None)))
 register(Strategy("cali", ("cal_confidence",), _cali_keys, "cal_confidence", calibrated=True,
                   params={"threshold": 0.5},
                   help="least calibrated confidence at or above --cali_threshold first, then those just below"))
@@ -94,6 +101,12 @@ def _splitmix64(x):
         z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
         z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
         return z ^ (z >> np.uint64(31))
+
+
+def mix_keys(keys, salt):
+    """uint64 keys mixed with a salt: as random as the keys, and independent of them across salts."""
+    with np.errstate(over="ignore"):
+        return _splitmix64(np.asarray(keys, dtype=np.uint64) ^ np.uint64(salt))
 
 
 def identity_keys(identities, seed):
