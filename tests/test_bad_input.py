@@ -8,7 +8,6 @@ calls that create or write files (open, os.open, os.mkdir, os.replace, lmdb.open
 below one folder with the errno the kernel would give."""
 import builtins
 import errno
-import importlib.util
 import io
 import json
 import os
@@ -28,22 +27,7 @@ import dataset
 import options
 import utils
 from model import Model, save_weights
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ARCH = {"Transformation": "None", "FeatureExtraction": "VGG", "SequenceModeling": "None", "Prediction": "CTC",
-        "output_channel": 16, "hidden_size": 8, "input_channel": 1, "num_fiducial": 20, "imgH": 32, "imgW": 100,
-        "rgb": False, "PAD": False, "character": "ab", "sensitive": False, "character_file": "",
-        "batch_max_length": 5}
-RUNTIME = ["--device", "cpu", "--workers", "0", "--batch_size", "4"]
-
-
-def load_script(name):
-    # `test` would import Python's own test package: load the scripts from their files.
-    spec = importlib.util.spec_from_file_location(f"bad_input_{name.replace('/', '_')}",
-                                                  os.path.join(ROOT, f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from test_eval_scripts import ARCH, ROOT, RUNTIME, load_script
 
 
 def png(shade):

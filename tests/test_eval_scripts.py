@@ -62,7 +62,7 @@ def write_set(path, labels, corrupt=0):
 
 def load_script(name):
     # `test` would import Python's own test package: load the scripts from their files.
-    spec = importlib.util.spec_from_file_location(f"script_{name}", os.path.join(ROOT, f"{name}.py"))
+    spec = importlib.util.spec_from_file_location(f"script_{name.replace('/', '_')}", os.path.join(ROOT, f"{name}.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
