@@ -1,10 +1,13 @@
 """Build an LMDB dataset (deep-text-recognition-benchmark format) from images and a gt file.
 
     python create_lmdb_dataset.py --inputPath data/ --gtFile data/gt.txt --outputPath result/
+    python create_lmdb_dataset.py --unlabelled --inputPath crops/ --outputPath pool/
 
 Each gt line is `relative/image/path<TAB>label` (split on the first tab, so a label may hold spaces
 or tabs). Lines that cannot be used are skipped and reported with their reason; the LMDB is built
-in a hidden sibling folder and renamed into place when complete."""
+in a hidden sibling folder and renamed into place when complete. With --unlabelled every image
+file below --inputPath (recursively, in sorted path order) becomes a sample with an empty label and
+its path kept: a pool for data_sampling.py, never training data."""
 import argparse
 import collections
 import io
@@ -31,13 +34,19 @@ def parse_bool(value):
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--inputPath", required=True, help="folder the image paths in --gtFile are relative to")
-    parser.add_argument("--gtFile", required=True, help="UTF-8 text file: one `path<TAB>label` per line")
+    parser.add_argument("--gtFile", default="", help="UTF-8 text file: one `path<TAB>label` per line "
+                                                      "(required unless --unlabelled)")
     parser.add_argument("--outputPath", required=True, help="folder of the new LMDB")
     parser.add_argument("--checkValid", nargs="?", const=True, default=True, type=parse_bool,
                         help="decode every image with Pillow and skip those that fail (default: on; "
                              "--checkValid False or --nocheckValid turns it off)")
     parser.add_argument("--nocheckValid", dest="checkValid", action="store_false", help=argparse.SUPPRESS)
     parser.add_argument("--overwrite", action="store_true", help="replace an existing LMDB at --outputPath")
+    parser.add_argument("--unlabelled", action="store_true",
+                        help="no --gtFile: every readable image below --inputPath (recursively, sorted by path; "
+                             "every file is decoded, the others are reported and skipped), with an empty label and "
+                             "its relative path (key path-%%09d); marked unlabelled, so that data_sampling.py uses it "
+                             "whole as a pool and train.py / test.py refuse it")
     return parser.parse_args(argv)
 
 
@@ -79,15 +88,16 @@ def parse_gt_line(line):
 
 
 class Report:
-    """Collects skipped lines; prints the first few and a count per reason."""
+    """Collects skipped lines (or files); prints the first few and a count per reason."""
 
-    def __init__(self):
+    def __init__(self, unit="line"):
+        self.unit = unit
         self.by_reason = collections.Counter()
 
     def skip(self, line_no, reason, detail):
         self.by_reason[reason.split(" (")[0]] += 1
         if sum(self.by_reason.values()) <= MAX_REPORTED:
-            print(f"skipped line {line_no}: {reason}: {detail}", file=sys.stderr)
+            print(f"skipped {self.unit} {line_no}: {reason}: {detail}", file=sys.stderr)
 
     @property
     def total(self):
@@ -97,7 +107,7 @@ class Report:
         if not self.total:
             return "no line skipped"
         reasons = ", ".join(f"{n} {why}" for why, n in sorted(self.by_reason.items()))
-        return f"skipped {self.total} line(s): {reasons}"
+        return f"skipped {self.total} {self.unit}(s): {reasons}"
 
 
 def iter_samples(input_path, lines, check_valid, report):
@@ -143,9 +153,66 @@ def create_dataset(input_path, gt_file, output_path, check_valid=True, overwrite
     return written, report
 
 
+def list_image_files(input_path, output_path):
+    """Relative POSIX paths of every file below input_path, sorted by path (code point order, the
+    same on every machine), leaving out the output LMDB and hidden files and folders (a write in
+    progress, `.DS_Store`)."""
+    skip = os.path.realpath(output_path)
+    found = []
+    for dirpath, dirnames, filenames in os.walk(input_path):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")
+                       and os.path.realpath(os.path.join(dirpath, d)) != skip]
+        for name in filenames:
+            if not name.startswith("."):
+                found.append(os.path.relpath(os.path.join(dirpath, name), input_path).replace(os.sep, "/"))
+    return sorted(found)
+
+
+def iter_unlabelled(input_path, relpaths, report):
+    """`(image_bytes, "", None, {b"path": relpath})` for every file that decodes as an image."""
+    count = 0
+    for relpath in relpaths:
+        path = os.path.join(input_path, relpath)
+        try:
+            with open(path, "rb") as f:
+                buf = f.read()
+        except OSError as err:
+            report.skip(relpath, f"unreadable file ({err.strerror or type(err).__name__})", path)
+            continue
+        reason = check_image(buf)
+        if reason:
+            report.skip(relpath, reason, path)
+            continue
+        count += 1
+        yield buf, "", None, {b"path": relpath.encode("utf-8")}
+    if not count:
+        raise utils.UserError(f"--inputPath {input_path}: no readable image below it ({report.summary()})")
+
+
+def create_unlabelled_dataset(input_path, output_path, overwrite=False):
+    """Write the unlabelled LMDB; returns `(written, report)`."""
+    if not os.path.isdir(input_path):
+        raise utils.UserError(f"--inputPath {input_path}: no such folder")
+    relpaths = list_image_files(input_path, output_path)  # listed before the LMDB's temporary folder exists
+    report = Report(unit="file")
+    written = dataset.write_lmdb(output_path, iter_unlabelled(input_path, relpaths, report), overwrite=overwrite,
+                                 extra_keys={dataset.UNLABELLED_KEY: b"1"})
+    return written, report
+
+
 @utils.exit_on_user_error
 def main(argv=None):
     opt = parse_args(argv)
+    if opt.unlabelled:
+        if opt.gtFile:
+            raise utils.UserError(f"--gtFile {opt.gtFile} with --unlabelled: an unlabelled LMDB reads no labels; "
+                                  f"drop one of the two")
+        written, report = create_unlabelled_dataset(opt.inputPath, opt.outputPath, opt.overwrite)
+        print(f"Created unlabelled dataset with {written} images at {opt.outputPath}; {report.summary()}")
+        return
+    if not opt.gtFile:
+        raise utils.UserError("--gtFile is missing; give the `path<TAB>label` file, or pass --unlabelled for "
+                              "images without labels")
     written, report = create_dataset(opt.inputPath, opt.gtFile, opt.outputPath, opt.checkValid, opt.overwrite)
     print(f"Created dataset with {written} samples at {opt.outputPath}; {report.summary()}")
 

@@ -11,11 +11,9 @@ Runs as `python data_sampling.py` or under `torchrun`: the pool is sharded acros
 gathers the per-sample records, picks and writes (the same picks as one process)."""
 import argparse
 import contextlib
-import io
 import json
 import math
 import os
-import re
 import shutil
 import time
 from datetime import datetime, timezone
@@ -23,16 +21,18 @@ from datetime import datetime, timezone
 import numpy as np
 import torch
 import torch.utils.data
-from PIL import Image
 from tqdm import tqdm
 
 import calibration
 import acquisition
+import annotation
 import dataset
 import locking
 import options
 import query_strategies
 import utils
+from query_sets import check_out_name, check_output_free, list_leaf_lmdbs, next_round, query_set_names, \
+    unselected_query_sets
 from evaluation import (concatenate_columns, eval_loader, fit_temperature_on_valid_data, forward_logits, load_model,
                         rank_share, show_progress)
 
@@ -40,8 +40,6 @@ TRAINING_ONLY_FLAGS = ("exp_name", "output_dir", "valInterval", "num_iter", "lr"
                        "lr_schedule", "warmup_iters", "calibrator", "alpha", "beta", "smooth_tail", "patience", "mode",
                        "query_iter", "noise_ratio", "noise_model", "noise_scope", "B", "t")
 DEFAULT_RATIO = 0.01
-ROUND_PATTERN = re.compile(r"_iter_(\d+)$")
-IMAGE_EXTENSIONS = {"JPEG": "jpg", "PNG": "png", "BMP": "bmp", "GIF": "gif", "TIFF": "tif", "WEBP": "webp"}
 
 
 def get_args_parser():
@@ -80,6 +78,12 @@ def get_args_parser():
                             "never anything else (a base dataset, a folder this tool did not write)")
     group.add_argument("--save_images", default="",
                        help="also export the picked images (original bytes) and a gt.txt to this folder")
+    group.add_argument("--export_annotation", default="",
+                       help="write an annotation package for real annotators to this folder instead of the query "
+                            "set (images, gt.txt pre-filled with the model's readings, predictions.csv, Label "
+                            "Studio tasks.json, README.txt, package.json); import_annotations.py turns the answers "
+                            "into the query set. Always done for a pool with an unlabelled LMDB, by default into "
+                            "<train_data>/<query set name>_annotation")
     group.add_argument("--lock_timeout", type=float, default=0.0,
                        help="another sampler holding the lock on --train_data: wait this many seconds for it "
                             "(0: fail at once, -1: wait without limit)")
@@ -122,66 +126,6 @@ def check_inputs(opt):
 # query sets and the pool
 
 
-def list_leaf_lmdbs(root):
-    """{relpath: is_query_set} for every leaf LMDB below root (hidden folders, i.e. writes in
-    progress, are skipped by dataset.find_lmdbs)."""
-    return {rel: dataset.is_query_set(os.path.join(root, rel)) for rel in dataset.find_lmdbs(root)}
-
-
-def unselected_query_sets(leaves, select_data, root):
-    """Folder names of the query sets below root that no --select_data name selects, by round
-    (k of *_iter_<k>) then name: the next training round needs them too."""
-    def order(name):
-        match = ROUND_PATTERN.search(name)
-        return (int(match.group(1)) if match else float("inf"), name)
-
-    names = {rel.rsplit("/", 1)[-1] for rel, is_query in leaves.items()
-             if is_query and not any(dataset.selects(rel, n, root) for n in select_data)}
-    return sorted(names, key=order)
-
-
-def query_set_names(select_data, leaves, root):
-    """The --select_data names that select only query sets (they are labelled: no pool)."""
-    names = set()
-    for name in select_data:
-        chosen = [is_query for rel, is_query in leaves.items() if dataset.selects(rel, name, root)]
-        if chosen and all(chosen):
-            names.add(name)
-    return names
-
-
-def next_round(leaves):
-    """One past the largest k of the query sets named *_iter_<k>; 1 when there is none (the base
-    round is round 0)."""
-    rounds = [int(m.group(1)) for rel, is_query in leaves.items() if is_query
-              for m in [ROUND_PATTERN.search(rel.rsplit("/", 1)[-1])] if m]
-    return max(rounds, default=0) + 1
-
-
-def check_out_name(name, leaves, root):
-    """A query set's name must be a folder that the LMDB finder sees (not hidden) and that
-    `--select_data` can name alone: no path separator, no '-' (it splits --select_data), and no
-    path component of another dataset (naming it would select that one too)."""
-    if not name or name in (".", "..") or "/" in name or os.sep in name:
-        raise utils.UserError(f"--out_name {name!r}: give a plain folder name")
-    if name.startswith("."):
-        raise utils.UserError(f"--out_name {name}: names starting with '.' are hidden from the data finder "
-                              f"(the next round would re-query these samples); drop the leading '.'")
-    if "-" in name or any(not c.isprintable() or c.isspace() for c in name):
-        raise utils.UserError(f"--out_name {name!r}: --select_data splits names at '-', and spaces or control "
-                              f"characters break the next round's command; use letters, digits, '_' or '.'")
-    others = sorted(rel for rel in leaves if rel != name and name in rel.split("/"))
-    if others:
-        raise utils.UserError(f"--out_name {name}: already a path component of {', '.join(others)} under {root}, "
-                              f"so --select_data {name} would select those too; choose another name")
-
-
-def replaceable_query_set(path):
-    """Whether --overwrite may replace `path`: a real (not linked) leaf LMDB that this tool wrote."""
-    return (os.path.isdir(path) and not os.path.islink(path)
-            and os.path.isfile(os.path.join(path, "data.mdb")) and dataset.is_query_set(path))
-
-
 def output_path(opt, leaves):
     name = opt.out_name or f"{opt.query}_iter_{next_round(leaves)}"
     check_out_name(name, leaves, opt.train_data)
@@ -190,34 +134,14 @@ def output_path(opt, leaves):
     return name, path
 
 
-def check_output_free(path, overwrite):
-    """The query set's path is free, or (with --overwrite) holds a query set this tool wrote."""
-    if not os.path.lexists(path):
-        return
-    if not overwrite:
-        raise utils.UserError(f"{path} already exists; choose another --out_name or pass --overwrite")
-    if not replaceable_query_set(path):
-        raise utils.UserError(f"--overwrite {path}: not a query set written by data_sampling.py (a base dataset, "
-                              f"a link or another folder), so it is never replaced; choose another --out_name")
-
-
 EXPORT_MARKER = "export.json"
 
 
 def check_export_free(folder, overwrite, query_path):
     """--save_images writes a new folder, fills an empty one, or (with --overwrite) replaces an
     earlier export, recognised by the marker file it holds; nothing else is ever deleted."""
-    target, query = os.path.realpath(folder), os.path.realpath(query_path)
-    if target == query or target.startswith(query + os.sep) or query.startswith(target + os.sep):
-        raise utils.UserError(f"--save_images {folder}: overlaps the query set {query_path}; export elsewhere")
-    if not os.path.lexists(folder) or (os.path.isdir(folder) and not os.path.islink(folder)
-                                       and not os.listdir(folder)):
-        return
-    if not overwrite:
-        raise utils.UserError(f"--save_images {folder} already exists; choose another folder or pass --overwrite")
-    if os.path.islink(folder) or not os.path.isfile(os.path.join(folder, EXPORT_MARKER)):
-        raise utils.UserError(f"--save_images {folder}: not an export of data_sampling.py (no {EXPORT_MARKER} in "
-                              f"it), so --overwrite never deletes it; choose another folder")
+    annotation.check_folder_free(folder, overwrite, EXPORT_MARKER, "--save_images", "an export of data_sampling.py",
+                                 avoid=query_path)
 
 
 class Pool(torch.utils.data.ConcatDataset):
@@ -380,15 +304,6 @@ def read_raw_samples(root, identities):
         yield image, label.decode("utf-8"), (relpath, index)
 
 
-def image_extension(image_bytes):
-    try:
-        with Image.open(io.BytesIO(image_bytes)) as image:
-            fmt = image.format or ""
-    except Exception:  # picked samples decoded once already; an odd format still exports
-        fmt = ""
-    return IMAGE_EXTENSIONS.get(fmt, fmt.lower() or "bin")
-
-
 def stage_images(folder, samples, query_set):
     """Write the images (original bytes), `gt.txt` (`images/<file><TAB>label`) and the export
     marker into a hidden sibling of `folder`; returns its path, for `publish_images` once the query
@@ -405,7 +320,7 @@ def stage_images(folder, samples, query_set):
                 if "".join(label.splitlines()) != label:
                     raise utils.UserError(f"--save_images: the label of {relpath} sample {index} holds a line "
                                           f"break, which gt.txt cannot carry; drop --save_images")
-                name = f"images/image_{count:09d}.{image_extension(image)}"
+                name = f"images/image_{count:09d}.{annotation.image_extension(image)}"
                 with open(os.path.join(staged, name), "wb") as f:
                     f.write(image)
                 gt.write(f"{name}\t{label}\n")
@@ -495,6 +410,11 @@ class Plan:
     (its relpath when --overwrite replaces an earlier query set, else None), the names of the query
     sets the next round trains on besides it, and the names whose unlabelled part forms the pool."""
 
+    # set by package_plan: the annotation package's folder when the round exports one instead of
+    # writing the query set, and the --select_data names that select an unlabelled LMDB
+    package = None
+    unlabelled = ()
+
     def __init__(self, name, path, replaced, query_names, pool_names):
         self.name, self.path, self.replaced = name, path, replaced
         self.query_names, self.pool_names = query_names, pool_names
@@ -515,7 +435,26 @@ def plan_output(opt):
         raise utils.UserError(f"--select_data {'-'.join(opt.select_data)} names only query sets, which have no "
                               f"unlabelled pool; name a base dataset too")
     replaced = name if os.path.lexists(path) else None
-    return Plan(name, path, replaced, query_names, pool_names)
+    plan = Plan(name, path, replaced, query_names, pool_names)
+    plan.package, plan.unlabelled = package_plan(opt, plan)
+    return plan
+
+
+def package_plan(opt, plan):
+    """`(package folder or None, unlabelled names)`. An unlabelled LMDB in the pool has no labels
+    to write, so its round always exports a package (by default beside where the query set would
+    go); --export_annotation asks for one with any pool."""
+    unlabelled = [n for n in plan.pool_names
+                  if any(dataset.is_unlabelled(os.path.join(opt.train_data, rel))
+                         for rel in dataset.select_leaves(opt.train_data, [n], "--train_data"))]
+    folder = opt.export_annotation or (f"{plan.path}_annotation" if unlabelled else None)
+    if folder is None:
+        return None, unlabelled
+    if opt.save_images:
+        raise utils.UserError(f"--save_images with an annotation package ({folder}): the package holds the images "
+                              f"already and no query set is written; drop --save_images")
+    annotation.check_package_free(folder, opt.overwrite, plan.path, opt.train_data)
+    return folder, unlabelled
 
 
 def queried_before(opt, plan):
@@ -561,6 +500,8 @@ def write_round(opt, strategy, plan, columns, pool_size, temperature, start):
     count = query_strategies.query_count(len(columns["index"]), opt.ratio, opt.num_query)
     picked, scores = pick(columns, strategy, opt, count, plan.name)
     identities = [(columns["relpath"][i], int(columns["index"][i])) for i in picked]
+    if plan.package:
+        return export_round(opt, strategy, plan, columns, picked, scores, identities, pool_size, temperature, start)
     staged = stage_images(opt.save_images, read_raw_samples(opt.train_data, identities), plan.name) \
         if opt.save_images else None
     try:
@@ -579,6 +520,52 @@ def write_round(opt, strategy, plan, columns, pool_size, temperature, start):
             shutil.rmtree(staged, ignore_errors=True)
     print(format_summary(summary))
     return summary
+
+
+def export_round(opt, strategy, plan, columns, picked, scores, identities, pool_size, temperature, start):
+    """Write the annotation package of the picked samples instead of the query set: the images,
+    the model's readings, confidences and scores, and what import_annotations.py needs."""
+    images = annotation.read_images(opt.train_data, identities)
+    records = ({"image": data, "path": path, "origin": identity, "reading": columns["prediction"][i],
+                "confidence": columns["confidence"][i], "score": scores[i]}
+               for i, identity, (data, path) in zip(picked, identities, images))
+    summary = make_summary(opt, plan.name, plan.path, columns, picked, pool_size, temperature,
+                           time.time() - start, plan.query_names)
+    for key in ("path", "next_select_data", "next_batch_ratio"):  # import_annotations.py decides these
+        summary.pop(key)
+    if plan.unlabelled:  # pool "labels" are empty strings: no accuracy to report
+        summary["accuracy"] = {"picked": None, "pool": None}
+    summary.update(query_set=None, package=os.path.abspath(plan.package), round=plan.name,
+                   import_command=annotation.import_command(plan.package, opt.train_data))
+    manifest = {
+        "format": annotation.FORMAT, "written_by": "data_sampling.py", "round": plan.name,
+        "train_data": os.path.abspath(opt.train_data), "model": os.path.abspath(opt.saved_model),
+        "strategy": strategy.name, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "charset": {"character": opt.character, "lowercase": dataset.lowercases_labels(opt),
+                    "batch_max_length": opt.batch_max_length},
+        "selection": {"select_data": list(opt.select_data), "batch_ratio": [float(r) for r in opt.batch_ratio],
+                      "unlabelled": list(plan.unlabelled)},
+        "query_meta": query_meta(opt, strategy, plan.name, pool_size, scores[picked], temperature),
+        "summary": summary,
+    }
+    check_still_free(opt, plan, identities)
+    annotation.write_package(plan.package, records, manifest, opt.overwrite, plan.path)
+    print(format_export_summary(summary))
+    return summary
+
+
+def format_export_summary(summary):
+    conf = summary["mean_confidence"]
+    return "\n".join([
+        f"exported {summary['num_picked']} of {summary['scored']} pool samples by '{summary['strategy']}' for "
+        f"annotation -> {summary['package']}" + (f" ({summary['unreadable']} unreadable skipped)"
+                                                 if summary["unreadable"] else ""),
+        f"  mean confidence: picked {conf['picked']:.4f}  pool {conf['pool']:.4f}",
+        f"  no query set is written yet: correct {summary['package']}/gt.txt (or label its tasks.json in Label "
+        f"Studio), then",
+        f"  {summary['import_command']}",
+        f"  writes the query set {summary['round']} that the next round trains on",
+    ])
 
 
 @contextlib.contextmanager
@@ -605,9 +592,14 @@ def dry_run(opt, strategy):
     pool, pool_log = build_pool(opt, plan.pool_names, queried_before(opt, plan))
     count = query_strategies.query_count(len(pool), opt.ratio, opt.num_query)
     print(pool_log)
-    print(f"dry run: would query {count} of {len(pool)} pool samples by '{strategy.name}' into {plan.path}"
-          + (" (replacing it)" if plan.replaced else ""))
-    return {"query_set": plan.name, "path": os.path.abspath(plan.path), "pool_size": len(pool), "num_query": count}
+    if plan.package:
+        print(f"dry run: would export {count} of {len(pool)} pool samples by '{strategy.name}' as an annotation "
+              f"package into {plan.package} (the query set {plan.path} is written by import_annotations.py)")
+    else:
+        print(f"dry run: would query {count} of {len(pool)} pool samples by '{strategy.name}' into {plan.path}"
+              + (" (replacing it)" if plan.replaced else ""))
+    return {"query_set": plan.name, "path": os.path.abspath(plan.path), "pool_size": len(pool), "num_query": count,
+            "package": plan.package and os.path.abspath(plan.package)}
 
 
 def main(opt, given=None):

@@ -23,6 +23,13 @@ from utils import UserError
 
 NUM_SAMPLES_KEY = b"num-samples"
 QUERY_META_KEY = b"query-meta"
+# An LMDB of images without labels (create_lmdb_dataset.py --unlabelled): a pool to query, never
+# training or evaluation data. Its `path-%09d` keys keep each image's path below the input folder.
+UNLABELLED_KEY = b"unlabelled"
+# Query-set keys of the samples transcribers marked unreadable (import_annotations.py): 1-based,
+# `unreadable-%09d` -> origin, outside the `num-samples` range, so training never reads them and
+# later pools still leave them out.
+NUM_UNREADABLE_KEY = b"num-unreadable"
 NOISE_SCOPES = ("queried", "all")
 COMMIT_EVERY = 1000
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
@@ -38,6 +45,14 @@ def label_key(index):
 
 def origin_key(index):
     return b"origin-%09d" % index
+
+
+def path_key(index):
+    return b"path-%09d" % index
+
+
+def unreadable_key(index):
+    return b"unreadable-%09d" % index
 
 
 def open_lmdb(path):
@@ -218,13 +233,14 @@ class LmdbDataset(Dataset):
         with shared_env(self.root).begin(write=False) as txn:
             self.num_total = read_num_samples(txn, self.root)
             self.is_query = txn.get(QUERY_META_KEY) is not None
+            self.is_unlabelled = txn.get(UNLABELLED_KEY) is not None
             self.indices = self._filtered_indices(txn)
         if noise_ratio:
             self.add_noise(noise_ratio, getattr(opt, "manualSeed", 0) if noise_seed is None else noise_seed,
                            noise_model)
 
     def _filtered_indices(self, txn):
-        if not self.rules.filtering:
+        if not self.rules.filtering or self.is_unlabelled:  # empty labels: every image is pool
             return np.arange(1, self.num_total + 1, dtype=np.int64)
         kept = np.zeros(self.num_total + 1, dtype=bool)
         seen = 0
@@ -453,6 +469,24 @@ def group_by_relpath(identities):
     return grouped
 
 
+def is_unlabelled(path):
+    """Whether the leaf LMDB at path was built without labels (create_lmdb_dataset.py --unlabelled)."""
+    if not os.path.isfile(os.path.join(path, "data.mdb")):
+        return False
+    with shared_env(path).begin(write=False) as txn:
+        return txn.get(UNLABELLED_KEY) is not None
+
+
+def refuse_unlabelled(root, relpaths, flag=None):
+    """Training and evaluation need labels: an unlabelled LMDB among `relpaths` is a UserError."""
+    for rel in relpaths:
+        path = os.path.normpath(os.path.join(root, rel))
+        if is_unlabelled(path):
+            raise UserError(f"{flag + ' ' if flag else ''}{path}: an unlabelled LMDB (create_lmdb_dataset.py "
+                            f"--unlabelled) has no labels to train or evaluate on; leave it out here, query it "
+                            f"with data_sampling.py and train on the query set import_annotations.py writes")
+
+
 def hierarchical_dataset(root, opt, select_data="/", split=None, exclude=None, noise_ratio=0.0,
                          noise_scope="queried", flag=None, noise_model=annotator_noise.DEFAULT_MODEL):
     """Every selected leaf LMDB below root as one dataset; returns `(dataset, log_text)`.
@@ -463,10 +497,13 @@ def hierarchical_dataset(root, opt, select_data="/", split=None, exclude=None, n
         raise ValueError(f"split must be None, 'labelled' or 'unlabelled', not {split!r}")
     check_noise(noise_ratio, noise_scope, noise_model)
     relpaths = select_leaves(root, select_data, flag)
+    if split != "unlabelled":
+        refuse_unlabelled(root, relpaths, flag)
     leaves = [LmdbDataset(os.path.join(root, rel), opt, relpath=rel) for rel in relpaths]
 
     ratio = float(getattr(opt, "total_data_usage_ratio", 1.0))
-    pool = [leaf for leaf in leaves if not leaf.is_query]
+    # an unlabelled LMDB is pool whole: --total_data_usage_ratio labels nothing of it
+    pool = [leaf for leaf in leaves if not leaf.is_query and not leaf.is_unlabelled]
     total = sum(len(leaf) for leaf in pool)
     boundary = int(total * ratio)
     labelled_count = {}
@@ -480,7 +517,7 @@ def hierarchical_dataset(root, opt, select_data="/", split=None, exclude=None, n
         elif split == "unlabelled":
             leaf.restrict(start, len(leaf))
     if split == "unlabelled":
-        leaves = pool
+        leaves = [leaf for leaf in leaves if not leaf.is_query]
 
     excluded = collections.Counter()
     if exclude:
@@ -508,6 +545,8 @@ def describe_leaf(leaf, split, labelled, excluded):
         details.append(f"filtered out {leaf.num_filtered} ({reasons})")
     if leaf.is_query:
         details.append("query set, used in full")
+    elif leaf.is_unlabelled:
+        details.append("unlabelled LMDB, all of it pool")
     elif split is not None:
         kept = leaf.num_total - leaf.num_filtered
         details.append(f"labelled {labelled}, unlabelled {kept - labelled}")
@@ -898,12 +937,14 @@ def check_image_file(path):
     return None
 
 
-def write_lmdb(output_path, samples, meta=None, overwrite=False, extra_files=None):
+def write_lmdb(output_path, samples, meta=None, overwrite=False, extra_files=None, extra_keys=None):
     """Write `(image_bytes, label, origin)` samples as a new LMDB at output_path; returns the count.
 
     Built in a hidden sibling folder and renamed into place, so an interrupted run leaves nothing
     half-written. `meta` (a dict) makes it a query set (`query-meta` key). `extra_files` ({file
-    name: text}) are written into the folder before the rename, so they appear with the LMDB."""
+    name: text}) are written into the folder before the rename, so they appear with the LMDB. A
+    sample may carry a fourth item, {key prefix: bytes}, stored as `<prefix>-%09d` beside its image;
+    `extra_keys` ({key: bytes}) are stored once."""
     output_path = os.path.abspath(os.fspath(output_path))
     check_output(output_path, overwrite)
     parent = os.path.dirname(output_path)
@@ -912,7 +953,7 @@ def write_lmdb(output_path, samples, meta=None, overwrite=False, extra_files=Non
     except OSError as err:
         raise utils.blame_output(err, output_path)
     try:
-        count = write_into(tmp, samples, meta, name=output_path)
+        count = write_into(tmp, samples, meta, name=output_path, extra_keys=extra_keys)
         for file_name, text in (extra_files or {}).items():
             with open(os.path.join(tmp, file_name), "w", encoding="utf-8") as f:
                 f.write(text)
@@ -951,15 +992,18 @@ def replace_dir(src, dst):
         os.replace(src, dst)
 
 
-def write_into(path, samples, meta, name=None):
+def write_into(path, samples, meta, name=None, extra_keys=None):
     """Write the samples into a new LMDB at path. An LMDB error of the writes (a full disk, mostly)
     becomes a UserError naming `name` (default: path); one of reading `samples` passes as it is."""
     env = _lmdb_write(name or path, lmdb.open, path, map_size=64 << 20, meminit=False)
     try:
         count = 0
-        pending = []
-        for image_bytes, label, origin in samples:
+        pending = list((extra_keys or {}).items())
+        for sample in samples:
+            image_bytes, label, origin = sample[:3]
             count += 1
+            for prefix, value in (sample[3] if len(sample) > 3 else {}).items():
+                pending.append((b"%s-%09d" % (prefix, count), value))
             pending.append((image_key(count), bytes(image_bytes)))
             pending.append((label_key(count), label.encode("utf-8")))
             if origin is not None:
@@ -1029,4 +1073,17 @@ def read_query_origins(root, skip=()):
                 origin = read_origin(txn, index)
                 if origin is not None:
                     origins.add(origin)
+            origins.update(read_unreadable_origins(txn))
+    return origins
+
+
+def read_unreadable_origins(txn):
+    """The origins a query set records as unreadable (`unreadable-%09d`): queried, never trained on."""
+    count = int(txn.get(NUM_UNREADABLE_KEY) or 0)
+    origins = []
+    for index in range(1, count + 1):
+        raw = txn.get(unreadable_key(index))
+        if raw is not None:
+            relpath, _, idx = raw.decode("utf-8").rpartition("\t")
+            origins.append((relpath, int(idx)))
     return origins

@@ -19,7 +19,7 @@ import torch
 import calibration
 import options
 import utils
-from dataset import find_lmdbs, hierarchical_dataset
+from dataset import find_lmdbs, hierarchical_dataset, refuse_unlabelled
 from evaluation import eval_loader, evaluate, fit_temperatures_on_valid_data, load_model
 
 # The standard benchmark sets, in the order the original family reports them.
@@ -263,6 +263,8 @@ def main(opt):
     options.fill_from_saved(opt, options.given_option_names(opt, get_args_parser()))
     options.resolve_options(opt)
     sets, absent = find_eval_sets(opt)
+    for _, path in sets:  # before the model loads: an unlabelled pool has nothing to evaluate against
+        refuse_unlabelled(path, find_lmdbs(path), "--eval_data")
     device = utils.select_device(opt.device)
     opt.amp = utils.effective_amp(opt.amp, device)
     model, converter = load_model(opt, device)

@@ -1,0 +1,559 @@
+"""Annotation packages: what real annotators get and give back.
+
+`data_sampling.py --export_annotation` writes a package, the folder a transcriber works in:
+
+    images/<file>      the picked images, their original bytes
+    gt.txt             `images/<file><TAB><the model's reading>`, to be corrected in place
+    predictions.csv    file, origin, path, reading, confidence, score
+    tasks.json         the same as Label Studio tasks, the reading as a prediction
+    label_config.xml   the Label Studio labeling configuration those tasks fit
+    README.txt         what to do, for the transcriber
+    package.json       the manifest: round, --train_data, each image's origin and hash, and the
+                       charset options that decide which answers the model can learn
+
+`import_annotations.py` reads the answers back (the corrected gt.txt, a Label Studio JSON
+export or a `file,label` CSV), checks them against the manifest and writes the query set.
+Answers that are empty or `###` mark an image as unreadable: it is kept out of training and
+recorded in the query set (`unreadable-%09d`, dataset.read_unreadable_origins) so that later
+pools leave it out too."""
+import csv
+import hashlib
+import io
+import json
+import os
+import re
+import shlex
+import shutil
+from datetime import datetime, timezone
+
+from PIL import Image
+
+import dataset
+import query_sets
+import query_strategies
+import utils
+
+MARKER = "package.json"
+FORMAT = 1
+UNREADABLE_MARK = "###"
+FROM_NAME, TO_NAME = "transcription", "image"  # the control and object names of label_config.xml
+IMAGE_EXTENSIONS = {"JPEG": "jpg", "PNG": "png", "BMP": "bmp", "GIF": "gif", "TIFF": "tif", "WEBP": "webp"}
+MAX_STEM = 120  # characters of a file name's origin part: names stay well under 255 bytes
+ANSWER_FORMATS = {"gt": "gt.txt lines (images/<file><TAB>label)", "label_studio": "Label Studio JSON export",
+                  "csv": "CSV (file,label)"}
+LABEL_CONFIG = """<View>
+  <Image name="image" value="$image"/>
+  <Header value="Type the word exactly as written; leave it empty or type ### when it cannot be read"/>
+  <TextArea name="transcription" toName="image" editable="true" maxSubmissions="1" rows="1"/>
+</View>
+"""
+
+
+# ---------------------------------------------------------------------------------------------
+# writing a package
+
+
+def image_extension(image_bytes):
+    try:
+        with Image.open(io.BytesIO(image_bytes)) as image:
+            fmt = image.format or ""
+    except Exception:  # picked samples decoded once already; an odd format still exports
+        fmt = ""
+    return IMAGE_EXTENSIONS.get(fmt, fmt.lower() or "bin")
+
+
+def safe_stem(text):
+    """`text` as a portable file-name part: `/` becomes `__`, anything but letters, digits, `.`,
+    `_` and `-` becomes `_`; no leading dot (a hidden file); the tail kept when too long."""
+    stem = re.sub(r"[^A-Za-z0-9._-]", "_", text.replace("/", "__")).lstrip(".") or "_"
+    return stem[-MAX_STEM:]
+
+
+def file_name(relpath, index, source_path, extension, taken):
+    """`<LMDB relpath>[__<image path without extension>]_<index>.<ext>`, unique among `taken`: the
+    name alone says where the image came from."""
+    stem = relpath if relpath != "." else "root"
+    if source_path:
+        stem += "/" + os.path.splitext(source_path)[0]
+    name = f"{safe_stem(stem)}_{index}.{extension}"
+    k = 2
+    while name in taken:  # two origins that differ only in characters made safe
+        name = f"{safe_stem(stem)}_{index}-{k}.{extension}"
+        k += 1
+    taken.add(name)
+    return name
+
+
+def read_images(root, identities):
+    """`(image bytes, image path or None)` of each `(relpath, index)` below root, the bytes as stored."""
+    for relpath, index in identities:
+        with dataset.shared_env(os.path.join(root, relpath)).begin(write=False) as txn:
+            image = txn.get(dataset.image_key(index))
+            path = txn.get(dataset.path_key(index))
+        if image is None:
+            raise utils.UserError(f"{os.path.join(root, relpath)}: sample {index} vanished while sampling; "
+                                  f"was the dataset rewritten?")
+        yield image, None if path is None else path.decode("utf-8")
+
+
+def check_folder_free(folder, overwrite, marker, flag, what, avoid=None, avoid_what="the query set"):
+    """A folder an export writes: new, empty, or (with --overwrite) an earlier export of its kind,
+    recognised by the marker file it holds; nothing else is ever deleted. `avoid` (a path) must
+    neither hold it nor lie inside it."""
+    if avoid:
+        target, other = os.path.realpath(folder), os.path.realpath(avoid)
+        if target == other or target.startswith(other + os.sep) or other.startswith(target + os.sep):
+            raise utils.UserError(f"{flag} {folder}: overlaps {avoid_what} {avoid}; export elsewhere")
+    if not os.path.lexists(folder) or (os.path.isdir(folder) and not os.path.islink(folder)
+                                       and not os.listdir(folder)):
+        return
+    if not overwrite:
+        raise utils.UserError(f"{flag} {folder} already exists; choose another folder or pass --overwrite")
+    if os.path.islink(folder) or not os.path.isfile(os.path.join(folder, marker)):
+        raise utils.UserError(f"{flag} {folder}: not {what} (no {marker} in it), so --overwrite never "
+                              f"deletes it; choose another folder")
+
+
+def check_package_free(folder, overwrite, query_path, train_data):
+    """As `check_folder_free`; a package still waiting for its answers gets the command that
+    imports it."""
+    if (not overwrite and os.path.isfile(os.path.join(folder, MARKER))
+            and not os.path.lexists(query_path)):
+        raise utils.UserError(f"--export_annotation {folder} holds a package whose answers were not imported "
+                              f"yet: import them first ({import_command(folder, train_data)}), or pass "
+                              f"--overwrite to draw this round again")
+    check_folder_free(folder, overwrite, MARKER, "--export_annotation", "an annotation package of data_sampling.py",
+                      avoid=query_path)
+
+
+def import_command(folder, train_data, python="python"):
+    return " ".join(shlex.quote(str(w)) for w in [python, "import_annotations.py", "--package", folder,
+                                                  "--train_data", train_data])
+
+
+def task(record, package_name, model_version):
+    """One Label Studio task: the image (served by Label Studio's local-files storage from the
+    folder that holds the package), our file name, and the reading as an editable prediction."""
+    result = []
+    if record["reading"]:
+        result.append({"id": "reading", "from_name": FROM_NAME, "to_name": TO_NAME, "type": "textarea",
+                       "value": {"text": [record["reading"]]}})
+    return {"data": {"image": f"/data/local-files/?d={package_name}/{record['file']}", "file": record["file"],
+                     "origin": f"{record['origin'][0]}:{record['origin'][1]}"},
+            "predictions": [{"model_version": model_version, "score": record["confidence"], "result": result}]}
+
+
+def readme_text(manifest, package_name):
+    charset = manifest["charset"]
+    case = ("upper and lower case are the same word (answers are compared in lower case)" if charset["lowercase"]
+            else "upper and lower case differ")
+    return f"""Annotation package {manifest['round']}: {len(manifest['images'])} word images to transcribe.
+
+Each line of gt.txt is `images/<file><TAB><text>`. The text is what the model read; correct it
+so that it says exactly what the image shows. Do not change the file names or the tab, and
+keep one line per image.
+- An image nobody can read: make its text empty or ###. It is kept out of training and never
+  asked again.
+- Characters the model knows: {charset['character']}
+  ({case}; at most {charset['batch_max_length']} characters). An answer with another character is refused on import
+  unless the importer allows it.
+
+With Label Studio instead: create a project with the labeling configuration in
+label_config.xml, start Label Studio with LABEL_STUDIO_LOCAL_FILES_SERVING_ENABLED=true and
+LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT set to the folder that holds this package (the image URLs
+in tasks.json are /data/local-files/?d={package_name}/images/<file>), add a Local Files source
+storage for {package_name}/images, import tasks.json (the readings come as predictions to
+correct), and when done export the project as JSON.
+
+predictions.csv lists, per image, its origin, the reading, the model's confidence and the
+query score. package.json is for import_annotations.py: leave it as it is.
+
+Bringing the answers back:
+  {import_command(package_name, manifest['train_data'])}
+  (add --answers <the Label Studio export>.json, or a file,label CSV, when the answers are not
+  in gt.txt)
+"""
+
+
+def write_package(folder, records, manifest, overwrite, query_path):
+    """Write the package atomically (built in a hidden sibling, renamed into place); `records` are
+    dicts with image, origin, path, reading, confidence, score. Returns the manifest written."""
+    folder = os.path.abspath(folder)
+    parent, package_name = os.path.dirname(folder), os.path.basename(folder)
+    os.makedirs(parent, exist_ok=True)
+    staged = utils.make_temp_dir(parent, package_name)
+    try:
+        os.makedirs(os.path.join(staged, "images"))
+        taken, images, tasks = set(), [], []
+        model_version = f"{manifest['round']} {os.path.basename(manifest.get('model') or '')}".strip()
+        for record in records:
+            relpath, index = record["origin"]
+            name = "images/" + file_name(relpath, index, record["path"], image_extension(record["image"]), taken)
+            with open(os.path.join(staged, name), "wb") as f:
+                f.write(record["image"])
+            entry = {"file": name, "origin": [relpath, int(index)], "path": record["path"],
+                     "sha256": hashlib.sha256(record["image"]).hexdigest(), "reading": record["reading"],
+                     "confidence": round(float(record["confidence"]), 6), "score": round(float(record["score"]), 6)}
+            images.append(entry)
+            tasks.append(task(entry, package_name, model_version))
+        manifest = dict(manifest, images=images)
+        with open(os.path.join(staged, "gt.txt"), "w", encoding="utf-8") as f:
+            f.writelines(f"{e['file']}\t{e['reading']}\n" for e in images)
+        with open(os.path.join(staged, "predictions.csv"), "w", encoding="utf-8", newline="") as f:
+            writer = csv.writer(f, lineterminator="\n")
+            writer.writerow(["file", "origin", "path", "reading", "confidence", "score"])
+            for e in images:
+                writer.writerow([e["file"], f"{e['origin'][0]}:{e['origin'][1]}", e["path"] or "", e["reading"],
+                                 e["confidence"], e["score"]])
+        texts = {"tasks.json": json.dumps(tasks, indent=1, ensure_ascii=False) + "\n",
+                 "label_config.xml": LABEL_CONFIG, "README.txt": readme_text(manifest, package_name),
+                 MARKER: json.dumps(manifest, indent=1, ensure_ascii=False) + "\n"}
+        for name, text in texts.items():
+            with open(os.path.join(staged, name), "w", encoding="utf-8") as f:
+                f.write(text)
+        check_package_free(folder, overwrite, query_path, manifest["train_data"])  # it may have changed meanwhile
+        if os.path.isdir(folder) and not os.path.islink(folder) and not os.listdir(folder):
+            os.rmdir(folder)
+        if os.path.lexists(folder):
+            dataset.replace_dir(staged, folder)
+        else:
+            os.replace(staged, folder)
+    except BaseException as err:
+        shutil.rmtree(staged, ignore_errors=True)
+        if isinstance(err, OSError):
+            utils.blame_output(err, folder)
+        raise
+    return manifest
+
+
+# ---------------------------------------------------------------------------------------------
+# reading a package and its answers
+
+
+class Package:
+    """A package's manifest, read and checked: `folder`, `round`, `images` (dicts in export
+    order), `by_file` ({file: image dict}), the charset options, the sampling selection."""
+
+    def __init__(self, folder):
+        self.folder = folder
+        path = os.path.join(folder, MARKER)
+        if not os.path.isdir(folder):
+            raise utils.UserError(f"--package {folder}: no such folder; give the folder data_sampling.py "
+                                  f"--export_annotation wrote")
+        try:
+            with open(path, encoding="utf-8") as f:
+                manifest = json.load(f)
+        except FileNotFoundError:
+            raise utils.UserError(f"--package {folder}: no {MARKER} in it; give the folder data_sampling.py "
+                                  f"--export_annotation wrote") from None
+        except (ValueError, UnicodeDecodeError) as err:
+            raise utils.UserError(f"{path}: not a readable manifest ({err}); export the package again") from None
+        try:
+            if manifest.get("format") != FORMAT:
+                raise ValueError(f"format {manifest.get('format')!r}, this version reads {FORMAT}")
+            self.round = str(manifest["round"])
+            self.train_data = manifest["train_data"]
+            self.charset = manifest["charset"]
+            self.selection = manifest["selection"]
+            self.query_meta = manifest["query_meta"]
+            self.images = manifest["images"]
+            self.by_file = {image["file"]: image for image in self.images}
+            for image in self.images:
+                image["origin"] = (str(image["origin"][0]), int(image["origin"][1]))
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError) as err:
+            raise utils.UserError(f"{path}: not a manifest this version reads ({type(err).__name__}: {err}); "
+                                  f"export the package again") from None
+        self.manifest = manifest
+
+    def normalise(self, label):
+        return label.lower() if self.charset["lowercase"] else label
+
+
+class Answer:
+    """One answer: the `file` it names (as `images/<file>`), its `label`, and `where` it was read
+    (for messages: `gt.txt line 3`)."""
+
+    def __init__(self, file, label, where):
+        self.file, self.label, self.where = file, label, where
+
+
+def as_image_file(name):
+    """`images/<file>` for any of the spellings an answer may use (`<file>`, `./images/<file>`)."""
+    name = name.strip().replace("\\", "/")
+    while name.startswith("./"):
+        name = name[2:]
+    return name if name.startswith("images/") else "images/" + name
+
+
+def locate_answers(folder, answers):
+    """`(path, format)`: --answers (default the package's gt.txt) and how to read it: by its
+    extension (.json, .csv, .txt/.tsv), else by its content."""
+    path = answers or os.path.join(folder, "gt.txt")
+    if not os.path.isfile(path):
+        raise utils.UserError(f"--answers {path}: no such file; give the corrected gt.txt, a Label Studio JSON "
+                              f"export or a file,label CSV")
+    extension = os.path.splitext(path)[1].lower()
+    if extension == ".json":
+        return path, "label_studio"
+    if extension == ".csv":
+        return path, "csv"
+    if extension in (".txt", ".tsv"):
+        return path, "gt"
+    text = read_text(path)
+    if text.lstrip().startswith(("[", "{")):
+        return path, "label_studio"
+    return path, "gt" if "\t" in text else "csv"
+
+
+def read_text(path):
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            return f.read()
+    except UnicodeDecodeError as err:
+        raise utils.UserError(f"--answers {path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+
+
+def parse_gt(path, known):
+    """gt.txt lines `images/<file><TAB>label`. A line that is only a known file name (an editor
+    dropped the trailing tab of an emptied answer) is an empty answer."""
+    base = os.path.basename(path)
+    answers = []
+    for number, line in enumerate(read_text(path).splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{base} line {number}"
+        if "\t" in line:
+            name, label = line.split("\t", 1)
+        elif as_image_file(line) in known:
+            name, label = line, ""
+        else:
+            raise utils.UserError(f"{where}: no tab between the file and the answer ({line[:60]!r}); write "
+                                  f"`images/<file><TAB>answer`")
+        answers.append(Answer(as_image_file(name), label, where))
+    return answers
+
+
+def parse_csv(path, known):
+    """Rows `file,label`; a first row `file,label` (any case) is a header."""
+    base = os.path.basename(path)
+    answers = []
+    rows = csv.reader(io.StringIO(read_text(path)))
+    for number, row in enumerate(rows, 1):
+        if not row or not any(cell.strip() for cell in row):
+            continue
+        where = f"{base} row {number}"
+        if number == 1 and [c.strip().lower() for c in row] == ["file", "label"]:
+            continue
+        if len(row) == 1 and as_image_file(row[0]) in known:
+            row = [row[0], ""]
+        if len(row) != 2:
+            raise utils.UserError(f"{where}: {len(row)} columns, expected 2 (file,label); quote an answer that "
+                                  f"holds a comma")
+        answers.append(Answer(as_image_file(row[0]), row[1], where))
+    return answers
+
+
+def annotation_text(annotation):
+    """The transcription of one Label Studio annotation: its textarea result's lines, joined by a
+    space ('' when it has none)."""
+    texts = []
+    for item in annotation.get("result") or []:
+        if isinstance(item, dict) and item.get("type") == "textarea" and item.get("from_name", FROM_NAME) == FROM_NAME:
+            value = item.get("value") or {}
+            texts.extend(str(t) for t in value.get("text") or [])
+    return " ".join(t.strip() for t in texts if t.strip())
+
+
+def parse_label_studio(path, known):
+    """A Label Studio JSON export (a list of tasks): per task, its last annotation that was not
+    cancelled (skipped)."""
+    base = os.path.basename(path)
+    try:
+        tasks = json.loads(read_text(path))
+    except ValueError as err:
+        raise utils.UserError(f"--answers {path}: not JSON ({err}); export the project as JSON") from None
+    if isinstance(tasks, dict):
+        tasks = [tasks]
+    if not isinstance(tasks, list):
+        raise utils.UserError(f"--answers {path}: a Label Studio export is a list of tasks")
+    answers = []
+    for number, item in enumerate(tasks, 1):
+        data = item.get("data") if isinstance(item, dict) else None
+        if not isinstance(data, dict):
+            raise utils.UserError(f"{base} task {number}: no \"data\" object; export the project as JSON")
+        name = data.get("file") or data.get("image") or ""
+        if "file" not in data and "/images/" in name:  # a task re-created from the image URL alone
+            name = "images/" + name.rsplit("/images/", 1)[1]
+        where = f"{base} task {number} ({name})"
+        done = [a for a in item.get("annotations") or [] if isinstance(a, dict) and not a.get("was_cancelled")]
+        if not done:
+            continue  # unanswered: reported as a missing answer, naming the image
+        answers.append(Answer(as_image_file(name), annotation_text(done[-1]), where))
+    return answers
+
+
+PARSERS = {"gt": parse_gt, "label_studio": parse_label_studio, "csv": parse_csv}
+
+
+def read_answers(package, path, fmt):
+    return PARSERS[fmt](path, package.by_file)
+
+
+# ---------------------------------------------------------------------------------------------
+# judging the answers
+
+
+class Judged:
+    """Per exported image (export order): `label` (None when unreadable) and `status`
+    (unchanged / changed / unreadable); counts of each and of unknown characters."""
+
+    def __init__(self, package, decisions, unknown):
+        self.package = package
+        self.decisions = decisions  # [(image dict, label or None, status)]
+        self.unknown = unknown  # [(where, label, characters)]
+        self.counts = {s: sum(1 for _, _, st in decisions if st == s) for s in ("unchanged", "changed", "unreadable")}
+        self.too_long = sum(1 for _, label, _ in decisions
+                            if label is not None and len(label) > package.charset["batch_max_length"])
+
+
+def judge(package, answers, source, allow_unknown=False):
+    """Check that every exported image has exactly one answer and that no answer names another
+    file; sort the answers into unchanged, changed and unreadable. An answer with characters
+    outside the recorded charset is a UserError unless `allow_unknown`."""
+    seen = {}
+    for answer in answers:
+        if answer.file not in package.by_file:
+            raise utils.UserError(f"{answer.where}: names no exported image ({answer.file}); answer only the "
+                                  f"images of {package.folder}/images")
+        if answer.file in seen:
+            raise utils.UserError(f"{answer.where}: a second answer for {answer.file} (the first: "
+                                  f"{seen[answer.file].where}); keep one")
+        seen[answer.file] = answer
+    missing = [image["file"] for image in package.images if image["file"] not in seen]
+    if missing:
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise utils.UserError(f"{source}: no answer for {missing[0]}{more}; every exported image needs one "
+                              f"(empty or {UNREADABLE_MARK} for an image that cannot be read)")
+    charset = set(package.charset["character"])
+    decisions, unknown = [], []
+    for image in package.images:
+        answer = seen[image["file"]]
+        label = answer.label.strip()
+        if label in ("", UNREADABLE_MARK):
+            decisions.append((image, None, "unreadable"))
+            continue
+        outside = sorted(set(package.normalise(label)) - charset)
+        if outside:
+            if not allow_unknown:
+                raise utils.UserError(f"{answer.where}: {label!r} holds characters the model does not know "
+                                      f"({''.join(outside)!r}); correct it, write {UNREADABLE_MARK} for an unreadable "
+                                      f"image, or pass --allow_unknown_characters to keep it (training's label filter "
+                                      f"then leaves it out)")
+            unknown.append((answer.where, label, "".join(outside)))
+        status = "unchanged" if package.normalise(label) == package.normalise(image["reading"]) else "changed"
+        decisions.append((image, label, status))
+    return Judged(package, decisions, unknown)
+
+
+# ---------------------------------------------------------------------------------------------
+# writing the query set
+
+
+def check_origins(package, root, replaced):
+    """The datasets the images came from are under root, each holds the very image exported (by
+    its hash), and no image was queried since the export (by another round or import)."""
+    for relpath in sorted({image["origin"][0] for image in package.images}):
+        if not os.path.isfile(os.path.join(root, relpath, "data.mdb")):
+            raise utils.UserError(f"--train_data {root}: no dataset {relpath}, which the package's images come "
+                                  f"from; give the root it was drawn from ({package.train_data})")
+    identities = [image["origin"] for image in package.images]
+    for image, (data, _) in zip(package.images, read_images(root, identities)):
+        if hashlib.sha256(data).hexdigest() != image["sha256"]:
+            relpath, index = image["origin"]
+            raise utils.UserError(f"--train_data {root}: sample {index} of {relpath} is not the image exported as "
+                                  f"{image['file']}; give the root the package was drawn from ({package.train_data})")
+    taken = dataset.read_query_origins(root, skip={replaced} if replaced else ()) & set(identities)
+    if taken:
+        relpath, index = sorted(taken)[0]
+        raise utils.UserError(f"{len(taken)} of the package's images were queried since it was exported (e.g. "
+                              f"sample {index} of {relpath}); nothing was written")
+
+
+def next_selection(package, root, name, trainable):
+    """`(select_data, batch_ratio)` strings for the next `train.py --mode al`: the sampling
+    round's selection without the unlabelled names (nothing of them trains), plus every query set
+    under root, the new one last (left out when it holds no trainable sample)."""
+    selection = package.selection
+    drop = set(selection.get("unlabelled") or [])
+    kept = [(n, float(r)) for n, r in zip(selection["select_data"], selection["batch_ratio"]) if n not in drop]
+    leaves = query_sets.list_leaf_lmdbs(root)
+    names = [n for n, _ in kept]
+    others = [n for n in query_sets.query_set_names(names, leaves, root) if n != name]
+    others += [n for n in query_sets.unselected_query_sets(leaves, names, root) if n != name and n not in others]
+    ratios = [r for _, r in kept]
+    if trainable:
+        others.append(name)
+    if not others:  # nothing queried to train on: the base selection as it was
+        return query_strategies.format_selection(names, ratios) if names else ("", "")
+    chosen, shares = query_strategies.next_round_selection(names, ratios, others[:-1], others[-1])
+    return query_strategies.format_selection(chosen, shares)
+
+
+def import_meta(package, judged, name, answers_path, fmt):
+    meta = dict(package.query_meta)
+    trainable = [image for image, label, _ in judged.decisions if label is not None]
+    meta.update({
+        "name": name, "num_picked": len(trainable), "scores": [image["score"] for image in trainable],
+        "annotation": {"package": os.path.abspath(package.folder), "answers": os.path.abspath(answers_path),
+                       "format": fmt, **judged.counts, "unknown_characters": len(judged.unknown),
+                       "imported": datetime.now(timezone.utc).isoformat(timespec="seconds")},
+    })
+    return meta
+
+
+def import_summary(package, judged, name, path, root, answers_path, fmt):
+    trainable = judged.counts["unchanged"] + judged.counts["changed"]
+    select_data, batch_ratio = next_selection(package, root, name, trainable)
+    return {
+        "query_set": name, "path": os.path.abspath(path), "package": os.path.abspath(package.folder),
+        "answers": os.path.abspath(answers_path), "format": fmt, "strategy": package.query_meta.get("strategy"),
+        "num_answers": len(judged.decisions), "num_picked": trainable, **judged.counts,
+        "unknown_characters": len(judged.unknown), "too_long": judged.too_long,
+        # the model's word accuracy on the picked images, as the transcribers judged it
+        "accuracy": {"picked": judged.counts["unchanged"] / trainable if trainable else None, "pool": None},
+        "changes": [{"file": image["file"], "reading": image["reading"], "answer": label}
+                    for image, label, status in judged.decisions if status == "changed"],
+        "next_select_data": select_data, "next_batch_ratio": batch_ratio,
+    }
+
+
+def format_import_summary(summary):
+    counts = (f"{summary['unchanged']} as the model read them, {summary['changed']} corrected, "
+              f"{summary['unreadable']} unreadable (kept out of training, never asked again)")
+    lines = [f"imported {summary['num_answers']} answers ({ANSWER_FORMATS[summary['format']]}) -> {summary['path']}",
+             f"  {counts}",
+             f"  {summary['num_picked']} samples to train on; {summary['unknown_characters']} with characters "
+             f"outside the charset, {summary['too_long']} longer than --batch_max_length (training's filter drops "
+             f"both)"]
+    if summary["next_select_data"]:
+        lines.append(f"next round: train.py --mode al --select_data {summary['next_select_data']} "
+                     f"--batch_ratio {summary['next_batch_ratio']}")
+    if not summary["num_picked"]:
+        lines.append("warning: no answer is readable, so the query set holds no sample to train on; it only keeps "
+                     "these images out of later pools (leave it out of --select_data)")
+    return "\n".join(lines)
+
+
+def write_query_set(path, judged, root, meta, summary, replace):
+    """The query set: the trainable answers with the images' bytes from their source LMDBs and
+    their origins, the unreadable ones as `unreadable-%09d` origins, `query-meta` and summary.json,
+    all in one atomic write."""
+    trainable = [(image, label) for image, label, _ in judged.decisions if label is not None]
+    unreadable = [image["origin"] for image, label, _ in judged.decisions if label is None]
+    images = read_images(root, [image["origin"] for image, _ in trainable])
+    samples = ((data, label, image["origin"]) for (image, label), (data, _) in zip(trainable, images))
+    extra = {dataset.unreadable_key(k): f"{rel}\t{index}".encode("utf-8")
+             for k, (rel, index) in enumerate(unreadable, 1)}
+    extra[dataset.NUM_UNREADABLE_KEY] = str(len(unreadable)).encode()
+    return dataset.write_lmdb(path, samples, meta=meta, overwrite=replace, extra_keys=extra,
+                              extra_files={"summary.json": json.dumps(summary, indent=2, ensure_ascii=False) + "\n"})

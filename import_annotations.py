@@ -1,0 +1,79 @@
+"""Turn the answers to an annotation package (data_sampling.py --export_annotation) into the
+query set the next training round reads.
+
+    python import_annotations.py --package train_data_lmdb/uncali_iter_1_annotation \
+        --train_data train_data_lmdb [--answers export.json] [--name uncali_iter_1]
+
+The answers are the package's corrected gt.txt (the default), a Label Studio JSON export or a
+`file,label` CSV. Every exported image must be answered exactly once; an empty or `###` answer
+marks it unreadable (kept out of training, never queried again). Nothing is written unless every
+check passes; the query set appears atomically, with `query-meta` and a summary.json."""
+import argparse
+import math
+import os
+
+import annotation
+import locking
+import utils
+from query_sets import check_out_name, check_output_free, list_leaf_lmdbs
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--package", required=True, help="the folder data_sampling.py --export_annotation wrote")
+    parser.add_argument("--train_data", required=True,
+                        help="root of the training LMDBs the package was drawn from; the query set is written here")
+    parser.add_argument("--name", default="",
+                        help="name of the query set (default: the package's round, <query>_iter_<k>); the rules of "
+                             "data_sampling.py --out_name apply")
+    parser.add_argument("--answers", default="",
+                        help="the answers: a gt.txt (images/<file><TAB>label), a Label Studio JSON export or a "
+                             "file,label CSV, told apart by the extension (.txt/.tsv, .json, .csv) or else the "
+                             "content (default: the package's gt.txt)")
+    parser.add_argument("--allow_unknown_characters", action="store_true",
+                        help="keep answers with characters outside the model's charset (reported; training's label "
+                             "filter leaves them out) instead of refusing the import")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing query set of that name (never a base dataset or another folder)")
+    parser.add_argument("--lock_timeout", type=float, default=0.0,
+                        help="another writer holding the lock on --train_data: wait this many seconds for it "
+                             "(0: fail at once, -1: wait without limit)")
+    parser.add_argument("--dry_run", action="store_true", help="check everything and print the summary; write nothing")
+    return parser
+
+
+def main(opt):
+    if not os.path.isdir(opt.train_data):
+        raise utils.UserError(f"--train_data {opt.train_data}: no such folder; give the root the package was drawn "
+                              f"from")
+    if not math.isfinite(opt.lock_timeout):
+        raise utils.UserError(f"--lock_timeout {opt.lock_timeout}: give seconds (0: fail at once, -1: no limit)")
+    package = annotation.Package(opt.package)
+    answers_path, fmt = annotation.locate_answers(opt.package, opt.answers)
+    answers = annotation.read_answers(package, answers_path, fmt)
+    judged = annotation.judge(package, answers, answers_path, allow_unknown=opt.allow_unknown_characters)
+    for where, label, outside in judged.unknown:
+        print(f"warning: {where}: {label!r} holds characters outside the charset ({outside!r}); kept, but "
+              f"training's label filter leaves it out")
+    with locking.exclusive(opt.train_data, opt.lock_timeout):
+        leaves = list_leaf_lmdbs(opt.train_data)
+        name = opt.name or package.round
+        check_out_name(name, leaves, opt.train_data, flag="--name")
+        path = os.path.join(opt.train_data, name)
+        check_output_free(path, opt.overwrite, flag="--name")
+        replaced = name if os.path.lexists(path) else None
+        annotation.check_origins(package, opt.train_data, replaced)
+        summary = annotation.import_summary(package, judged, name, path, opt.train_data, answers_path, fmt)
+        if opt.dry_run:
+            print("dry run: nothing written")
+            print(annotation.format_import_summary(summary))
+            return summary
+        meta = annotation.import_meta(package, judged, name, answers_path, fmt)
+        annotation.write_query_set(path, judged, opt.train_data, meta, summary, replace=replaced is not None)
+    print(annotation.format_import_summary(summary))
+    return summary
+
+
+if __name__ == "__main__":
+    utils.exit_on_user_error(main)(get_args_parser().parse_args())

@@ -1,0 +1,327 @@
+"""Real annotators: unlabelled pools, annotation packages out and answers back in, and the loop
+that waits for them (create_lmdb_dataset.py --unlabelled, data_sampling.py --export_annotation,
+import_annotations.py, annotation.py, scripts/al_loop.sh --annotator human)."""
+import csv
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+import create_lmdb_dataset
+import dataset
+import import_annotations
+import options
+import utils
+from conftest import REPO_ROOT
+from test_eval_scripts import load_script
+from test_sampling import CTC_ARCH, ctc_args, listing, models, one_thread, read_set, run_main, work  # noqa: F401
+
+
+def source_label(train, origin):
+    with dataset.shared_env(os.path.join(train, origin[0])).begin() as txn:
+        return txn.get(b"label-%09d" % origin[1]).decode()
+
+
+def source_image(train, origin):
+    with dataset.shared_env(os.path.join(train, origin[0])).begin() as txn:
+        return txn.get(b"image-%09d" % origin[1])
+
+
+def manifest(package):
+    return json.loads((package / "package.json").read_text(encoding="utf-8"))
+
+
+def run_import(*argv):
+    """import_annotations in-process, as its __main__ block runs it (UserError -> SystemExit 2)."""
+    opt = import_annotations.get_args_parser().parse_args([str(a) for a in argv])
+    return utils.exit_on_user_error(import_annotations.main)(opt)
+
+
+def error_line(capsys, call):
+    with pytest.raises(SystemExit) as exit_info:
+        call()
+    assert exit_info.value.code == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines
+    return lines[0]
+
+
+def hidden(folder):
+    return [name for name in os.listdir(folder) if name.startswith(".") and not name.endswith(".lock")]
+
+
+# ---------------------------------------------------------------------------------------------
+# the round trip with a transcriber who corrects gt.txt
+
+
+def test_gt_round_trip_writes_the_query_set_and_keeps_unreadable_images_out(work, models, make_opt, capsys):
+    train = work / "train_data_lmdb"
+    package = work / "round1_package"
+    pool_before = run_main(ctc_args(work, models.ctc, "--num_query", "1", "--dry_run"))["pool_size"]
+    summary = run_main(ctc_args(work, models.ctc, "--query", "uncali", "--num_query", "6",
+                                "--export_annotation", str(package)))
+    out = capsys.readouterr().out
+    # a package instead of the query set, and the summary says so with the import command
+    assert listing(train) == ["CVPR2016", "NIPS2014"]
+    assert summary["query_set"] is None and summary["num_picked"] == 6 and summary["round"] == "uncali_iter_1"
+    assert "no query set is written yet" in out and "import_annotations.py --package" in out
+    assert sorted(os.listdir(package)) == ["README.txt", "gt.txt", "images", "label_config.xml", "package.json",
+                                           "predictions.csv", "tasks.json"]
+    assert hidden(work) == []
+    meta = manifest(package)
+    images = meta["images"]
+    assert len(images) == 6 and len({i["file"] for i in images}) == 6
+    gt_lines = (package / "gt.txt").read_text(encoding="utf-8").splitlines()
+    with open(package / "predictions.csv", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    tasks = json.loads((package / "tasks.json").read_text(encoding="utf-8"))
+    for image, line, row, task in zip(images, gt_lines, rows, tasks):
+        relpath, index = image["origin"]
+        data = (package / image["file"]).read_bytes()
+        assert data == source_image(str(train), (relpath, index))  # the original bytes
+        assert image["sha256"] == hashlib.sha256(data).hexdigest()
+        extension = "jpg" if data[:3] == b"\xff\xd8\xff" else "png"  # the synthetic sets hold both
+        assert image["file"] == f"images/{relpath}_{index}.{extension}"  # the name says where it came from
+        assert line == f"{image['file']}\t{image['reading']}"  # pre-filled with the model's reading
+        assert (row["file"], row["origin"], row["reading"]) == (image["file"], f"{relpath}:{index}", image["reading"])
+        assert float(row["confidence"]) == pytest.approx(image["confidence"])
+        assert task["data"]["file"] == image["file"] and task["data"]["image"].endswith(f"round1_package/{image['file']}")
+        prediction = task["predictions"][0]
+        assert prediction["score"] == image["confidence"]
+        texts = [r["value"]["text"] for r in prediction["result"] if r["type"] == "textarea"]
+        assert texts == ([[image["reading"]]] if image["reading"] else [])
+    # uncali picks the least confident first
+    confidences = [i["confidence"] for i in images]
+    assert max(confidences) <= summary["mean_confidence"]["pool"]
+
+    # the transcriber: the true word for four, ### for one, an emptied answer (tab kept) for another
+    truth = [source_label(str(train), tuple(i["origin"])) for i in images]
+    answers = truth[:2] + ["###", ""] + ["  " + truth[4], truth[5]]  # surrounding spaces are dropped
+    (package / "gt.txt").write_text("".join(f"{i['file']}\t{a}\n" for i, a in zip(images, answers)), encoding="utf-8")
+    result = run_import("--package", package, "--train_data", train)
+    printed = capsys.readouterr().out
+
+    trainable = [0, 1, 4, 5]
+    changed = sum(truth[k].lower() != images[k]["reading"] for k in trainable)
+    assert (result["num_picked"], result["unreadable"], result["changed"], result["unchanged"]) == \
+        (4, 2, changed, 4 - changed)
+    assert result["accuracy"]["picked"] == (4 - changed) / 4
+    assert (result["next_select_data"], result["next_batch_ratio"]) == ("CVPR2016-NIPS2014-uncali_iter_1",
+                                                                      "0.25-0.25-0.5")
+    assert f"{changed} corrected, 2 unreadable" in printed
+    assert listing(train) == ["CVPR2016", "NIPS2014", "uncali_iter_1"]
+    rows, query_meta = read_set(str(train / "uncali_iter_1"))
+    assert [(image, label, origin) for image, label, origin in rows] == \
+        [(source_image(str(train), tuple(images[k]["origin"])), truth[k], tuple(images[k]["origin"]))
+         for k in trainable]
+    assert query_meta["annotation"]["unreadable"] == 2 and query_meta["num_picked"] == 4
+    assert json.loads((train / "uncali_iter_1" / "summary.json").read_text())["num_picked"] == 4
+    # the unreadable two count as queried, but training reads only the four
+    assert dataset.read_query_origins(str(train)) == {tuple(i["origin"]) for i in images}
+    opt = make_opt(**CTC_ARCH, total_data_usage_ratio="0.7")
+    labelled, _ = dataset.hierarchical_dataset(str(train), opt, ["uncali_iter_1"], split="labelled")
+    assert [label for _, label, _ in (labelled[i] for i in range(len(labelled)))] == \
+        [truth[k].lower() for k in trainable]
+    # the next round's pool leaves all six out
+    assert run_main(ctc_args(work, models.ctc, "--num_query", "1", "--dry_run"))["pool_size"] == pool_before - 6
+    # importing again finds the name taken
+    message = error_line(capsys, lambda: run_import("--package", package, "--train_data", train))
+    assert "uncali_iter_1 already exists" in message
+
+
+# ---------------------------------------------------------------------------------------------
+# an unlabelled pool, answered through Label Studio
+
+
+@pytest.fixture
+def crops(work):
+    """A folder of word images without labels (in sub-folders, with a file that is no image),
+    taken from NIPS2014: {relative path: (bytes, true label)}."""
+    folder = work / "crops"
+    train = str(work / "train_data_lmdb")
+    truth = {}
+    for k in range(1, 9):
+        rel = f"{'shop' if k % 2 else 'street/left'}/word{k}.png"
+        (folder / os.path.dirname(rel)).mkdir(parents=True, exist_ok=True)
+        data = source_image(train, ("NIPS2014", k))
+        (folder / rel).write_bytes(data)
+        truth[rel] = (data, source_label(train, ("NIPS2014", k)))
+    (folder / "notes.txt").write_text("not an image")
+    return folder, truth
+
+
+def test_unlabelled_lmdb_holds_every_image_with_its_path(work, crops, capsys):
+    folder, truth = crops
+    out = work / "pool"
+    create_lmdb_dataset.main(["--unlabelled", "--inputPath", str(folder), "--outputPath", str(out)])
+    captured = capsys.readouterr()
+    assert "Created unlabelled dataset with 8 images" in captured.out
+    assert "skipped 1 file(s)" in captured.out and "notes.txt" in captured.err
+    with dataset.shared_env(str(out)).begin() as txn:
+        raw = dict(txn.cursor())
+    assert raw[b"num-samples"] == b"8" and raw[b"unlabelled"] == b"1"
+    order = sorted(truth)  # sorted by path: shop/... before street/left/...
+    for k, rel in enumerate(order, 1):
+        assert raw[b"path-%09d" % k] == rel.encode() and raw[b"image-%09d" % k] == truth[rel][0]
+        assert raw[b"label-%09d" % k] == b""
+    message = error_line(capsys, lambda: create_lmdb_dataset.main(
+        ["--unlabelled", "--gtFile", "gt.txt", "--inputPath", str(folder), "--outputPath", str(work / "other")]))
+    assert "--gtFile gt.txt with --unlabelled" in message
+
+
+def test_train_and_test_refuse_an_unlabelled_lmdb(work, crops, models, capsys):
+    folder, _ = crops
+    pool = work / "train_data_lmdb" / "Crops"
+    create_lmdb_dataset.create_unlabelled_dataset(str(folder), str(pool))
+    capsys.readouterr()
+    test_script, train_script = load_script("test"), load_script("train")
+    argv = ["--eval_data", str(pool), "--saved_model", models.ctc, "--device", "cpu", "--workers", "0"]
+    message = error_line(capsys, lambda: utils.exit_on_user_error(test_script.main)(
+        options.parse_with_given(test_script.get_args_parser(), argv)))
+    assert f"--eval_data {pool}: an unlabelled LMDB" in message
+    arch = [f"--{k}={v}" for k, v in CTC_ARCH.items() if k in ("Transformation", "FeatureExtraction",
+                                                              "SequenceModeling", "Prediction")]
+    argv = ["--train_data", str(work / "train_data_lmdb"), "--valid_data", str(work / "test_data_lmdb"),
+            "--select_data", "CVPR2016-Crops", "--batch_ratio", "0.5-0.5", "--dry_run", "--device", "cpu",
+            "--workers", "0", "--output_dir", str(work / "models"), *arch]
+    message = error_line(capsys, lambda: utils.exit_on_user_error(train_script.main)(
+        train_script.get_args_parser().parse_args(argv)))
+    assert f"--train_data {pool}: an unlabelled LMDB" in message
+
+
+def label_studio_export(tasks, answers):
+    """What Label Studio exports after the transcribers worked: per task an early answer, the one
+    that counts, then a skipped (cancelled) one."""
+    exported = []
+    for k, (task, answer) in enumerate(zip(tasks, answers)):
+        def done(text, cancelled=False):
+            result = [{"id": f"r{k}", "from_name": "transcription", "to_name": "image", "type": "textarea",
+                       "value": {"text": [text]}}] if text else []
+            return {"id": 100 + k, "result": result, "was_cancelled": cancelled, "ground_truth": False}
+        exported.append({"id": k + 1, "data": task["data"], "predictions": task["predictions"],
+                         "annotations": [done("draft"), done(answer), done("skipped", cancelled=True)]})
+    return exported
+
+
+def test_unlabelled_pool_is_queried_whole_and_answered_in_label_studio(work, crops, models, capsys):
+    folder, truth = crops
+    train = work / "train_data_lmdb"
+    create_lmdb_dataset.create_unlabelled_dataset(str(folder), str(train / "Crops"))
+    capsys.readouterr()
+    argv = ctc_args(work, models.ctc, "--query", "uncali", "--num_query", "5")
+    argv[argv.index("CVPR2016-NIPS2014")] = "Crops"
+    argv += ["--batch_ratio", "1"]
+    summary = run_main(argv)
+    out = capsys.readouterr().out
+    package = train / "uncali_iter_1_annotation"  # the default place, beside the query set to be
+    # the whole LMDB is the pool though --total_data_usage_ratio is 0.7; no query set is written
+    assert summary["pool_size"] == 8 and summary["accuracy"] == {"picked": None, "pool": None}
+    assert listing(train) == ["CVPR2016", "Crops", "NIPS2014", "uncali_iter_1_annotation"]
+    assert f"annotation -> {package}" in out
+    images = manifest(package)["images"]
+    paths = sorted(truth)
+    for image in images:
+        assert image["origin"][0] == "Crops" and image["path"] == paths[image["origin"][1] - 1]
+        stem = os.path.splitext(image["path"])[0].replace("/", "__")
+        extension = "jpg" if truth[image["path"]][0][:3] == b"\xff\xd8\xff" else "png"
+        assert image["file"] == f"images/Crops__{stem}_{image['origin'][1]}.{extension}"
+    answers = [truth[i["path"]][1] for i in images]
+    export = work / "project-1-export.json"
+    tasks = json.loads((package / "tasks.json").read_text())
+    export.write_text(json.dumps(label_studio_export(tasks, answers)))
+    result = run_import("--package", package, "--train_data", train, "--answers", export)
+    assert (result["num_picked"], result["unreadable"], result["format"]) == (5, 0, "label_studio")
+    # nothing of the unlabelled pool trains: the next round trains on the query set alone
+    assert (result["next_select_data"], result["next_batch_ratio"]) == ("uncali_iter_1", "1")
+    rows, _ = read_set(str(train / "uncali_iter_1"))
+    assert [(label, origin) for _, label, origin in rows] == [(a, tuple(i["origin"])) for a, i in zip(answers, images)]
+    # a second round: five drawn, the other three are left
+    argv[argv.index("5")] = "8"
+    assert run_main(argv + ["--dry_run"])["pool_size"] == 3
+
+
+# ---------------------------------------------------------------------------------------------
+# bad answers: one line naming the culprit, exit 2, nothing written
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_data, models, tmp_path_factory):
+    root = tmp_path_factory.mktemp("exported")
+    shutil.copytree(tiny_data.train, root / "train_data_lmdb")
+    shutil.copytree(tiny_data.valid, root / "test_data_lmdb")
+    package = root / "package"
+    run_main(ctc_args(root, models.ctc, "--num_query", "4", "--export_annotation", str(package)))
+    return root, package
+
+
+def gt_answers(package, truth):
+    return [f"{image['file']}\t{label}" for image, label in zip(manifest(package)["images"], truth)]
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("missing", "no answer for images/"),
+    ("duplicate", "answers.txt line 5: a second answer for images/"),
+    ("unknown file", "answers.txt line 5: names no exported image (images/elsewhere.png)"),
+    ("unknown characters", "answers.txt line 2: 'ab$' holds characters the model does not know ('$')"),
+    ("no tab", "answers.txt line 3: no tab between the file and the answer"),
+    ("csv duplicate", "answers.csv row 4: a second answer for images/"),
+    ("label studio skipped", "no answer for images/"),
+])
+def test_a_bad_answer_file_exits_2_naming_it_and_writes_nothing(exported, capsys, case, expected):
+    root, package = exported
+    train = root / "train_data_lmdb"
+    lines = gt_answers(package, ["abc", "ab$" if case == "unknown characters" else "ab", "x", "y"])
+    name = "answers.txt"
+    if case == "missing":
+        lines = lines[:3]
+    elif case == "duplicate":
+        lines.append(lines[0])
+    elif case == "unknown file":
+        lines.append("images/elsewhere.png\tabc")
+    elif case == "no tab":
+        lines[2] = lines[2].replace("\t", " ")
+    if case == "csv duplicate":
+        name = "answers.csv"
+        files = [line.split("\t") for line in lines]
+        lines = ["file,label"] + [f"{f},{a}" for f, a in files[:2] + files[1:2] + files[2:]]
+    if case == "label studio skipped":
+        name = "export.json"
+        tasks = json.loads((package / "tasks.json").read_text())
+        export = label_studio_export(tasks, [line.split("\t")[1] for line in lines])
+        export[2]["annotations"] = [a for a in export[2]["annotations"] if a["was_cancelled"]]
+        text = json.dumps(export)
+    else:
+        text = "\n".join(lines) + "\n"
+    answers = root / name
+    answers.write_text(text, encoding="utf-8")
+    before = listing(train)
+    message = error_line(capsys, lambda: run_import("--package", package, "--train_data", train, "--answers", answers))
+    assert expected in message
+    assert listing(train) == before and hidden(train) == []
+    answers.unlink()
+
+
+def test_unknown_characters_are_kept_when_allowed_and_reported(exported, capsys):
+    root, package = exported
+    answers = root / "allowed.txt"
+    answers.write_text("\n".join(gt_answers(package, ["abc", "ab$", "###", "y"])) + "\n", encoding="utf-8")
+    result = run_import("--package", package, "--train_data", root / "train_data_lmdb", "--answers", answers,
+                        "--allow_unknown_characters", "--dry_run")
+    printed = capsys.readouterr().out
+    assert (result["num_picked"], result["unreadable"], result["unknown_characters"]) == (3, 1, 1)
+    assert "allowed.txt line 2: 'ab$' holds characters outside the charset ('$')" in printed
+    assert "dry run: nothing written" in printed and listing(root / "train_data_lmdb") == ["CVPR2016", "NIPS2014"]
+
+
+def test_a_package_imported_into_another_root_is_refused(exported, tmp_path, capsys):
+    _, package = exported
+    other = tmp_path / "other_root"
+    (other / "CVPR2016").mkdir(parents=True)
+    dataset.write_lmdb(str(other / "CVPR2016"), [(b"x", "a", None)], overwrite=True)
+    message = error_line(capsys, lambda: run_import("--package", package, "--train_data", other))
+    assert "give the root it was drawn from" in message or "give the root the package was drawn from" in message
+    assert listing(other) == ["CVPR2016"]
