@@ -39,8 +39,7 @@ UNREADABLE_MARK = "###"
 FROM_NAME, TO_NAME = "transcription", "image"  # the control and object names of label_config.xml
 IMAGE_EXTENSIONS = {"JPEG": "jpg", "PNG": "png", "BMP": "bmp", "GIF": "gif", "TIFF": "tif", "WEBP": "webp"}
 MAX_STEM = 120  # characters of a file name's origin part: names stay well under 255 bytes
-ANSWER_FORMATS = {"gt": "gt.txt lines (images/<file><TAB>label)", "label_studio": "Label Studio JSON export",
-                  "csv": "CSV (file,label)"}
+ANSWER_FORMATS = {"gt": "gt.txt lines", "label_studio": "a Label Studio JSON export", "csv": "file,label CSV"}
 LABEL_CONFIG = """<View>
   <Image name="image" value="$image"/>
   <Header value="Type the word exactly as written; leave it empty or type ### when it cannot be read"/>
@@ -530,7 +529,8 @@ def import_summary(package, judged, name, path, root, answers_path, fmt):
 def format_import_summary(summary):
     counts = (f"{summary['unchanged']} as the model read them, {summary['changed']} corrected, "
               f"{summary['unreadable']} unreadable (kept out of training, never asked again)")
-    lines = [f"imported {summary['num_answers']} answers ({ANSWER_FORMATS[summary['format']]}) -> {summary['path']}",
+    lines = [f"imported {summary['num_answers']} answers from {summary['answers']} ({ANSWER_FORMATS[summary['format']]}) "
+             f"-> {summary['path']}",
              f"  {counts}",
              f"  {summary['num_picked']} samples to train on; {summary['unknown_characters']} with characters "
              f"outside the charset, {summary['too_long']} longer than --batch_max_length (training's filter drops "

@@ -24,6 +24,9 @@ usage: scripts/al_loop.sh [--name value ...]      (or the upper-case environment
   --noise_ratio R         simulated annotator noise on queried labels (0)
   --noise_model NAME      the simulated annotator's errors: substitute, confusable, edit,
                           mixed (train.py --noise_model)             (substitute)
+  --annotator KIND        simulated: the pool's labels answer the queries; human: each
+                          round exports an annotation package and the loop stops until
+                          its answers are imported                   (simulated)
   --base_iters N          iterations of round 0                      (2000)
   --iters N               iterations of each later round             (1000)
   --val_interval N        validation interval                        (500)
@@ -42,6 +45,12 @@ the other half is split equally among the query sets (e.g. 0.5-0.5 -> 0.25-0.25-
 0.25-0.25-0.25-0.25 in round 2). The query sets of this run live in DIR/<query>/train_data,
 beside links to the base datasets, so runs of different strategies never see each other's picks.
 Results: DIR/<query>/rounds.csv, rounds.md; DIR/learning_curve.png covers every run under DIR.
+
+With --annotator human, round k >= 1 runs data_sampling.py --export_annotation into
+DIR/<query>/train_data/<query>_iter_<k>_annotation and stops (exit 0), printing the
+import_annotations.py command that turns the transcribers' answers into the query set and the
+command that continues the loop (this one again); run again before the import, it prints the same
+and stops.
 
 Every setting is checked (train.py and data_sampling.py --dry_run included) before the first
 command. Running the same command again continues the run: finished steps (a round's query set,
@@ -64,6 +73,7 @@ QUERY_RATIO=${QUERY_RATIO:-0.01}
 NUM_QUERY=${NUM_QUERY:-}
 NOISE_RATIO=${NOISE_RATIO:-0}
 NOISE_MODEL=${NOISE_MODEL:-substitute}
+ANNOTATOR=${ANNOTATOR:-simulated}
 BASE_ITERS=${BASE_ITERS:-2000}
 ITERS=${ITERS:-1000}
 VAL_INTERVAL=${VAL_INTERVAL:-500}
@@ -74,6 +84,7 @@ WORKERS=${WORKERS:-4}
 SEED=${SEED:-1111}
 OUT=${OUT:-runs/al}
 PYTHON=${PYTHON:-python}
+INVOCATION=("$0" "$@")  # printed back as the command that continues a run waiting for its annotators
 
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -83,7 +94,7 @@ while [ $# -gt 0 ]; do
       var=$(printf '%s' "${1#--}" | tr '[:lower:]' '[:upper:]')
       case "$var" in
         TRAIN_DATA|VALID_DATA|TEST_DATA|SELECT_DATA|BATCH_RATIO|LABEL_RATIO|QUERY|BASE_CALIBRATOR|\
-        AL_CALIBRATOR|ROUNDS|QUERY_RATIO|NUM_QUERY|NOISE_RATIO|NOISE_MODEL|BASE_ITERS|ITERS|VAL_INTERVAL|ARCH|\
+        AL_CALIBRATOR|ROUNDS|QUERY_RATIO|NUM_QUERY|NOISE_RATIO|NOISE_MODEL|ANNOTATOR|BASE_ITERS|ITERS|VAL_INTERVAL|ARCH|\
         TRAIN_ARGS|BATCH_SIZE|WORKERS|SEED|OUT|PYTHON) printf -v "$var" '%s' "$2" ;;
         *) echo "error: unknown option $1 (see --help)" >&2; exit 2 ;;
       esac
@@ -116,6 +127,12 @@ is_ratio "$NOISE_RATIO" closed || fail "--noise_ratio $NOISE_RATIO: give a share
 known=$("$PYTHON" -c 'import annotator_noise; print(", ".join(annotator_noise.NOISE_MODELS))') || \
   fail "cannot read the noise models of annotator_noise.py; run this script from the repository root"
 [[ ", $known, " == *", $NOISE_MODEL, "* ]] || fail "--noise_model $NOISE_MODEL: unknown; choose one of $known"
+case "$ANNOTATOR" in
+  simulated) ;;
+  human) "$PYTHON" -c 'import sys; sys.exit(float(sys.argv[1]) != 0)' "$NOISE_RATIO" || \
+           fail "--noise_ratio $NOISE_RATIO: simulated annotator noise has no place with --annotator human; drop it" ;;
+  *) fail "--annotator $ANNOTATOR: unknown; choose simulated or human" ;;
+esac
 if [ -n "$NUM_QUERY" ]; then
   { is_int "$NUM_QUERY" && [ "$NUM_QUERY" -ge 1 ]; } || fail "--num_query $NUM_QUERY: give a whole number of at least 1"
 else
@@ -142,6 +159,7 @@ settings() {
   done
   # recorded only when not the default, so that a run made before the option still matches
   [ "$NOISE_MODEL" = substitute ] || printf 'NOISE_MODEL=%s\n' "$NOISE_MODEL"
+  [ "$ANNOTATOR" = simulated ] || printf 'ANNOTATOR=%s\n' "$ANNOTATOR"
 }
 
 # shellcheck disable=SC2206
@@ -151,6 +169,8 @@ EXTRA_ARGS=($TRAIN_ARGS)
 COMMON=(--valid_data "$VALID_DATA" --manualSeed "$SEED" --batch_size "$BATCH_SIZE" --workers "$WORKERS"
         --total_data_usage_ratio "$LABEL_RATIO" --no_progress)
 query_size=(--ratio "$QUERY_RATIO")
+export_args=()
+[ "$ANNOTATOR" = human ] && export_args=(--export_annotation "$RUN_TRAIN/${QUERY}_iter_1_annotation")
 [ -n "$NUM_QUERY" ] && query_size=(--num_query "$NUM_QUERY")
 
 if [ -f "$SETTINGS_FILE" ]; then
@@ -184,7 +204,7 @@ else
       --output_dir "$scratch/models"
     check "$PYTHON" data_sampling.py --dry_run --train_data "$scratch" "${COMMON[@]}" "${ARCH_ARGS[@]}" \
       --select_data "$SELECT_DATA" --batch_ratio "$BATCH_RATIO" --saved_model "$scratch/none.pth" \
-      --query "$QUERY" "${query_size[@]}" --out_name "${QUERY}_iter_1"
+      --query "$QUERY" "${query_size[@]}" --out_name "${QUERY}_iter_1" "${export_args[@]}"
   fi
   rm -rf "$scratch"
   trap - EXIT
@@ -230,6 +250,19 @@ evaluate_round() {
     --batch_size "$BATCH_SIZE" --workers "$WORKERS" --output "$RUN/eval/round$round"
 }
 
+# The loop cannot go on without the answers: say what to do and stop (a pause, not a failure).
+wait_for_annotators() {
+  local package=$1
+  echo
+  echo "round $round waits for its annotators: the package is $package"
+  echo "  1. correct $package/gt.txt (or label its tasks.json in Label Studio and export the project as JSON)"
+  echo "  2. import the answers (add --answers FILE for a Label Studio JSON export or a file,label CSV):"
+  printf '     %q import_annotations.py --package %q --train_data %q\n' "$PYTHON" "$package" "$RUN_TRAIN"
+  echo "  3. continue the loop:"
+  printf '     '; printf '%q ' "${INVOCATION[@]}"; echo
+  exit 0
+}
+
 record_time() {  # one line per round: its number and the seconds of its last (or only) run
   local file="$RUN/round_times.txt"
   { [ -f "$file" ] && awk -v r="$round" '$1 != r' "$file"; echo "$round $1"; } > "$file.tmp"
@@ -246,6 +279,16 @@ for round in $(seq 0 "$ROUNDS"); do
     summary="$RUN_TRAIN/${QUERY}_iter_${round}/summary.json"
     if [ -f "$summary" ]; then
       echo "round $round: queried already ($RUN_TRAIN/${QUERY}_iter_${round})"
+    elif [ "$ANNOTATOR" = human ]; then
+      package="$RUN_TRAIN/${QUERY}_iter_${round}_annotation"
+      if [ -f "$package/package.json" ]; then
+        echo "round $round: exported already ($package); its answers are not imported yet"
+      else
+        run_step "$PYTHON" data_sampling.py --train_data "$RUN_TRAIN" "${COMMON[@]}" --select_data "$SELECT_DATA" \
+          --batch_ratio "$BATCH_RATIO" --saved_model "$previous" --query "$QUERY" "${query_size[@]}" \
+          --out_name "${QUERY}_iter_${round}" --export_annotation "$package" --mode al
+      fi
+      wait_for_annotators "$package"
     else
       run_step "$PYTHON" data_sampling.py --train_data "$RUN_TRAIN" "${COMMON[@]}" --select_data "$SELECT_DATA" \
         --batch_ratio "$BATCH_RATIO" --saved_model "$previous" --query "$QUERY" "${query_size[@]}" \

@@ -5,7 +5,9 @@ import csv
 import hashlib
 import json
 import os
+import shlex
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -17,8 +19,10 @@ import import_annotations
 import options
 import utils
 from conftest import REPO_ROOT
+from test_al_loop import ARCH, run_loop
 from test_eval_scripts import load_script
-from test_sampling import CTC_ARCH, ctc_args, listing, models, one_thread, read_set, run_main, work  # noqa: F401
+from test_sampling import CTC_ARCH, ctc_args, listing, read_set, run_main, save_model
+from test_sampling import models, one_thread, work  # noqa: F401  (fixtures)
 
 
 def source_label(train, origin):
@@ -325,3 +329,104 @@ def test_a_package_imported_into_another_root_is_refused(exported, tmp_path, cap
     message = error_line(capsys, lambda: run_import("--package", package, "--train_data", other))
     assert "give the root it was drawn from" in message or "give the root the package was drawn from" in message
     assert listing(other) == ["CVPR2016"]
+
+
+# ---------------------------------------------------------------------------------------------
+# the loop waits for its annotators and continues after the import
+#
+# Round 0 of the run is made here, as a finished one looks (its settings, model, training summary
+# and evaluation), so that the loop's own steps are the only ones that run: a real round 0 would
+# add a minute of training and checks to what is tested.
+
+LOOP_SETTINGS = {"TRAIN_DATA": None, "VALID_DATA": None, "TEST_DATA": None, "SELECT_DATA": "CVPR2016-NIPS2014",
+                 "BATCH_RATIO": "0.5-0.5", "LABEL_RATIO": "0.5", "QUERY": "random", "BASE_CALIBRATOR": "CE",
+                 "AL_CALIBRATOR": "boost_soft", "QUERY_RATIO": "0.01", "NUM_QUERY": "15", "NOISE_RATIO": "0",
+                 "BASE_ITERS": "2", "ITERS": "2", "VAL_INTERVAL": "1", "ARCH": ARCH, "TRAIN_ARGS": "",
+                 "BATCH_SIZE": "8", "SEED": "1111", "ANNOTATOR": "human"}
+LOOP_ARCH = dict(CTC_ARCH, SequenceModeling="BiLSTM", output_channel=32, hidden_size=16)  # test_al_loop's ARCH
+
+
+def finished_round_0(tiny_data, out):
+    run = out / "random"
+    settings = dict(LOOP_SETTINGS, TRAIN_DATA=tiny_data.train, VALID_DATA=tiny_data.valid, TEST_DATA=tiny_data.valid)
+    (run / "eval" / "round0").mkdir(parents=True)
+    (run / "loop_settings.txt").write_text("".join(f"{k}={v}\n" for k, v in settings.items()))
+    save_model(str(run / "models" / "round0"), LOOP_ARCH, sharpen=300.0)
+    (run / "models" / "round0" / "train_summary.json").write_text(json.dumps({"labelled_total": 120}))
+    metrics = {"accuracy": 0.0, "ece": 0.5, "ace": 0.5}
+    (run / "eval" / "round0" / "results.json").write_text(json.dumps({"sets": [{"name": "synth_eval", **metrics}],
+                                                                      "total": metrics}))
+    return run
+
+
+def printed_command(stdout, marker):
+    """The command line printed after `marker` (the loop's instructions)."""
+    lines = stdout.splitlines()
+    return shlex.split(lines[lines.index(next(line for line in lines if marker in line)) + 1])
+
+
+def run_until_training(argv):
+    """Run the loop until it starts a training step, then stop it (its process group, which this
+    test started): the output up to there."""
+    proc = subprocess.Popen(argv, cwd=REPO_ROOT, env={**os.environ, "PYTHON": sys.executable}, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    seen = []
+    try:
+        for line in proc.stdout:
+            seen.append(line)
+            if line.startswith("+ ") and " train.py " in line:
+                break
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait()
+    return "".join(seen)
+
+
+def test_the_human_loop_stops_for_the_answers_and_continues_after_the_import(tiny_data, tmp_path, capsys):
+    run = finished_round_0(tiny_data, tmp_path)
+    first = run_loop(tiny_data, tmp_path, "--annotator", "human")
+    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-3000:]
+    assert "round 0: trained already" in first.stdout  # the prepared round counts as finished
+    package = run / "train_data" / "random_iter_1_annotation"
+    assert (package / "package.json").is_file() and not (run / "train_data" / "random_iter_1").exists()
+    assert len(manifest(package)["images"]) == 15 and not (run / "models" / "round1").exists()
+    assert "round 1 waits for its annotators" in first.stdout
+    import_argv = printed_command(first.stdout, "import the answers")
+    assert import_argv == [sys.executable, "import_annotations.py", "--package", str(package),
+                           "--train_data", str(run / "train_data")]
+    continue_argv = printed_command(first.stdout, "continue the loop")
+    assert continue_argv[-2:] == ["--annotator", "human"] and "--out" in continue_argv
+
+    # again before the import: nothing is drawn again, the same instructions
+    stamp = (package / "package.json").stat().st_mtime_ns
+    again = subprocess.run(continue_argv, cwd=REPO_ROOT, env={**os.environ, "PYTHON": sys.executable},
+                           capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "round 1: exported already" in again.stdout and "data_sampling.py" not in again.stdout
+    assert printed_command(again.stdout, "import the answers") == import_argv
+    assert (package / "package.json").stat().st_mtime_ns == stamp
+
+    # the transcriber keeps the model's readings but marks the first image unreadable
+    gt = (package / "gt.txt").read_text().splitlines()
+    gt[0] = gt[0].split("\t")[0] + "\t###"
+    (package / "gt.txt").write_text("\n".join(gt) + "\n")
+    result = run_import(*import_argv[2:])
+    capsys.readouterr()
+    assert (result["num_picked"], result["unreadable"]) == (14, 1)
+
+    # after the import the same command goes on with round 1, training on the imported set
+    done = run_until_training(continue_argv)
+    assert "round 1: queried already" in done and "waits for its annotators" not in done
+    assert "--select_data CVPR2016-NIPS2014-random_iter_1 --batch_ratio 0.25-0.25-0.5" in done.splitlines()[-1]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (("--annotator", "robot"), "--annotator robot: unknown; choose simulated or human"),
+    (("--annotator", "human", "--noise_ratio", "0.2"), "--noise_ratio 0.2: simulated annotator noise has no place"),
+])
+def test_the_loop_checks_its_annotator_before_the_first_command(tiny_data, tmp_path, extra, message):
+    result = run_loop(tiny_data, tmp_path, *extra)
+    errors = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(errors) == 1 and errors[0].startswith(f"error: {message}")
+    assert os.listdir(tmp_path) == []
