@@ -258,7 +258,8 @@ def build_pool(opt, pool_names, queried):
 
 
 def scale(logits, temperature):
-    return logits if temperature is None else calibration.apply_temperature(logits, temperature)
+    """The logits the token quantities are computed from (a word-level scaling leaves them be)."""
+    return logits if temperature is None else calibration.as_scaling(temperature).logits(logits)
 
 
 def mutual_information(model, images, opt, temperature, mask, device):
@@ -290,9 +291,10 @@ def score_batch(model, images, converter, opt, needs, temperature, device):
     logits = logits.float()
     texts, confidence, _ = utils.decode_predictions(logits, converter)
     values = {"confidence": confidence}
-    scaled = scale(logits, temperature)
+    scaling = calibration.as_scaling(temperature, getattr(opt, "calibration", None))
+    scaled = scale(logits, scaling)
     if temperature is not None:
-        values["cal_confidence"] = utils.decode_predictions(scaled, converter)[1]
+        values["cal_confidence"] = calibration.decode_calibrated(logits, converter, scaling)[1]
     elif "cal_confidence" in needs:
         values["cal_confidence"] = confidence
     if {"margin", "entropy", "mc"} & set(needs):
@@ -304,7 +306,7 @@ def score_batch(model, images, converter, opt, needs, temperature, device):
         if "entropy" in needs:
             values["entropy"] = utils.mean_entropy(probs, mask)
         if "mc" in needs:
-            values["mc"] = mutual_information(model, images, opt, temperature, mask, device)
+            values["mc"] = mutual_information(model, images, opt, scaling, mask, device)
     values = {k: v.detach().float().cpu().numpy() for k, v in values.items()}
     if embeddings is not None:
         values["embedding"] = embeddings[0]
@@ -646,6 +648,7 @@ def main(opt, given=None):
     temperature = options.parse_temperature(opt.temperature, default="auto" if strategy.calibrated else None)
     # from here on: how the temperature is fitted ('token' or 'word'), None when it is not
     opt.calibration = options.parse_calibration(opt.calibration, temperature)
+    calibration.check_level(opt.calibration, strategy.needs)
     if opt.dry_run:
         return dry_run(opt, strategy)
     rank, world_size, local_rank, distributed = utils.init_distributed()
