@@ -153,8 +153,10 @@ def test_coreset_part_measures_storage_and_selection():
     result = benchmark.bench_coreset(args)
     assert result["embeddings_mb"] == pytest.approx(3000 * 64 * 2 / MIB)  # float16: 2 bytes a value
     assert [(r["candidates"], r["picked"]) for r in result["selection"].values()] == [(3000, 20), (500, 20)]
-    if result["store_peak_growth_mb"] is not None:  # /proc can tell: the store is resident, nothing much more
-        assert 0.3 < result["store_peak_growth_mb"] < 0.37 + 8
+    # where /proc can tell: no more than the 0.37 MB store and a few batches (less where the store
+    # lands on pages the process freed earlier)
+    if result["store_peak_growth_mb"] is not None:
+        assert result["store_peak_growth_mb"] < 0.37 + 8
     text = benchmark.format_table({"machine": {"cpu": "x", "usable_cores": 1, "versions": {"torch": "t"},
                                                "torch_threads": 1, "device": "cpu"},
                                    "coreset": result, "checks": [], "elapsed_s": 1.0})
