@@ -1,31 +1,35 @@
-"""Calibration of the word confidence: temperature scaling fitted at the token or the word level,
-and the calibration metrics (ECE, ACE, MCE, Brier) with reliability diagrams.
+"""Calibration of the word confidence: temperature scaling at the token or the word level, and the
+calibration metrics (ECE, ACE, MCE, Brier) with reliability diagrams.
 
-Two ways to fit the one temperature T that divides the logits (`apply_temperature`):
+One temperature T > 0, fitted (`--temperature auto`) or given, applied at one of two levels
+(`Scaling`):
 
-- token (`fit_temperature`): T minimises the negative log-likelihood of the label tokens (Attn:
-  `text[:, 1:]`, [s] included; CTC: the CTC NLL of the label). The fit is judged on characters.
-- word (`fit_word_temperature`): T minimises the binary negative log-likelihood of the greedy
-  reading being right, under the word confidence of `utils.decode_predictions` on logits / T
-  (Attn: the product of the per-step maximum probabilities up to and including [s]; CTC: the
-  probability of the greedy text summed over its alignments). Scoring characters well does not
-  make their product a good word probability, since the errors of one word's characters are not
-  independent; for attention recognizers Slossberg et al. ("On calibration of scene-text
-  recognition models", 2020) report that character-level scaling can make word-level ECE worse
-  while a sequence-level temperature lowers it several-fold.
+- token (`fit_temperature`, `apply_temperature`): the logits are divided by T, and every
+  probability (the word confidence, margin, entropy) is recomputed from them. T minimises the
+  negative log-likelihood of the label tokens (Attn: `text[:, 1:]`, [s] included; CTC: the CTC NLL
+  of the label): it is fitted on characters. A number given to --temperature is such a T.
+- word (`fit_word_temperature`, `apply_word_temperature`): the word confidence c itself becomes
+  c ** (1 / T), i.e. its log is divided by T; logits and token probabilities are left alone. T
+  minimises the binary negative log-likelihood of each greedy reading being right under c ** (1 / T).
+  Scoring characters well does not make their product a good word probability, since the errors
+  of one word's characters are not independent; for attention recognizers Slossberg et al. ("On
+  calibration of scene-text recognition models", 2020) report that character-level scaling can
+  make word-level ECE worse while a sequence-level temperature lowers it several-fold.
 
-What a temperature does and does not change (both methods): for T > 0 the greedy reading, hence
-whether it is right, is the one without scaling (the argmax of z / T is the argmax of z, up to
-floating-point rounding of near-ties). Each word's confidence moves with T alone: for Attn it falls
-as T rises (every step's top probability does), for CTC it tends to 1 as T -> 0 (the greedy path
-takes all the mass) and falls at large T. It is NOT in general monotone in the raw word confidence
-across words, not even for a fixed length, for either method: the scaled confidence depends on the
-whole distribution of every step, not only on the winners' probabilities. One step over three
-classes with probabilities (0.6, 0.4, 0) and another with (0.6, 0.2, 0.2) share the raw confidence
-0.6 but at T = 2 become 0.55 and 0.46; two-step words with winners (0.9, 0.5) and (0.67, 0.67)
-over two classes (raw 0.450 > 0.449) swap order at T = 0.5 (0.49 < 0.65). It is monotone for
-predictions of one step over two classes (logit(p) becomes logit(p) / T)."""
+Direction: at the token level T > 1 flattens every step, so the confidence falls; at the word level
+the log confidence is divided with no renormalisation over other readings, so T < 1 lowers the
+confidence (an overconfident model gets T < 1) and T > 1 raises it.
+
+Order: the word-level map is increasing in c for every T > 0, so it keeps the words' order by
+confidence (whatever their lengths). The token-level one does not, not even for a fixed length:
+the scaled confidence depends on the whole distribution of every step, not only on the winners'
+probabilities. One step over three classes with probabilities (0.6, 0.4, 0) and another with
+(0.6, 0.2, 0.2) share the raw confidence 0.6 but at T = 2 become 0.55 and 0.46; two-step words with
+winners (0.9, 0.5) and (0.67, 0.67) over two classes (raw 0.450 > 0.449) swap order at T = 0.5
+(0.49 < 0.65). Either way the greedy reading, hence whether it is right, is the unscaled one (the
+argmax of z / T is the argmax of z)."""
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -35,8 +39,10 @@ import utils
 
 # How `--temperature auto` is fitted; test.py also accepts "both" (token and word, compared).
 METHODS = ("token", "word")
-# The range of the word-level temperature, and the clamp of the confidence in its objective.
-WORD_TEMPERATURE_BOUNDS = (0.05, 20.0)
+# The range of the word-level temperature (an exponent 1 / T from 0.001 to 1000: turning a word
+# confidence of 0.99 into 0.5 already takes 1 / T = 69), and the clamp of the confidence in its
+# objective.
+WORD_TEMPERATURE_BOUNDS = (1e-3, 1e3)
 CONFIDENCE_CLAMP = 1e-7
 
 
@@ -49,6 +55,50 @@ def apply_temperature(logits, temperature):
     if not temperature > 0:
         raise ValueError(f"temperature must be positive, got {temperature}")
     return logits / temperature
+
+
+def apply_word_temperature(confidence, temperature):
+    """Word confidences (a tensor or an array in [0, 1]) raised to 1 / T: increasing in the
+    confidence for every T > 0; 0 and 1 stay put."""
+    if not temperature > 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+    return confidence ** (1.0 / temperature)
+
+
+@dataclass(frozen=True)
+class Scaling:
+    """A temperature and the level it applies at: `logits` scales what every probability is
+    computed from (token level), `confidence` scales the word confidence (word level)."""
+    temperature: float
+    level: str = "token"
+
+    def __post_init__(self):
+        if self.level not in METHODS:
+            raise ValueError(f"unknown calibration level {self.level!r}; one of {', '.join(METHODS)}")
+
+    def logits(self, logits):
+        return apply_temperature(logits, self.temperature) if self.level == "token" else logits
+
+    def confidence(self, confidence):
+        return apply_word_temperature(confidence, self.temperature) if self.level == "word" else confidence
+
+
+def as_scaling(temperature, level=None):
+    """None for no temperature; a Scaling as it is; a number as a Scaling at `level` (token when
+    None)."""
+    if temperature is None or isinstance(temperature, Scaling):
+        return temperature
+    return Scaling(float(temperature), level or "token")
+
+
+def decode_calibrated(logits, converter, scaling):
+    """`utils.decode_predictions` of (B, T, C) `logits` under `scaling` (a Scaling, a number: token
+    level, or None): (texts, calibrated word confidence, per-step confidences of the scaled logits)."""
+    scaling = as_scaling(scaling)
+    if scaling is None:
+        return utils.decode_predictions(logits, converter)
+    texts, confidence, steps = utils.decode_predictions(scaling.logits(logits), converter)
+    return texts, scaling.confidence(confidence), steps
 
 
 def fit_temperature(logits, targets, mask=None, target_lengths=None, max_iter=100):
@@ -99,8 +149,8 @@ def fit_temperature(logits, targets, mask=None, target_lengths=None, max_iter=10
 
 
 class WordConfidence:
-    """The log word confidence of the greedy readings of (B, T, C) `logits` as a function of the
-    temperature, in float64 on the CPU: `log_confidence(T)` is the log of
+    """The log word confidence of the greedy readings of (B, T, C) `logits` as a function of a
+    token-level temperature, in float64 on the CPU: `log_confidence(T)` is the log of
     `utils.decode_predictions(logits / T, converter)[1]`. The reading is taken once, from the
     unscaled logits (a temperature does not change it); only the probabilities are recomputed."""
 
@@ -141,7 +191,7 @@ class WordConfidence:
 
 def word_confidence(logits, converter, temperature=1.0):
     """(B,) float64 word confidence of the greedy readings under logits / `temperature` (that of
-    `utils.decode_predictions`, computed in float64)."""
+    `utils.decode_predictions`, computed in float64; the raw one at the default T = 1)."""
     return WordConfidence(logits, converter).log_confidence(temperature).exp()
 
 
@@ -153,24 +203,24 @@ def _binary_nll(log_confidence, correct):
     return -(correct * log_p + (1.0 - correct) * log_not_p).mean().item()
 
 
-def fit_word_temperature(logits, converter, correct, bounds=WORD_TEMPERATURE_BOUNDS, grid=41, tolerance=1e-5):
-    """Word level: the temperature in `bounds` minimising the binary negative log-likelihood of
-    `correct` (B,) (whether each greedy reading of (B, T, C) `logits` is right) under the word
-    confidence of logits / T, the confidence clamped to [1e-7, 1 - 1e-7].
+def fit_word_temperature(confidence, correct, bounds=WORD_TEMPERATURE_BOUNDS, grid=41, tolerance=1e-5):
+    """Word level: the temperature T in `bounds` minimising the binary negative log-likelihood of
+    `correct` (whether each reading is right) under its raw word `confidence` ** (1 / T), clamped
+    to [1e-7, 1 - 1e-7].
 
-    A one-dimensional search on log T, deterministic: `grid` evenly spaced points over the bounds,
-    then golden-section search between the neighbours of the best (among equally good points the
-    one nearest T = 1, so a loss that stops changing, as when every word is right, stops the
-    temperature where it stops mattering). Returns 1.0 for no words."""
-    correct = _as_float64(correct)
-    if correct.numel() != logits.size(0):
-        raise ValueError(f"{logits.size(0)} readings but {correct.numel()} correctness values")
+    The loss is convex in 1 / T (linear in it where a word is right, -log(1 - c ** (1 / T)) where it
+    is wrong), so it has one minimum. A one-dimensional search on log T, deterministic: `grid`
+    evenly spaced points over the bounds, then golden-section search between the neighbours of the
+    best (among equally good points the one nearest T = 1, so a loss that stops changing, as when
+    every confidence has reached the clamp, stops the temperature where it stops mattering).
+    Returns 1.0 for no words."""
+    confidence, correct = _pairs(confidence, correct)
     if correct.numel() == 0:
         return 1.0
-    words = WordConfidence(logits, converter)
+    log_confidence = confidence.log()  # -inf for a confidence of 0: at the clamp for every T
 
     def loss(log_t):
-        return _binary_nll(words.log_confidence(math.exp(log_t)), correct)
+        return _binary_nll(log_confidence / math.exp(log_t), correct)
 
     low, high = math.log(bounds[0]), math.log(bounds[1])
     points = np.linspace(low, high, grid)
@@ -194,6 +244,15 @@ def fit_word_temperature(logits, converter, correct, bounds=WORD_TEMPERATURE_BOU
     if values[k] < fx:  # the grid point itself (an edge of the bounds, or a plateau)
         x = points[k]
     return float(math.exp(x))
+
+
+def check_level(level, needs):
+    """--calibration word scales only the word confidence: a query strategy that ranks token
+    quantities would be ranked unscaled."""
+    token_only = [name for name in needs if name in ("margin", "entropy", "mc")]
+    if level == "word" and token_only:
+        raise utils.UserError(f"--calibration word scales the word confidence only, and this strategy ranks "
+                              f"{token_only[0]} (token probabilities); give --calibration token")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -23,9 +23,10 @@ import torch
 import torch.utils.data
 from tqdm import tqdm
 
-import calibration
 import acquisition
 import annotation
+import calibration
+import coreset
 import dataset
 import locking
 import options
@@ -56,12 +57,15 @@ def get_args_parser():
     options.add_temperature_arg(group, default=None,
                                 note="applied before the confidence, margin, entropy and bald scores (uncali always "
                                      "ranks raw confidence); default auto for cali, none otherwise")
-    group.add_argument("--acquisition", default="topk", choices=acquisition.ACQUISITIONS,
-                       help="how the batch is taken from the strategy's ranking: topk (the first ones), or drawn "
-                            "without replacement with weight informativeness**beta (power), exp(beta x "
-                            "informativeness) (softmax) or rank**-beta (softrank); repeatable per seed and round")
+    group.add_argument("--acquisition", default="topk", choices=list(acquisition.ACQUISITIONS),
+                       help="how the batch is taken from the strategy's ranking: "
+                            + "; ".join(f"{a.name}: {a.help}" for a in acquisition.ACQUISITIONS.values())
+                            + "; the draws are repeatable per seed and round")
     group.add_argument("--acquisition_beta", type=float, default=1.0,
-                       help="beta of the stochastic acquisitions (large: close to topk; 0: uniform)")
+                       help="beta of power, softmax and softrank (large: close to topk; 0: uniform)")
+    group.add_argument("--candidates", type=int, default=None,
+                       help="coreset only: k-centre among the strategy's top M samples (default: all); at least "
+                            "the number to query")
     group.add_argument("--cali_threshold", type=float, default=0.5,
                        help="cali: least calibrated confidence at or above this first, then the closest below it")
     group.add_argument("--mc_samples", type=int, default=10,
@@ -178,7 +182,8 @@ def build_pool(opt, pool_names, queried):
 
 
 def scale(logits, temperature):
-    return logits if temperature is None else calibration.apply_temperature(logits, temperature)
+    """The logits the token quantities are computed from (a word-level scaling leaves them be)."""
+    return logits if temperature is None else calibration.as_scaling(temperature).logits(logits)
 
 
 def mutual_information(model, images, opt, temperature, mask, device):
@@ -204,14 +209,16 @@ def mutual_information(model, images, opt, temperature, mask, device):
 
 def score_batch(model, images, converter, opt, needs, temperature, device):
     """Predictions and the per-sample quantities in `needs` for one batch (all vectorised)."""
-    with utils.autocast_context(device, opt.amp):
+    with coreset.capture_embeddings(model, "embedding" in needs) as embeddings, \
+            utils.autocast_context(device, opt.amp):
         logits = forward_logits(model, images, opt.batch_max_length, opt.Prediction)
     logits = logits.float()
     texts, confidence, _ = utils.decode_predictions(logits, converter)
     values = {"confidence": confidence}
-    scaled = scale(logits, temperature)
+    scaling = calibration.as_scaling(temperature, getattr(opt, "calibration", None))
+    scaled = scale(logits, scaling)
     if temperature is not None:
-        values["cal_confidence"] = utils.decode_predictions(scaled, converter)[1]
+        values["cal_confidence"] = calibration.decode_calibrated(logits, converter, scaling)[1]
     elif "cal_confidence" in needs:
         values["cal_confidence"] = confidence
     if {"margin", "entropy", "mc"} & set(needs):
@@ -223,16 +230,20 @@ def score_batch(model, images, converter, opt, needs, temperature, device):
         if "entropy" in needs:
             values["entropy"] = utils.mean_entropy(probs, mask)
         if "mc" in needs:
-            values["mc"] = mutual_information(model, images, opt, temperature, mask, device)
-    return texts, {k: v.detach().float().cpu().numpy() for k, v in values.items()}
+            values["mc"] = mutual_information(model, images, opt, scaling, mask, device)
+    values = {k: v.detach().float().cpu().numpy() for k, v in values.items()}
+    if embeddings is not None:
+        values["embedding"] = embeddings[0]
+    return texts, values
 
 
 class ScoreTable:
     """Per-sample records, column-wise: identity, prediction, correctness and the float quantities."""
 
-    def __init__(self):
+    def __init__(self, capacity=0):
         self.relpaths, self.indices, self.predictions, self.correct = [], [], [], []
         self.values = {}
+        self.capacity, self.rows = capacity, {}  # (B, d) quantities (embeddings): one array each, no copies
 
     def extend(self, identities, predictions, labels, values):
         self.relpaths.extend(r for r, _ in identities)
@@ -240,18 +251,23 @@ class ScoreTable:
         self.predictions.extend(predictions)
         self.correct.extend(p == g for p, g in zip(predictions, labels))
         for key, column in values.items():
-            self.values.setdefault(key, []).append(column)
+            if column.ndim == 2:
+                self.rows.setdefault(key, coreset.RowStore(self.capacity)).add(column)
+            else:
+                self.values.setdefault(key, []).append(column)
 
     def columns(self):
         return {
             "relpath": self.relpaths, "index": np.asarray(self.indices, dtype=np.int64),
             "prediction": self.predictions, "correct": np.asarray(self.correct, dtype=bool),
             **{k: np.concatenate(v) for k, v in self.values.items()},
+            **{k: v.array() for k, v in self.rows.items()},
         }
 
 
 def score_pool(model, data, converter, opt, strategy, temperature, device, rank=0):
-    table = ScoreTable()
+    table = ScoreTable(capacity=len(data))
+    needs = strategy.needs + acquisition.needs(opt.acquisition)
     loader = eval_loader(data, opt, device)
     bar = tqdm(loader, total=len(loader), desc="scoring", unit="batch", disable=not show_progress(opt, rank),
                dynamic_ncols=True)
@@ -260,7 +276,7 @@ def score_pool(model, data, converter, opt, strategy, temperature, device, rank=
             if not labels:
                 continue
             texts, values = score_batch(model, images.to(device, non_blocking=True), converter, opt,
-                                        strategy.needs, temperature, device)
+                                        needs, temperature, device)
             table.extend(identities, texts, labels, values)
     bar.close()
     return table.columns()
@@ -268,11 +284,13 @@ def score_pool(model, data, converter, opt, strategy, temperature, device, rank=
 
 def merge_columns(parts, leaf_relpaths):
     """Concatenate the ranks' columns and sort them into pool order."""
-    merged = concatenate_columns(parts)
+    merged = parts[0] if len(parts) == 1 else concatenate_columns(parts)
     leaf_order = {rel: k for k, rel in enumerate(leaf_relpaths)}
     # Within one leaf the pool keeps LMDB order, so (leaf position, index) is the pool order.
     leaf_rank = np.fromiter((leaf_order[r] for r in merged["relpath"]), dtype=np.int64, count=len(merged["relpath"]))
     order = np.lexsort((merged["index"], leaf_rank))
+    if np.array_equal(order, np.arange(len(order))):
+        return merged  # one process scores in pool order: no copy (the embeddings can be large)
     return {k: v[order] if isinstance(v, np.ndarray) else [v[i] for i in order] for k, v in merged.items()}
 
 
@@ -284,7 +302,7 @@ def pick(columns, strategy, opt, count, round_name):
     identities = list(zip(columns["relpath"], columns["index"].tolist()))
     keys = query_strategies.identity_keys(identities, opt.manualSeed)
     chosen = acquisition.select(opt.acquisition, opt.acquisition_beta, strategy, columns, keys, count,
-                                opt.manualSeed, round_name, threshold=opt.cali_threshold)
+                                opt.manualSeed, round_name, candidates=opt.candidates, threshold=opt.cali_threshold)
     scores = strategy.score(columns, keys)
     return np.sort(chosen), scores
 
@@ -347,7 +365,9 @@ def publish_images(staged, folder, overwrite, query_path):
 def query_meta(opt, strategy, name, pool_size, picked_scores, temperature):
     return {
         "name": name, "strategy": strategy.name, "model": os.path.abspath(opt.saved_model),
-        "acquisition": opt.acquisition, "acquisition_beta": None if opt.acquisition == "topk" else opt.acquisition_beta,
+        "acquisition": opt.acquisition,
+        "acquisition_beta": opt.acquisition_beta if acquisition.uses_beta(opt.acquisition) else None,
+        "candidates": opt.candidates,
         "ratio": opt.ratio if opt.num_query is None else None, "num_query": opt.num_query,
         "num_picked": len(picked_scores), "pool_size": pool_size, "temperature": temperature,
         "calibration": opt.calibration, "seed": opt.manualSeed, "select_data": "-".join(opt.select_data),
@@ -467,7 +487,8 @@ def score_round(opt, model, converter, strategy, temperature, device, plan, rank
 
     Returns `(columns in pool order or None off rank 0, pool size, temperature)`."""
     pool, pool_log = build_pool(opt, plan.pool_names, queried_before(opt, plan))
-    query_strategies.query_count(len(pool), opt.ratio, opt.num_query)  # fail before the long scoring pass
+    # fail before the long scoring pass
+    acquisition.check_candidates(opt.candidates, query_strategies.query_count(len(pool), opt.ratio, opt.num_query))
     if temperature == "auto":
         temperature = fit_temperature_on_valid_data(model, converter, opt, device, opt.calibration)
     if rank == 0:
@@ -591,6 +612,7 @@ def dry_run(opt, strategy):
     plan = plan_output(opt)
     pool, pool_log = build_pool(opt, plan.pool_names, queried_before(opt, plan))
     count = query_strategies.query_count(len(pool), opt.ratio, opt.num_query)
+    acquisition.check_candidates(opt.candidates, count)
     print(pool_log)
     if plan.package:
         print(f"dry run: would export {count} of {len(pool)} pool samples by '{strategy.name}' as an annotation "
@@ -613,11 +635,12 @@ def main(opt, given=None):
         options.fill_from_saved(opt, given)
     options.resolve_options(opt)
     strategy = query_strategies.get_strategy(opt.query)
-    acquisition.check(opt.acquisition, opt.acquisition_beta, strategy)
+    acquisition.check(opt.acquisition, opt.acquisition_beta, strategy, opt.candidates)
     # "auto" is fitted once the pool is known to be non-empty, after the model is loaded.
     temperature = options.parse_temperature(opt.temperature, default="auto" if strategy.calibrated else None)
     # from here on: how the temperature is fitted ('token' or 'word'), None when it is not
     opt.calibration = options.parse_calibration(opt.calibration, temperature)
+    calibration.check_level(opt.calibration, strategy.needs)
     if opt.dry_run:
         return dry_run(opt, strategy)
     rank, world_size, local_rank, distributed = utils.init_distributed()

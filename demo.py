@@ -5,8 +5,9 @@
 Prints one row per image (file, prediction, confidence) as an aligned table; `--csv PATH` also
 writes it as CSV. The architecture comes from the flags, or, for flags not given, from the
 opt.yaml beside the model. Files that do not decode as images are listed as skipped. The confidence
-may be temperature-scaled: by a number (as test.py fits it), or `--temperature auto` fitted on the
-labelled `--valid_data` at the token or the word level (`--calibration`)."""
+may be temperature-scaled: by a number (a token-level temperature, as test.py fits it), or
+`--temperature auto` fitted on the labelled `--valid_data` at the token or the word level
+(`--calibration`; see calibration.py)."""
 import csv
 import os
 
@@ -19,7 +20,8 @@ from dataset import RawDataset
 from evaluation import eval_loader, fit_temperature_on_valid_data, forward_logits, load_model
 
 # Fitting needs labelled images: those of --valid_data, or the number test.py fits.
-DEMO_TEMPERATURE_NOTE = "auto needs labelled images in --valid_data (or take the number test.py --temperature auto fits)"
+DEMO_TEMPERATURE_NOTE = ("auto needs labelled images in --valid_data (or take the token-level number test.py "
+                         "--temperature auto fits)")
 
 
 def get_args_parser():
@@ -40,7 +42,8 @@ def check_inputs(opt):
 
 
 def predict(model, loader, converter, opt, device, temperature):
-    """`[(path, prediction, confidence)]` for every image that decoded."""
+    """`[(path, prediction, confidence)]` for every image that decoded; `temperature`: None, a
+    number (token level) or a calibration.Scaling."""
     rows = []
     with torch.no_grad():
         for images, paths, _ in loader:
@@ -48,10 +51,7 @@ def predict(model, loader, converter, opt, device, temperature):
                 continue
             with utils.autocast_context(device, opt.amp):
                 logits = forward_logits(model, images.to(device), opt.batch_max_length, opt.Prediction)
-            logits = logits.float()
-            if temperature is not None:
-                logits = calibration.apply_temperature(logits, temperature)
-            texts, confidence, _ = utils.decode_predictions(logits, converter)
+            texts, confidence, _ = calibration.decode_calibrated(logits.float(), converter, temperature)
             rows.extend(zip(paths, texts, confidence.tolist()))
     return rows
 
@@ -80,7 +80,8 @@ def main(opt):
         temperature = fit_temperature_on_valid_data(model, converter, opt, device, method)
 
     images = RawDataset(opt.image_folder, opt)
-    predictions = predict(model, eval_loader(images, opt, device), converter, opt, device, temperature)
+    predictions = predict(model, eval_loader(images, opt, device), converter, opt, device,
+                          calibration.as_scaling(temperature, method))
 
     def rel(path):
         return os.path.relpath(path, opt.image_folder)

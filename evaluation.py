@@ -82,11 +82,12 @@ def evaluate(model, loader, converter, opt, device, criterion=None, amp=False, t
              max_samples_kept=0, compare_temperatures=None):
     """Evaluate `model` on every batch of `loader`.
 
-    Returns a dict with accuracy (%), norm_ED, valid_loss (criterion on the greedy logits, when a
-    criterion is given), the calibration metrics, images_per_s, n, plus `confidence` and `correct`
-    tensors and up to `max_samples_kept` example (gt, pred, confidence) triples. With
-    `compare_temperatures` ({name: temperature or None}), also `confidence_at` {name: the word
-    confidence of the same readings under that temperature (None: unscaled)}, from the same pass."""
+    `temperature`: None, a number (token level) or a `calibration.Scaling`. Returns a dict with
+    accuracy (%), norm_ED, valid_loss (criterion on the greedy logits, when a criterion is given),
+    the calibration metrics, images_per_s, n, plus `confidence` and `correct` tensors and up to
+    `max_samples_kept` example (gt, pred, confidence) triples. With `compare_temperatures` ({name:
+    Scaling, number or None}), also `confidence_at` {name: the word confidence of the same readings
+    under that scaling (None: unscaled)}, from the same pass."""
     was_training = model.training
     model.eval()
     loss_avg = utils.Averager()
@@ -111,11 +112,8 @@ def evaluate(model, loader, converter, opt, device, criterion=None, amp=False, t
                 target = text if opt.Prediction == "CTC" else text[:, 1:]
                 loss_avg.add(criterion(logits, target, length, (0, 1)), len(labels))
             for name, other in (compare_temperatures or {}).items():
-                scaled = logits if other is None else calibration.apply_temperature(logits, other)
-                compared[name].append(utils.decode_predictions(scaled, converter)[1])
-            if temperature is not None:
-                logits = calibration.apply_temperature(logits, temperature)
-            texts, word_conf, _ = utils.decode_predictions(logits, converter)
+                compared[name].append(calibration.decode_calibrated(logits, converter, other)[1])
+            texts, word_conf, _ = calibration.decode_calibrated(logits, converter, temperature)
             correct = torch.tensor([p == g for p, g in zip(texts, labels)], dtype=torch.float32)
             similarity_sum += sum(normalized_edit_similarity(p, g) for p, g in zip(texts, labels))
             confidences.append(word_conf.cpu())
@@ -169,12 +167,12 @@ def collect_logits(model, loader, opt, device, amp=False):
 def fit_temperature_on_logits(logits, labels, converter, opt, method="token"):
     """The temperature of `method` for (B, T, C) greedy `logits` and their `labels`.
     token: minimising the NLL of the labels (Attn: the `text[:, 1:]` tokens, [s] included; CTC: the
-    CTC form). word: minimising the binary NLL of each greedy reading being right under its word
-    confidence (`calibration.fit_word_temperature`)."""
+    CTC form). word: minimising the binary NLL of each greedy reading being right under its raw word
+    confidence ** (1 / T) (`calibration.fit_word_temperature`)."""
     if method == "word":
         texts = utils.decode_predictions(logits, converter)[0]
         correct = torch.tensor([p == g for p, g in zip(texts, labels)], dtype=torch.float64)
-        return calibration.fit_word_temperature(logits, converter, correct)
+        return calibration.fit_word_temperature(calibration.word_confidence(logits, converter), correct)
     if method != "token":
         raise ValueError(f"unknown calibration method {method!r}; one of {', '.join(calibration.METHODS)}")
     text, length = converter.encode(labels, batch_max_length=opt.batch_max_length)

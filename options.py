@@ -262,11 +262,14 @@ def add_temperature_arg(group, allow_auto=True, default="none", note="", allow_b
     --calibration (how auto fits it; read by `parse_calibration` with the same `allow_both`)."""
     choices = "none | auto (fitted on --valid_data by NLL) | a number > 0" if allow_auto else "none | a number > 0"
     group.add_argument("--temperature", default=default,
-                       help=f"temperature scaling of the logits: {choices}" + (f"; {note}" if note else ""))
+                       help="temperature scaling (a number divides the logits" + ("; auto: see --calibration"
+                                                                                  if allow_auto else "")
+                            + f"): {choices}" + (f"; {note}" if note else ""))
     if allow_auto:
         group.add_argument("--calibration", default=None,
-                           help="how --temperature auto is fitted: token (default): NLL of the label tokens; "
-                                "word: NLL of each reading being right under its word confidence"
+                           help="how --temperature auto is fitted and applied: token (default): T divides the "
+                                "logits, fitted by the NLL of the label tokens; word: the word confidence c "
+                                "becomes c**(1/T) (order kept), fitted by the NLL of each reading being right"
                                 + ("; both: report the metrics unscaled, token- and word-scaled side by side "
                                    "(the token temperature scales the main table)" if allow_both else ""))
 

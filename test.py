@@ -111,8 +111,8 @@ def resolve_temperature(opt, model, converter, device, temperature, method):
 
 
 def evaluate_set(name, path, model, converter, opt, device, temperature, compare=None):
-    """One set's metrics; with `compare` ({scaling: temperature or None}) also its word
-    confidences under each (`confidence_at`)."""
+    """One set's metrics under `temperature` (None, a number: token level, or a calibration.Scaling);
+    with `compare` ({name: Scaling or None}) also its word confidences under each (`confidence_at`)."""
     dataset, _ = hierarchical_dataset(path, opt, select_data="/", flag="--eval_data")
     result = {"name": name, "path": path, "size": len(dataset)}
     if len(dataset) == 0:
@@ -130,11 +130,11 @@ def evaluate_set(name, path, model, converter, opt, device, temperature, compare
 def calibration_block(confidence_at, correct, compare, bins):
     """{scaling: {ece, ace, mce, brier[, temperature]}} of one set or of all pooled (NaN when empty)."""
     block = {}
-    for scaling, temperature in compare.items():
+    for scaling, applied in compare.items():
         metrics = calibration.calibration_metrics(confidence_at[scaling], correct, bins=bins)
         block[scaling] = {key: metrics[key] for key, _ in CALIBRATION_METRICS}
-        if temperature is not None:
-            block[scaling]["temperature"] = temperature
+        if applied is not None:
+            block[scaling]["temperature"] = applied.temperature
     return block
 
 
@@ -269,9 +269,12 @@ def main(opt):
     opt.amp = utils.effective_amp(opt.amp, device)
     model, converter = load_model(opt, device)
     temperature, fitted = resolve_temperature(opt, model, converter, device, temperature, method)
-    compare = {"none": None, **fitted} if method == "both" else None
+    compare = {"none": None, **{level: calibration.Scaling(t, level) for level, t in fitted.items()}} \
+        if method == "both" else None
+    main_scaling = calibration.as_scaling(temperature, "word" if method == "word" else "token")
 
-    results = [evaluate_set(name, path, model, converter, opt, device, temperature, compare) for name, path in sets]
+    results = [evaluate_set(name, path, model, converter, opt, device, main_scaling, compare)
+               for name, path in sets]
     check_something_read(results, opt)
     total, mean = summarise(results, opt.bins)
     if compare is not None:

@@ -144,3 +144,23 @@ def test_tiny_benchmark_of_every_part(tiny_data, tmp_path):
     assert names == ["amp_train_speedup", "amp_infer_speedup", "amp_accuracy_within_noise",
                      "sampling_memory_growth_mb", "sampling_tree_anon_growth_mb", "loader_vs_model_ratio"]
     assert "targets:" in result.stdout and "marginal rate" in result.stdout
+
+
+def test_coreset_part_measures_storage_and_selection():
+    args = benchmark.get_args_parser().parse_args(["--only", "coreset", "--coreset_pool", "3000", "--coreset_dim",
+                                                   "64", "--coreset_picks", "20", "--coreset_candidates", "500"])
+    benchmark.validate_args(args)
+    result = benchmark.bench_coreset(args)
+    assert result["embeddings_mb"] == pytest.approx(3000 * 64 * 2 / MIB)  # float16: 2 bytes a value
+    assert [(r["candidates"], r["picked"]) for r in result["selection"].values()] == [(3000, 20), (500, 20)]
+    # where /proc can tell: no more than the 0.37 MB store and a few batches (less where the store
+    # lands on pages the process freed earlier)
+    if result["store_peak_growth_mb"] is not None:
+        assert result["store_peak_growth_mb"] < 0.37 + 8
+    text = benchmark.format_table({"machine": {"cpu": "x", "usable_cores": 1, "versions": {"torch": "t"},
+                                               "torch_threads": 1, "device": "cpu"},
+                                   "coreset": result, "checks": [], "elapsed_s": 1.0})
+    assert "k-centre of 20 among 500" in text
+    fewer = benchmark.get_args_parser().parse_args(["--only", "coreset", "--coreset_candidates", "10"])
+    with pytest.raises(benchmark.utils.UserError, match="--coreset_candidates must be at least --coreset_picks"):
+        benchmark.validate_args(fewer)

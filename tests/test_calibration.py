@@ -70,20 +70,64 @@ def test_attn_word_confidence_falls_as_the_temperature_rises_but_not_in_raw_orde
 
 # ------------------------------------------------------------------------------ word-level temperature
 
-@pytest.mark.parametrize("converter, true_temperature", [(ATTN, 0.5), (ATTN, 2.0), (CTC, 0.5), (CTC, 1.5)],
-                         ids=["Attn-0.5", "Attn-2", "CTC-0.5", "CTC-1.5"])
-def test_word_temperature_recovers_a_known_temperature(converter, true_temperature):
-    # Words whose chance of being read right is exactly their confidence at T*: the binary
-    # likelihood of the drawn correctness peaks near T*.
+def groups(*spec):
+    """(confidence, correct) of groups (c, right, wrong): `right + wrong` words at raw confidence c."""
+    confidence, correct = [], []
+    for c, right, wrong in spec:
+        confidence += [c] * (right + wrong)
+        correct += [1.0] * right + [0.0] * wrong
+    return torch.tensor(confidence, dtype=torch.float64), torch.tensor(correct, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("spec, expected", [
+    # c ** (1 / 2): 0.81 -> 0.9 and 0.6561 -> 0.81, the shares of right words in each group
+    (((0.81, 9, 1), (0.6561, 81, 19)), 2.0),
+    # c ** 2: 0.9 -> 0.81 and 0.5 -> 0.25
+    (((0.9, 81, 19), (0.5, 1, 3)), 0.5),
+])
+def test_word_temperature_recovers_a_known_temperature_in_closed_form(spec, expected):
+    # The likelihood of a group of words at confidence c, a share q of them right, peaks where
+    # c ** (1 / T) = q. Both groups peak at the same T, so their sum peaks there too.
+    confidence, correct = groups(*spec)
+    assert calibration.fit_word_temperature(confidence, correct) == pytest.approx(expected, rel=1e-4)
+
+
+@pytest.mark.parametrize("true_temperature", [0.4, 2.5])
+def test_word_temperature_recovers_a_known_temperature_from_draws(true_temperature):
+    # Words right with probability exactly c ** (1 / T*): the binary likelihood peaks near T*.
     generator = torch.Generator().manual_seed(2)
-    if converter is ATTN:
-        z = attn_logits(3000, 6, 4.0 * true_temperature, generator)
-    else:
-        z = ctc_logits(2000, 6, 4.0 * true_temperature, generator)
-    correct = sample_correct(calibration.word_confidence(z, converter, true_temperature), generator)
-    assert 0.15 < correct.mean() < 0.85  # informative: neither all right nor all wrong
-    fitted = calibration.fit_word_temperature(z, converter, correct)
-    assert fitted == pytest.approx(true_temperature, rel=0.1)
+    confidence = torch.rand(4000, generator=generator, dtype=torch.float64) * 0.98 + 0.01
+    correct = sample_correct(confidence ** (1 / true_temperature), generator)
+    assert calibration.fit_word_temperature(confidence, correct) == pytest.approx(true_temperature, rel=0.1)
+
+
+def two_words_of_one_length():
+    """Attn logits of two 2-letter words over [GO], [s], a, b: winners a (0.9) then b (0.5), and a,
+    b at 0.67 each, [s] sure in both: raw confidences 0.450 > 0.449. Dividing their logits by 0.5
+    swaps them (0.494 < 0.648, the test above)."""
+    sure_eos = [1e-9, 1 - 3e-9, 1e-9, 1e-9]
+    first = [[1e-9, 1e-9, 0.9, 0.1 - 2e-9], [1e-9, 1e-9, 0.5 + 2e-9, 0.5 - 4e-9], sure_eos]
+    second = [[1e-9, 1e-9, 0.67, 0.33 - 2e-9], [1e-9, 1e-9, 0.33 - 2e-9, 0.67], sure_eos]
+    return torch.tensor([first, second], dtype=torch.float64).log().float(), utils.AttnLabelConverter("ab")
+
+
+@pytest.mark.parametrize("spec, low", [(((0.81, 9, 1), (0.6561, 81, 19)), False),
+                                       (((0.9, 81, 19), (0.5, 1, 3)), True)], ids=["T>1", "T<1"])
+def test_word_level_keeps_the_order_of_words_of_one_length(spec, low):
+    temperature = calibration.fit_word_temperature(*groups(*spec))
+    assert (temperature < 1) == low
+    logits, converter = two_words_of_one_length()
+    texts, raw, _ = utils.decode_predictions(logits, converter)
+    assert [len(t) for t in texts] == [2, 2] and raw[0] > raw[1]
+    # the path evaluate(), demo.py and data_sampling.py take
+    _, calibrated, _ = calibration.decode_calibrated(logits, converter, calibration.Scaling(temperature, "word"))
+    assert calibrated[0] > calibrated[1]
+    assert calibrated.tolist() == pytest.approx((raw.double() ** (1 / temperature)).tolist(), rel=1e-5)
+    # and it lowers every confidence for T < 1, raises it for T > 1
+    assert ((calibrated < raw) if low else (calibrated > raw)).all()
+    # the token level, by contrast, at T = 0.5: swapped
+    _, token, _ = calibration.decode_calibrated(logits, converter, calibration.Scaling(0.5, "token"))
+    assert token[0] < token[1]
 
 
 def test_word_level_lowers_word_ece_where_token_level_does_not():
@@ -92,7 +136,9 @@ def test_word_level_lowers_word_ece_where_token_level_does_not():
     # probability p_i: token-level calibrated, so the token fit keeps T near 1. But the errors come
     # together: word i is wrong with probability 3 (1 - p_i), and then in 3 of its characters. So
     # a word is right 70% of the time while its confidence p_i^9 averages 0.40: word ECE about 0.3,
-    # which only a temperature fitted on the words removes.
+    # which only a temperature fitted on the words removes. Right words: 3p - 2, from 0.55 at
+    # p = 0.85 (confidence 0.23: 1 / T = log 0.55 / log 0.23 = 0.41) to 0.85 at p = 0.95
+    # (confidence 0.63: 1 / T = 0.35), so the word fit lands near T = 2.6.
     generator = torch.Generator().manual_seed(3)
     converter = utils.AttnLabelConverter("abcdefgh")
     batch, length, classes = 2000, 8, 10
@@ -112,42 +158,45 @@ def test_word_level_lowers_word_ece_where_token_level_does_not():
     correct = (~wrong).double()
     assert (targets == winners).double().mean().item() == pytest.approx(p.mean().item(), abs=0.01)
 
+    raw = calibration.word_confidence(logits, converter)
     token_t = calibration.fit_temperature(logits, targets, mask=torch.ones_like(targets, dtype=torch.bool))
-    word_t = calibration.fit_word_temperature(logits, converter, correct)
+    word_t = calibration.fit_word_temperature(raw, correct)
     assert token_t == pytest.approx(1.0, abs=0.05)
-    assert word_t < 0.9
+    assert 2.4 < word_t < 2.9
 
-    def ece(temperature):
-        return calibration.calibration_metrics(calibration.word_confidence(logits, converter, temperature),
-                                               correct)["ece"]
+    def ece(confidence):
+        return calibration.calibration_metrics(confidence, correct)["ece"]
 
-    assert ece(1.0) > 0.25 and ece(token_t) > 0.25
-    assert ece(word_t) < 0.05
-    assert ece(word_t) < 0.3 * ece(token_t)
+    token_ece = ece(calibration.word_confidence(logits, converter, token_t))
+    word_ece = ece(calibration.apply_word_temperature(raw, word_t))
+    assert ece(raw) > 0.25 and token_ece > 0.25
+    assert word_ece < 0.05 and word_ece < 0.3 * token_ece
 
 
 def test_word_temperature_edge_cases():
-    generator = torch.Generator().manual_seed(4)
-    z = attn_logits(50, 5, 2.0, generator)
-    assert calibration.fit_word_temperature(z[:0], ATTN, torch.zeros(0)) == 1.0
-    with pytest.raises(ValueError, match="50 readings but 3 correctness values"):
-        calibration.fit_word_temperature(z, ATTN, torch.ones(3))
-    # all right: sharpen
-    sharp = calibration.fit_word_temperature(z, ATTN, torch.ones(50))
-    assert sharp < 1.0
-    assert (calibration.word_confidence(z, ATTN, sharp) >= calibration.word_confidence(z, ATTN, 1.0)).all()
-    # Every step 5 nats above the 5 other classes: sharpening helps only until every confidence
-    # passes the clamp 1 - 1e-7 (5 / T > log(5 * 3 / 1e-7), T < 0.27); the search stops there,
-    # nearest T = 1, not at the lower bound.
-    clear = torch.zeros(50, 5, 6)
-    clear[:, :2, 2:].scatter_(2, torch.randint(0, 4, (50, 2, 1), generator=generator), 5.0)
-    clear[:, 2:, ATTN.EOS] = 5.0
-    sharp = calibration.fit_word_temperature(clear, ATTN, torch.ones(50))
-    assert 0.2 < sharp < 0.27
-    assert calibration.word_confidence(clear, ATTN, sharp).min() > 1 - 1e-7
-    # all wrong: flattening as far as the bounds allow
-    assert calibration.fit_word_temperature(z, ATTN, torch.zeros(50)) == pytest.approx(
-        calibration.WORD_TEMPERATURE_BOUNDS[1])
+    assert calibration.fit_word_temperature(torch.zeros(0), torch.zeros(0)) == 1.0
+    with pytest.raises(ValueError, match="50 confidences but 3 correctness values"):
+        calibration.fit_word_temperature(torch.full((50,), 0.5), torch.ones(3))
+    # all right: c ** (1 / T) rises towards 1 with T but passes 1 - 1e-7 only for T > log 0.5 / -1e-7
+    # (7e6): the fit stops at the upper bound
+    half = torch.full((50,), 0.5)
+    assert calibration.fit_word_temperature(half, torch.ones(50)) == pytest.approx(calibration.WORD_TEMPERATURE_BOUNDS[1])
+    # all wrong: lowering helps until every confidence is down at the clamp 1e-7, which 0.5 reaches at
+    # T = log 0.5 / log 1e-7 = 0.0430; the loss is flat below, and the search stops on that plateau
+    low = calibration.fit_word_temperature(half, torch.zeros(50))
+    assert calibration.WORD_TEMPERATURE_BOUNDS[0] <= low <= math.log(0.5) / math.log(1e-7) * 1.0001
+    assert low > 0.02  # not run down to the bound: the grid point nearest T = 1 on the plateau
+    # a confidence of 0 or 1 stays where it is, and does not move the fit
+    confidence, correct = groups((0.81, 9, 1), (0.6561, 81, 19))
+    padded = torch.cat([confidence, torch.tensor([0.0, 1.0], dtype=torch.float64)])
+    assert calibration.fit_word_temperature(padded, torch.cat([correct, torch.tensor([0.0, 1.0])])) == \
+        pytest.approx(2.0, rel=1e-3)
+    assert calibration.apply_word_temperature(torch.tensor([0.0, 1.0]), 0.3).tolist() == [0.0, 1.0]
+    with pytest.raises(UserError, match="^--calibration word scales the word confidence only, and this strategy "
+                                        "ranks margin"):
+        calibration.check_level("word", ("margin",))
+    calibration.check_level("token", ("margin",))
+    calibration.check_level("word", ("cal_confidence",))
 
 
 @pytest.mark.parametrize("value, temperature, allow_both, expected", [

@@ -7,7 +7,8 @@ reads "a" on every image, and since the blank is out of reach the only alignment
 (T = 24 feature columns for VGG at imgW 100). BETA is chosen so that p**T = 0.7.
 
 Fitted on labels "a", "a", "b" (`valid_mixed`), the token-level temperature makes each frame's
-P('a') = 2/3 (T = BETA / log 2) and the word-level one makes P("a") = 2/3 (T = WORD_T)."""
+P('a') = 2/3 (T = BETA / log 2) and the word-level one makes P("a") ** (1 / T) = 0.7 ** (1 / T) = 2/3
+(T = WORD_T = log 0.7 / log(2/3))."""
 import csv
 import importlib.util
 import io
@@ -33,7 +34,7 @@ FRAMES = 24
 CONF = 0.7
 BETA = math.log(CONF ** (1 / FRAMES) / (1 - CONF ** (1 / FRAMES)))
 TOKEN_T = BETA / math.log(2)
-WORD_T = BETA / math.log((2 / 3) ** (1 / FRAMES) / (1 - (2 / 3) ** (1 / FRAMES)))
+WORD_T = math.log(CONF) / math.log(2 / 3)
 ARCH = {"Transformation": "None", "FeatureExtraction": "VGG", "SequenceModeling": "None", "Prediction": "CTC",
         "output_channel": 16, "hidden_size": 8, "input_channel": 1, "num_fiducial": 20, "imgH": 32, "imgW": 100,
         "rgb": False, "PAD": False, "character": "ab", "sensitive": False, "character_file": "",

@@ -261,14 +261,20 @@ def test_temperature_auto_reports_the_fitted_value(work, models, capsys):
 
 
 def test_temperature_fitted_at_the_word_level(work, models, capsys):
-    # No validation word is read right, so the word-level fit flattens until every validation
-    # confidence is down at the clamp of its objective (1e-7), and stops there.
+    # No validation word is read right, so the word-level fit lowers every validation confidence c
+    # to c ** (1 / T) until all are down at the clamp of its objective (1e-7), and stops there: for
+    # confidences about 0.9, T = log 0.9 / log 1e-7, about 0.007.
     summary = run_main(ctc_args(work, models.ctc, "--query", "cali", "--num_query", "3", "--calibration", "word"))
-    assert 2 < summary["temperature"] < calibration.WORD_TEMPERATURE_BOUNDS[1]
+    assert calibration.WORD_TEMPERATURE_BOUNDS[0] < summary["temperature"] < 0.05
     assert summary["mean_calibrated_confidence"]["pool"] < 1e-4
     _, meta = read_set(os.path.join(str(work / "train_data_lmdb"), "cali_iter_1"))
     assert summary["calibration"] == meta["calibration"] == "word"
     assert "(fitted on --valid_data, word-level)" in capsys.readouterr().out
+    # margin ranks token probabilities, which a word-level scaling leaves alone
+    with pytest.raises(SystemExit) as info:
+        run_main(ctc_args(work, models.ctc, "--query", "margin", "--temperature", "auto", "--calibration", "word"))
+    assert info.value.code == 2
+    assert "error: --calibration word scales the word confidence only" in capsys.readouterr().err
 
 
 def test_runs_are_reproducible_and_differ_by_seed(work, models, tmp_path_factory):

@@ -13,6 +13,9 @@ Parts (`--only`, default all but accuracy; `--accuracy_check` adds it):
             faster it is than the fastest training variant consumes
   sampling  data_sampling.py run as a subprocess on generated pools of each --pool_sizes size:
             images/s and peak memory (the child's ru_maxrss; the process tree's PSS by /proc polling)
+  coreset   data_sampling --acquisition coreset's own cost on synthetic float16 embeddings of the
+            real width (--coreset_dim): storing them batch by batch, and greedy k-centre over all
+            of the pool and over --coreset_candidates of it: seconds and peak resident growth
   accuracy  a short train.py run in fp32 and with --amp on the embedded data with a small model:
             both validation accuracies and whether they agree within noise
 
@@ -20,6 +23,7 @@ Every figure is the median of --repeats timed runs; warm-up runs are not timed. 
 stdout, everything (machine, versions, settings, per-run values, target checks) to --output."""
 import argparse
 import contextlib
+import gc
 import io
 import json
 import os
@@ -48,7 +52,7 @@ import utils  # noqa: E402
 from evaluation import forward_logits  # noqa: E402
 from model import Model, initialize_weights, save_weights  # noqa: E402
 
-PARTS = ("train", "infer", "loader", "sampling", "accuracy")
+PARTS = ("train", "infer", "loader", "sampling", "coreset", "accuracy")
 DEFAULT_PARTS = PARTS[:-1]  # accuracy is opt-in (--accuracy_check): it trains twice per seed
 # name -> (amp, channels_last); fp32 first: every speed-up is relative to it.
 VARIANTS = {
@@ -107,6 +111,15 @@ def get_args_parser():
     sampling.add_argument("--sampling_batch_size", type=int, default=None,
                           help="--batch_size of data_sampling.py (default: its own default)")
     sampling.add_argument("--poll_interval", type=float, default=0.05, help="seconds between /proc memory polls")
+
+    diverse = parser.add_argument_group("coreset")
+    diverse.add_argument("--coreset_pool", type=int, default=100000, help="synthetic pool size")
+    diverse.add_argument("--coreset_dim", type=int, default=256,
+                         help="embedding width (256: --hidden_size of the seed TPS-ResNet-BiLSTM-Attn)")
+    diverse.add_argument("--coreset_picks", type=int, default=1000, help="samples to pick (1%% of 100k)")
+    diverse.add_argument("--coreset_candidates", type=int, default=10000,
+                         help="the --candidates of the restricted selection")
+    diverse.add_argument("--coreset_batch", type=int, default=192, help="rows stored per batch")
 
     accuracy = parser.add_argument_group("accuracy")
     accuracy.add_argument("--accuracy_arch", default="None-VGG-BiLSTM-CTC")
@@ -623,6 +636,70 @@ def bench_sampling(args, workdir):
 
 
 # ---------------------------------------------------------------------------------------------
+# coreset
+
+
+def resident_kb(field):
+    """VmRSS or VmHWM of this process in KiB (None where /proc cannot tell)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def reset_peak():
+    """Start a fresh peak-RSS window (Linux: writing 5 to clear_refs resets VmHWM); the RSS now."""
+    gc.collect()
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
+            f.write("5")
+    except OSError:
+        return None
+    return resident_kb("VmRSS")
+
+
+def peak_growth_mb(base):
+    peak = resident_kb("VmHWM")
+    return None if base is None or peak is None else (peak - base) / 1024.0
+
+
+def bench_coreset(args):
+    import coreset
+
+    n, d = args.coreset_pool, args.coreset_dim
+    generator = torch.Generator().manual_seed(1111)
+    base = reset_peak()
+    store = coreset.RowStore(capacity=n)
+    store_s = 0.0
+    for start in range(0, n, args.coreset_batch):
+        features = torch.randn(min(args.coreset_batch, n - start), d, generator=generator)
+        begin = time.perf_counter()
+        store.add(coreset.to_float16(features))
+        store_s += time.perf_counter() - begin
+    store_mb = peak_growth_mb(base)
+    embeddings = store.array()
+    order = np.arange(n)  # the strategy's ranking does not change the cost
+    runs = {}
+    for label, candidates in (("all", n), ("candidates", min(args.coreset_candidates, n))):
+        progress(f"coreset: k-centre, {args.coreset_picks} of {candidates} ...")
+        base = reset_peak()
+        begin, cpu = time.perf_counter(), time.process_time()
+        picked = coreset.k_centre(embeddings, order[:candidates], args.coreset_picks)
+        # CPU seconds beside the wall clock: on a shared machine the wall clock also counts waiting
+        runs[label] = {"candidates": candidates, "seconds": time.perf_counter() - begin,
+                       "cpu_seconds": time.process_time() - cpu, "peak_growth_mb": peak_growth_mb(base),
+                       "picked": len(picked)}
+    # k-centre costs picks x candidates x dim: the default pool is the 100k the README quotes
+    return {"pool": n, "dim": d, "picks": args.coreset_picks, "batch": args.coreset_batch,
+            "embedding_bytes_per_sample": d * 2, "embeddings_mb": embeddings.nbytes / MIB,
+            "store_s": store_s, "store_peak_growth_mb": store_mb, "selection": runs}
+
+
+# ---------------------------------------------------------------------------------------------
 # accuracy
 
 
@@ -788,6 +865,14 @@ def format_table(results):
                      f"peak RSS {sampling['memory_growth_mb']:+.1f} MB, "
                      f"tree PSS {sampling['tree_pss_growth_mb']:+.1f} MB, "
                      f"tree anon {sampling['tree_anon_growth_mb']:+.1f} MB")
+    diverse = results.get("coreset")
+    if diverse:
+        lines += ["", f"coreset: {diverse['pool']} synthetic float16 embeddings of width {diverse['dim']} "
+                      f"({diverse['embeddings_mb']:.1f} MB): stored in {diverse['store_s']:.2f}s, peak growth "
+                      f"{fmt(diverse['store_peak_growth_mb'])} MB"]
+        for label, run in diverse["selection"].items():
+            lines.append(f"  k-centre of {diverse['picks']} among {run['candidates']}: {run['seconds']:.2f}s "
+                         f"({run['cpu_seconds']:.2f}s CPU), peak growth {fmt(run['peak_growth_mb'])} MB")
     accuracy = results.get("accuracy")
     if accuracy:
         lines += ["", f"accuracy: {accuracy['model']['arch']}, {accuracy['iterations']} iterations, "
@@ -815,12 +900,16 @@ def validate_args(args):
     args.pool_sizes = parse_list(args.pool_sizes, "--pool_sizes", int)
     args.accuracy_seeds = parse_list(args.accuracy_seeds, "--accuracy_seeds", int)
     for flag in ("repeats", "train_iters", "infer_iters", "loader_batches", "batch_size", "num_query",
-                 "accuracy_iters", "accuracy_batch_size"):
+                 "accuracy_iters", "accuracy_batch_size", "coreset_pool", "coreset_dim", "coreset_picks",
+                 "coreset_candidates", "coreset_batch"):
         if getattr(args, flag) < 1:
             raise utils.UserError(f"--{flag} must be at least 1")
     for flag in ("warmup", "loader_warmup"):
         if getattr(args, flag) < 0:
             raise utils.UserError(f"--{flag} must not be negative")
+    if min(args.coreset_pool, args.coreset_candidates) < args.coreset_picks:
+        raise utils.UserError(f"--coreset_pool and --coreset_candidates must be at least --coreset_picks "
+                              f"{args.coreset_picks}")
     if min(args.pool_sizes) < args.num_query:
         raise utils.UserError(f"--pool_sizes: every pool must hold at least --num_query {args.num_query} images")
     if ("train" in args.parts or "infer" in args.parts) and "fp32" not in args.variants:
@@ -864,6 +953,8 @@ def main(args):
                                                       fastest_infer and fastest_infer["images_per_s"])
         if "sampling" in args.parts:
             results["sampling"] = timed_part("sampling", lambda: bench_sampling(args, workdir))
+        if "coreset" in args.parts:
+            results["coreset"] = timed_part("coreset", lambda: bench_coreset(args))
         if "accuracy" in args.parts:
             results["accuracy"] = timed_part("accuracy", lambda: bench_accuracy(args, workdir))
     finally:
