@@ -104,8 +104,13 @@ def plan(opt, query_set, leaves, round_number, check_name):
     root = opt.train_data
     name = relabel_name(query_set)
     path = os.path.join(root, name)
-    existing = [rel.rsplit("/", 1)[-1] for rel in dataset.relabel_order(root, dataset.relabel_leaves(root, leaves))
-                if rel != name]
+    relabel_sets = dataset.relabel_leaves(root, leaves)
+    for given, share in zip(opt.select_data, opt.batch_ratio):
+        chosen = [rel for rel in leaves if dataset.selects(rel, given, root)]
+        if share == 0 and not (chosen and set(chosen) <= set(relabel_sets)):
+            raise utils.UserError(f"--batch_ratio: {given} has the share 0, which only a relabel set may have; give "
+                                  f"it a positive share")
+    existing = [rel.rsplit("/", 1)[-1] for rel in dataset.relabel_order(root, relabel_sets) if rel != name]
     replaced = os.path.lexists(path)
     if opt.relabel_ratio == 0:
         if replaced and dataset.is_relabel_set(path) and not orphaned(path, root):

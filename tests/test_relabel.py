@@ -194,15 +194,22 @@ def test_later_relabel_sets_win_and_take_the_share_zero(tmp_path):
             training_view(root, select, ratio, noise=0.0)
 
 
-@pytest.mark.parametrize("value", ["1.5", "-0.1", "nan"])
-def test_bad_relabel_ratio_is_one_error_line(tmp_path, capsys, value):
+@pytest.mark.parametrize("extra, message", [
+    (["--relabel_ratio", "1.5"], "--relabel_ratio 1.5: give a share of the budget in [0, 1]"),
+    (["--relabel_ratio", "-0.1"], "--relabel_ratio -0.1: give a share of the budget in [0, 1]"),
+    (["--relabel_ratio", "nan"], "--relabel_ratio nan: give a share of the budget in [0, 1]"),
+    (["--select_data", "base-q_iter_1", "--batch_ratio", "1-0"],
+     "--batch_ratio: q_iter_1 has the share 0, which only a relabel set may have; give it a positive share"),
+])
+def test_bad_input_is_one_error_line(tmp_path, capsys, extra, message):
     root = str(tmp_path / "data")
-    os.makedirs(root)
+    write_base(root)
     with pytest.raises(SystemExit) as stopped:
-        run_sampling(sampling_args(root, str(tmp_path / "none.pth"), "--dry_run", "--relabel_ratio", value))
+        run_sampling(sampling_args(root, str(tmp_path / "none.pth"), "--dry_run", "--Transformation", "None",
+                                   "--FeatureExtraction", "VGG", "--SequenceModeling", "None", "--Prediction", "CTC",
+                                   *extra))
     assert stopped.value.code == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err == [f"error: --relabel_ratio {float(value)}: give a share of the budget in [0, 1]"]
+    assert capsys.readouterr().err.strip().splitlines() == [f"error: {message}"]
 
 
 def test_a_relabel_only_round_leaves_its_empty_query_set_out(round2, tiny):  # noqa: F811
