@@ -2,11 +2,15 @@
 (tools/experiment.py writes them; everything here is a pure function of the per-run records).
 
 A *record* is one finished round of one active-learning loop, a dict with the keys
-`query, calibrator, noise, seed, round, labelled, accuracy, ece` and optionally `noise_model`
-(train.py --noise_model; a record without it was made with the default, `substitute`): `accuracy`
+`query, calibrator, noise, seed, round, labelled, accuracy, ece` and optionally `noise_model`,
+`relabel_ratio` and `acquisition` (train.py --noise_model, data_sampling.py --relabel_ratio and
+--acquisition; a record without one was made with the default: `substitute`, 0, `topk`): `accuracy`
 in percent and `ece` as a fraction, both from test.py's pooled evaluation ("total") of that round's
 model, `labelled` the number of labelled samples the round trained on. A strategy (a row of the
-tables) is (query, calibrator, noise, noise_model).
+tables) is (query, calibrator, noise, noise_model, relabel_ratio, acquisition): `STRATEGY_KEYS`. The
+baseline (random) of a strategy is the random strategy of the same calibrator, noise, noise model
+and relabel ratio, whatever its acquisition (a random ranking is drawn at random however it is
+taken).
 
 Definitions used throughout:
 - mean and *sample* standard deviation (ddof = 1) over seeds; with a single seed the standard
@@ -27,9 +31,10 @@ import os
 import annotator_noise
 import utils
 
-COMPARISON_COLUMNS = ("query", "calibrator", "noise", "noise_model", "round", "labelled", "seeds",
-                      "accuracy_mean", "accuracy_std", "ece_mean", "ece_std")
-SUMMARY_COLUMNS = ("query", "calibrator", "noise", "noise_model", "seeds", "final_accuracy_mean", "final_accuracy_std",
+STRATEGY_KEYS = ("query", "calibrator", "noise", "noise_model", "relabel_ratio", "acquisition")
+COMPARISON_COLUMNS = STRATEGY_KEYS + ("round", "labelled", "seeds", "accuracy_mean", "accuracy_std", "ece_mean",
+                                      "ece_std")
+SUMMARY_COLUMNS = STRATEGY_KEYS + ("seeds", "final_accuracy_mean", "final_accuracy_std",
                    "alc_mean", "labels_saved_vs_random", "labels_saved_at_random_final", "diff_vs_random_mean",
                    "diff_vs_random_low", "diff_vs_random_high")
 # Decimals shown in the markdown tables (the csv files keep six).
@@ -39,6 +44,8 @@ MARKDOWN_DECIMALS = {"labelled": 0, "accuracy_mean": 2, "accuracy_std": 2, "ece_
                      "diff_vs_random_high": 2}
 BASELINE = "random"
 DEFAULT_NOISE_MODEL = annotator_noise.DEFAULT_MODEL
+DEFAULT_RELABEL_RATIO = 0.0  # data_sampling.py's defaults
+DEFAULT_ACQUISITION = "topk"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -200,26 +207,33 @@ def _groups(records, key):
 
 
 def _strategy(record):
+    """The record's strategy: its values of STRATEGY_KEYS, defaults filled in."""
+    relabel_ratio = record.get("relabel_ratio")
     return (record["query"], record["calibrator"], float(record["noise"]),
-            record.get("noise_model") or DEFAULT_NOISE_MODEL)
+            record.get("noise_model") or DEFAULT_NOISE_MODEL,
+            DEFAULT_RELABEL_RATIO if relabel_ratio is None else float(relabel_ratio),
+            record.get("acquisition") or DEFAULT_ACQUISITION)
+
+
+def _baseline_key(strategy):
+    """What a strategy shares with its baseline: all but the query and the acquisition."""
+    return strategy[1:5]
 
 
 def aggregate(records):
-    """One row per (query, calibrator, noise, noise_model, round) over the seeds that finished that
-    round: `query, calibrator, noise, noise_model, round, labelled, seeds, accuracy_mean,
-    accuracy_std, ece_mean, ece_std` (mean and sample std, ddof = 1; the std is None for a single
-    seed). `labelled` is the
+    """One row per (STRATEGY_KEYS, round) over the seeds that finished that round: STRATEGY_KEYS,
+    `round, labelled, seeds, accuracy_mean, accuracy_std, ece_mean, ece_std` (mean and sample std,
+    ddof = 1; the std is None for a single seed). `labelled` is the
     mean over the seeds (they agree when every loop queries the same number per round). Groups
     come in the order they first appear in `records`, rounds in increasing order."""
     rows = []
-    for (query, calibrator, noise, noise_model), group in _groups(records, _strategy).items():
+    for strategy, group in _groups(records, _strategy).items():
         by_round = _groups(group, lambda r: int(r["round"]))
         for k in sorted(by_round):
             finished = by_round[k]
             accuracy_mean, accuracy_std = mean_std([r["accuracy"] for r in finished])
             ece_mean, ece_std = mean_std([r["ece"] for r in finished])
-            rows.append({"query": query, "calibrator": calibrator, "noise": noise, "noise_model": noise_model,
-                         "round": k,
+            rows.append({**dict(zip(STRATEGY_KEYS, strategy)), "round": k,
                          "labelled": mean_std([r["labelled"] for r in finished])[0],
                          "seeds": len({r["seed"] for r in finished}),
                          "accuracy_mean": accuracy_mean, "accuracy_std": accuracy_std,
@@ -237,8 +251,7 @@ def _curves(group):
 
 
 def summarize(records, baseline=BASELINE):
-    """One row per (query, calibrator, noise, noise_model): `query, calibrator, noise, noise_model, seeds,
-    final_accuracy_mean, final_accuracy_std, alc_mean, labels_saved_vs_random, diff_vs_random_mean,
+    """One row per strategy: STRATEGY_KEYS, `seeds, final_accuracy_mean, final_accuracy_std, alc_mean, labels_saved_vs_random, diff_vs_random_mean,
     diff_vs_random_low, diff_vs_random_high`.
 
     The group's final round is the largest round any of its seeds finished; `seeds` counts the
@@ -247,7 +260,8 @@ def summarize(records, baseline=BASELINE):
     - final_accuracy_mean/std: over those seeds at the final round (std None for one seed);
     - alc_mean: the mean over those seeds of `alc` of each seed's curve;
     - labels_saved_vs_random: `labels_to_reach` on the baseline's mean curve (same calibrator,
-      noise and noise model; `aggregate`'s accuracy_mean against labelled) for this group's final_accuracy_mean,
+      noise, noise model and relabel ratio; `aggregate`'s accuracy_mean against labelled) for this
+      group's final_accuracy_mean,
       minus this group's mean labelled count at its final round; None when the baseline is not in
       the grid or its mean curve never reaches that accuracy;
     - labels_saved_at_random_final: the other way round, which can show a saving when every
@@ -260,12 +274,19 @@ def summarize(records, baseline=BASELINE):
     records = list(records)
     all_curves = {}
     for row in aggregate(records):
-        all_curves.setdefault((row["query"], row["calibrator"], row["noise"], row["noise_model"]), []).append(
+        all_curves.setdefault(tuple(row[key] for key in STRATEGY_KEYS), []).append(
             (row["labelled"], row["accuracy_mean"]))
-    mean_curves = {(c, n, m): curve for (q, c, n, m), curve in all_curves.items() if q == baseline}
+    mean_curves = {}
+    for strategy, curve in all_curves.items():
+        if strategy[0] == baseline:
+            mean_curves.setdefault(_baseline_key(strategy), curve)
     groups = _groups(records, _strategy)
+    baseline_groups = {}
+    for strategy, group in groups.items():
+        if strategy[0] == baseline:
+            baseline_groups.setdefault(_baseline_key(strategy), group)
     rows = []
-    for (query, calibrator, noise, noise_model), group in groups.items():
+    for strategy, group in groups.items():
         curves = _curves(group)
         final = max(points[-1][0] for points in curves.values())
         finished = {seed: points for seed, points in curves.items() if points[-1][0] == final}
@@ -274,25 +295,24 @@ def summarize(records, baseline=BASELINE):
         alc_mean = mean_std([alc([p[1] for p in finished[s]], [p[2] for p in finished[s]]) for s in seeds])[0]
         final_labelled = mean_std([finished[s][-1][1] for s in seeds])[0]
         saved = None
-        curve = mean_curves.get((calibrator, noise, noise_model))
+        curve = mean_curves.get(_baseline_key(strategy))
         if curve:
             reach = labels_to_reach([x for x, _ in curve], [y for _, y in curve], final_mean)
             saved = None if reach is None else reach - final_labelled
         saved_at_final = None
-        own_curve = all_curves.get((query, calibrator, noise, noise_model))
+        own_curve = all_curves.get(strategy)
         if curve and own_curve:
             random_labelled, random_accuracy = max(curve)
             reach = labels_to_reach([x for x, _ in own_curve], [y for _, y in own_curve], random_accuracy)
             saved_at_final = None if reach is None else random_labelled - reach
         baseline_final = {}
-        for seed, points in _curves(groups.get((baseline, calibrator, noise, noise_model), [])).items():
+        for seed, points in _curves(baseline_groups.get(_baseline_key(strategy), [])).items():
             for k, _, accuracy in points:
                 if k == final:
                     baseline_final[seed] = accuracy
         paired = [s for s in seeds if s in baseline_final]
         diff = paired_difference([finished[s][-1][2] for s in paired], [baseline_final[s] for s in paired])
-        rows.append({"query": query, "calibrator": calibrator, "noise": noise, "noise_model": noise_model,
-                     "seeds": len(seeds),
+        rows.append({**dict(zip(STRATEGY_KEYS, strategy)), "seeds": len(seeds),
                      "final_accuracy_mean": final_mean, "final_accuracy_std": final_std, "alc_mean": alc_mean,
                      "labels_saved_vs_random": saved, "labels_saved_at_random_final": saved_at_final,
                      "diff_vs_random_mean": diff[0],
@@ -389,21 +409,21 @@ def _pyplot():
 
 def plot_learning_curves(rows, path):
     """Mean test accuracy (top) and ECE (bottom) against labelled samples from `aggregate`'s rows,
-    one line per query strategy with a band of +-1 std (none where the std is undefined), one
-    column of panels per (calibrator, noise, noise model). Written atomically; returns `path` (None
-    without rows)."""
+    one line per query strategy (and acquisition, named when not topk) with a band of +-1 std (none
+    where the std is undefined), one column of panels per (calibrator, noise, noise model, relabel
+    ratio). Written atomically; returns `path` (None without rows)."""
     if not rows:
         return None
     plt = _pyplot()
 
     def panel(r):
-        return r["calibrator"], r["noise"], r.get("noise_model") or DEFAULT_NOISE_MODEL
+        return _strategy(r)[1:5]
 
     panels = list(_groups(rows, panel))
     fig, axes = plt.subplots(2, len(panels), figsize=(4.5 * len(panels) + 0.5, 7), squeeze=False)
-    for column, (calibrator, noise, noise_model) in enumerate(panels):
-        panel_rows = [r for r in rows if panel(r) == (calibrator, noise, noise_model)]
-        for query, lines in _groups(panel_rows, lambda r: r["query"]).items():
+    for column, (calibrator, noise, noise_model, relabel_ratio) in enumerate(panels):
+        panel_rows = [r for r in rows if panel(r) == (calibrator, noise, noise_model, relabel_ratio)]
+        for query, lines in _groups(panel_rows, _line_name).items():
             lines = sorted(lines, key=lambda r: r["round"])
             x = [r["labelled"] for r in lines]
             for ax, metric in ((axes[0][column], "accuracy"), (axes[1][column], "ece")):
@@ -416,6 +436,8 @@ def plot_learning_curves(rows, path):
         title = f"{calibrator}, noise {format_value(noise)}"
         if noise_model != DEFAULT_NOISE_MODEL:
             title += f" ({noise_model})"
+        if relabel_ratio != DEFAULT_RELABEL_RATIO:
+            title += f", relabel {format_value(relabel_ratio)}"
         axes[0][column].set(title=title, ylabel="test accuracy (%)")
         axes[1][column].set(xlabel="labelled samples", ylabel="ECE")
         for ax in (axes[0][column], axes[1][column]):
@@ -428,10 +450,16 @@ def plot_learning_curves(rows, path):
     return path
 
 
+def _line_name(r):
+    """A plot line's name: the query, with its acquisition when not topk."""
+    acquisition = r.get("acquisition") or DEFAULT_ACQUISITION
+    return r["query"] if acquisition == DEFAULT_ACQUISITION else f"{r['query']} ({acquisition})"
+
+
 def plot_noise(summary_rows, path):
     """Final mean test accuracy (error bars +-1 std) against the noise ratio, one panel per query
-    strategy, one line per calibrator (and noise model, when there are several), from `summarize`'s
-    rows. At ratio 0 the noise model changes nothing: a line without a point of its own there
+    strategy (and acquisition), one line per calibrator (and noise model and relabel ratio, when
+    there are several), from `summarize`'s rows. At ratio 0 the noise model changes nothing: a line without a point of its own there
     starts from its calibrator's point at 0. Drawn only when more than one noise ratio is present:
     returns `path`, or None when nothing was drawn."""
     if len({r["noise"] for r in summary_rows}) < 2:
@@ -439,13 +467,14 @@ def plot_noise(summary_rows, path):
     plt = _pyplot()
 
     def model(r):
-        return r.get("noise_model") or DEFAULT_NOISE_MODEL
+        noise_model, relabel_ratio = _strategy(r)[3:5]
+        return noise_model + ("" if relabel_ratio == DEFAULT_RELABEL_RATIO else f", relabel {format_value(relabel_ratio)}")
 
     several = len({model(r) for r in summary_rows}) > 1
-    queries = list(_groups(summary_rows, lambda r: r["query"]))
+    queries = list(_groups(summary_rows, _line_name))
     fig, axes = plt.subplots(1, len(queries), figsize=(4.5 * len(queries) + 0.5, 4), squeeze=False)
     for ax, query in zip(axes[0], queries):
-        rows = [r for r in summary_rows if r["query"] == query]
+        rows = [r for r in summary_rows if _line_name(r) == query]
         for (calibrator, noise_model), lines in _groups(rows, lambda r: (r["calibrator"], model(r))).items():
             if not any(r["noise"] == 0 for r in lines):
                 lines = lines + [r for r in rows if r["calibrator"] == calibrator and r["noise"] == 0][:1]

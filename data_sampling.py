@@ -31,6 +31,7 @@ import dataset
 import locking
 import options
 import query_strategies
+import relabel
 import utils
 from query_sets import check_out_name, check_output_free, list_leaf_lmdbs, next_round, query_set_names, \
     unselected_query_sets
@@ -39,7 +40,7 @@ from evaluation import (concatenate_columns, eval_loader, fit_temperature_on_val
 
 TRAINING_ONLY_FLAGS = ("exp_name", "output_dir", "valInterval", "num_iter", "lr", "beta1", "rho", "eps", "grad_clip",
                        "lr_schedule", "warmup_iters", "calibrator", "alpha", "beta", "smooth_tail", "patience", "mode",
-                       "query_iter", "noise_ratio", "noise_model", "noise_scope", "B", "t")
+                       "query_iter", "B", "t")
 DEFAULT_RATIO = 0.01
 
 
@@ -94,6 +95,7 @@ def get_args_parser():
     group.add_argument("--dry_run", action="store_true",
                        help="check the options, the output name and the pool, print what would be queried, and "
                             "stop (no model is needed)")
+    relabel.add_args(parser)
     ignored = parser.add_argument_group("training-only options (accepted and ignored, so that a train.py "
                                         "command line can be reused)")
     for name in TRAINING_ONLY_FLAGS:
@@ -124,6 +126,7 @@ def check_inputs(opt):
             raise utils.UserError(f"--ratio {opt.ratio}: must lie in (0, 1]")
     elif opt.num_query < 1:
         raise utils.UserError(f"--num_query {opt.num_query}: must be at least 1")
+    relabel.check_args(opt)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -381,8 +384,9 @@ def mean_or_none(values):
     return float(np.mean(values)) if len(values) else None
 
 
-def make_summary(opt, name, path, columns, picked, pool_total, temperature, elapsed, query_names):
-    names, shares = query_strategies.next_round_selection(opt.select_data, opt.batch_ratio, query_names, name)
+def make_summary(opt, name, path, columns, picked, pool_total, temperature, elapsed, query_names, selection=None):
+    names, shares = selection or query_strategies.next_round_selection(opt.select_data, opt.batch_ratio,
+                                                                       query_names, name)
     select_data, batch_ratio = query_strategies.format_selection(names, shares)
     summary = {
         "query_set": name, "path": os.path.abspath(path), "strategy": opt.query,
@@ -416,6 +420,7 @@ def format_summary(summary):
         f"  accuracy:        picked {pct(acc['picked'])}  pool {pct(acc['pool'])}",
         f"  temperature: {'none' if summary['temperature'] is None else num(summary['temperature'])}"
         f"   time: {summary['time_s']:.1f}s",
+    ] + ([relabel.format_part(summary["relabel"])] if summary.get("relabel") else []) + [
         f"next round: train.py --mode al --select_data {summary['next_select_data']} "
         f"--batch_ratio {summary['next_batch_ratio']}",
     ]
@@ -435,9 +440,10 @@ class Plan:
     package = None
     unlabelled = ()
 
-    def __init__(self, name, path, replaced, query_names, pool_names):
+    def __init__(self, name, path, replaced, query_names, pool_names, relabel_plan=None):
         self.name, self.path, self.replaced = name, path, replaced
         self.query_names, self.pool_names = query_names, pool_names
+        self.relabel = relabel_plan  # relabel.RelabelPlan: the round's relabel set and the earlier ones
 
 
 def plan_output(opt):
@@ -455,7 +461,7 @@ def plan_output(opt):
         raise utils.UserError(f"--select_data {'-'.join(opt.select_data)} names only query sets, which have no "
                               f"unlabelled pool; name a base dataset too")
     replaced = name if os.path.lexists(path) else None
-    plan = Plan(name, path, replaced, query_names, pool_names)
+    plan = Plan(name, path, replaced, query_names, pool_names, plan_relabel(opt, name, leaves))
     plan.package, plan.unlabelled = package_plan(opt, plan)
     return plan
 
@@ -470,11 +476,27 @@ def package_plan(opt, plan):
     folder = opt.export_annotation or (f"{plan.path}_annotation" if unlabelled else None)
     if folder is None:
         return None, unlabelled
+    if opt.relabel_ratio > 0:
+        raise utils.UserError(f"--relabel_ratio {opt.relabel_ratio:g} with an annotation package ({folder}): "
+                              f"re-annotation is simulated only so far; use --relabel_ratio 0")
     if opt.save_images:
         raise utils.UserError(f"--save_images with an annotation package ({folder}): the package holds the images "
                               f"already and no query set is written; drop --save_images")
     annotation.check_package_free(folder, opt.overwrite, plan.path, opt.train_data)
     return folder, unlabelled
+
+
+def plan_relabel(opt, name, leaves):
+    """The round's relabel.RelabelPlan; its round number is the query set's k (*_iter_<k>), else
+    the next round's."""
+    match = ROUND_PATTERN.search(name)
+    round_number = int(match.group(1)) if match else next_round(leaves)
+    return relabel.plan(opt, name, leaves, round_number, lambda other: check_out_name(other, leaves, opt.train_data))
+
+
+def relabel_names(plan):
+    """The names whose labelled samples --relabel_ratio judges (relabel.labelled_names)."""
+    return relabel.labelled_names(plan.pool_names + plan.query_names, plan.relabel, plan.replaced)
 
 
 def queried_before(opt, plan):
@@ -515,10 +537,15 @@ def check_still_free(opt, plan, identities):
                               f"(e.g. {sorted(taken)[0]}); nothing was written, run the round again")
 
 
-def write_round(opt, strategy, plan, columns, pool_size, temperature, start):
+def write_round(opt, strategy, plan, columns, pool_size, temperature, start, labelled=None):
+    """Pick, write the query set (and with --relabel_ratio the relabel set, `labelled` holding the
+    label-quality columns of the labelled samples) and print the summary."""
     if len(columns["index"]) == 0:
         raise utils.UserError(f"the pool of {pool_size} samples holds no readable image")
     count = query_strategies.query_count(len(columns["index"]), opt.ratio, opt.num_query)
+    relabelling = relabel_round(opt, plan, labelled, count)
+    if relabelling:
+        count -= len(relabelling["rows"])
     picked, scores = pick(columns, strategy, opt, count, plan.name)
     identities = [(columns["relpath"][i], int(columns["index"][i])) for i in picked]
     if plan.package:
@@ -529,8 +556,14 @@ def write_round(opt, strategy, plan, columns, pool_size, temperature, start):
         meta = query_meta(opt, strategy, plan.name, pool_size, scores[picked], temperature)
         # The summary is part of the folder from the start: a kill cannot leave a query set without it.
         summary = make_summary(opt, plan.name, plan.path, columns, picked, pool_size, temperature,
-                               time.time() - start, plan.query_names)
+                               time.time() - start, plan.query_names,
+                               relabel.next_selection(opt, plan.query_names, plan.name, plan.relabel,
+                                                      bool(relabelling and relabelling["rows"]), count == 0))
         check_still_free(opt, plan, identities)
+        if relabelling:
+            summary["relabel"] = relabelling["summary"]
+            if relabelling["rows"]:  # published first: a round stopped before its query set is rerun whole
+                relabel.write(opt, plan.relabel, plan.name, relabelling["rows"], labelled, relabelling["samples"])
         dataset.write_lmdb(plan.path, read_raw_samples(opt.train_data, identities), meta=meta,
                            overwrite=plan.replaced is not None,
                            extra_files={"summary.json": json.dumps(summary, indent=2) + "\n"})
@@ -589,6 +622,21 @@ def format_export_summary(summary):
     ])
 
 
+def relabel_round(opt, plan, labelled, count):
+    """With --relabel_ratio: the labelled rows to re-annotate out of a budget of `count`, the
+    samples of the relabel set and the summary's `relabel` entry; None without."""
+    if labelled is None:
+        return None
+    identities = relabel.sample_identities(opt.train_data, labelled["relpath"], labelled["index"])
+    wanted, _ = relabel.split_budget(count, opt.relabel_ratio, len(set(identities)))
+    rows = relabel.choose(labelled, wanted, identities)
+    samples = relabel.read_sources(opt.train_data, rows, labelled, identities)
+    draws = relabel.draw(opt, samples, plan.relabel.round)
+    before, after, clean = relabel.outcome(opt, rows, labelled, samples, draws)
+    return {"rows": rows, "samples": samples,
+            "summary": relabel.summary_part(opt, plan.relabel, rows, labelled, before, after, clean)}
+
+
 @contextlib.contextmanager
 def round_lock(opt, rank, distributed):
     """The exclusive lock on --train_data for the whole round, taken by rank 0; the other ranks
@@ -614,14 +662,21 @@ def dry_run(opt, strategy):
     count = query_strategies.query_count(len(pool), opt.ratio, opt.num_query)
     acquisition.check_candidates(opt.candidates, count)
     print(pool_log)
+    result = {"query_set": plan.name, "path": os.path.abspath(plan.path), "pool_size": len(pool), "num_query": count,
+              "package": plan.package and os.path.abspath(plan.package)}
+    if opt.relabel_ratio > 0:
+        labelled, _ = relabel.labelled_data(opt, relabel_names(plan))
+        result["num_relabel"], count = relabel.split_budget(count, opt.relabel_ratio, len(labelled))
+        result["num_query"] = count
+        print(f"dry run: would re-annotate {result['num_relabel']} of {len(labelled)} labelled samples (lowest "
+              f"label quality) into {plan.relabel.path}")
     if plan.package:
         print(f"dry run: would export {count} of {len(pool)} pool samples by '{strategy.name}' as an annotation "
               f"package into {plan.package} (the query set {plan.path} is written by import_annotations.py)")
     else:
         print(f"dry run: would query {count} of {len(pool)} pool samples by '{strategy.name}' into {plan.path}"
               + (" (replacing it)" if plan.replaced else ""))
-    return {"query_set": plan.name, "path": os.path.abspath(plan.path), "pool_size": len(pool), "num_query": count,
-            "package": plan.package and os.path.abspath(plan.package)}
+    return result
 
 
 def main(opt, given=None):
@@ -655,9 +710,11 @@ def main(opt, given=None):
             plan = plan_output(opt)
             columns, pool_size, temperature = score_round(opt, model, converter, strategy, temperature, device,
                                                           plan, rank, world_size, distributed)
+            labelled = relabel.score_labelled(opt, model, converter, device, relabel_names(plan), rank, world_size,
+                                              distributed) if opt.relabel_ratio > 0 else None
             if rank != 0:
                 return None
-            return write_round(opt, strategy, plan, columns, pool_size, temperature, start)
+            return write_round(opt, strategy, plan, columns, pool_size, temperature, start, labelled)
     finally:
         if distributed:
             torch.distributed.destroy_process_group()

@@ -30,6 +30,9 @@ UNLABELLED_KEY = b"unlabelled"
 # `unreadable-%09d` -> origin, outside the `num-samples` range, so training never reads them and
 # later pools still leave them out.
 NUM_UNREADABLE_KEY = b"num-unreadable"
+# A relabel set (data_sampling.py --relabel_ratio) carries this key instead of query-meta: its
+# samples are new labels for samples trained on already, never samples of their own.
+RELABEL_META_KEY = b"relabel-meta"
 NOISE_SCOPES = ("queried", "all")
 COMMIT_EVERY = 1000
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
@@ -225,6 +228,7 @@ class LmdbDataset(Dataset):
         self.charset = opt.character
         self.noisy_labels = {}  # LMDB index -> wrong label
         self.noise_kinds = {}  # LMDB index -> kind of error (annotator_noise)
+        self.relabelled = {}  # LMDB index -> the clean label of a relabel set that replaced this one's
         self.num_corrupted = 0
         self.num_undecodable = 0  # counted in this process only; loaders count skips per batch
         self.filter_counts = collections.Counter()
@@ -234,6 +238,7 @@ class LmdbDataset(Dataset):
             self.num_total = read_num_samples(txn, self.root)
             self.is_query = txn.get(QUERY_META_KEY) is not None
             self.is_unlabelled = txn.get(UNLABELLED_KEY) is not None
+            self.is_relabel = txn.get(RELABEL_META_KEY) is not None
             self.indices = self._filtered_indices(txn)
         if noise_ratio:
             self.add_noise(noise_ratio, getattr(opt, "manualSeed", 0) if noise_seed is None else noise_seed,
@@ -285,7 +290,8 @@ class LmdbDataset(Dataset):
             for index, raw in iter_labels(txn, self.num_total):
                 if not wanted[index]:
                     continue
-                identity = (read_origin(txn, index) if self.is_query else None) or (self.relpath, index)
+                identity = (read_origin(txn, index) if self.is_query or self.is_relabel else None) \
+                    or (self.relpath, index)
                 index_of[identity] = index
                 samples.append((identity, self.rules.clean(self.rules.normalise(raw))))
         # a wrong label must still fit the model's decoder
@@ -295,19 +301,47 @@ class LmdbDataset(Dataset):
         self.noise_kinds = {index_of[identity]: wrong[identity].kind for identity in wrong}
         self.num_corrupted = len(self.noisy_labels)
 
+    def apply_relabels(self, relabels):
+        """Give the samples that `relabels` (`read_relabels`) re-annotated their new label: the
+        relabel set's clean label, or the re-annotation's own simulated error, which replaces the
+        first annotation's (so noise_records stay the truth of what is trained on)."""
+        if not relabels:
+            return
+        with shared_env(self.root).begin(write=False) as txn:
+            if self.is_query:
+                hits = {}
+                for index in self.indices.tolist():
+                    origin = read_origin(txn, index)
+                    if origin in relabels:
+                        hits[index] = relabels[origin]
+            else:
+                present = set(self.indices.tolist())
+                hits = {index: relabels[(rel, index)] for rel, index in relabels
+                        if rel == self.relpath and index in present}
+        for index, entry in hits.items():
+            self.relabelled[index] = entry.clean_label
+            self.noisy_labels.pop(index, None)
+            self.noise_kinds.pop(index, None)
+            if entry.noisy_label is not None:
+                self.noisy_labels[index] = entry.noisy_label
+                self.noise_kinds[index] = entry.kind
+        self.num_corrupted = len(self.noisy_labels)
+
     def noise_records(self):
         """One dict per corrupted label, in index order: `relpath, index` (the sample here),
         `origin_relpath, origin_index` (a query set's record of where it came from; None
-        elsewhere), `clean_label` (as read, normalised), `noisy_label`, `kind`."""
+        elsewhere), `clean_label` (as read, normalised; a relabel set's for a re-annotated
+        sample), `noisy_label`, `kind`."""
         records = []
         with shared_env(self.root).begin(write=False) as txn:
             for index in sorted(self.noisy_labels):
                 raw = (txn.get(label_key(index)) or b"").decode("utf-8", errors="replace")
                 origin = read_origin(txn, index) if self.is_query else None
+                clean = self.relabelled.get(index)
                 records.append({"relpath": self.relpath, "index": index,
                                 "origin_relpath": origin[0] if origin else None,
                                 "origin_index": origin[1] if origin else None,
-                                "clean_label": self.rules.clean(self.rules.normalise(raw)),
+                                "clean_label": self.rules.clean(self.rules.normalise(raw)) if clean is None else clean,
                                 "noisy_label": self.noisy_labels[index], "kind": self.noise_kinds[index]})
         return records
 
@@ -338,6 +372,8 @@ class LmdbDataset(Dataset):
             buf = txn.get(image_key(index))
         if index in self.noisy_labels:
             label = self.noisy_labels[index]
+        elif index in self.relabelled:
+            label = self.relabelled[index]
         else:
             label = self.rules.clean(self.rules.normalise((raw_label or b"").decode("utf-8", errors="replace")))
         image = decode_image(buf, self.rgb) if buf is not None else None
@@ -488,11 +524,13 @@ def refuse_unlabelled(root, relpaths, flag=None):
 
 
 def hierarchical_dataset(root, opt, select_data="/", split=None, exclude=None, noise_ratio=0.0,
-                         noise_scope="queried", flag=None, noise_model=annotator_noise.DEFAULT_MODEL):
+                         noise_scope="queried", flag=None, noise_model=annotator_noise.DEFAULT_MODEL, relabels=None):
     """Every selected leaf LMDB below root as one dataset; returns `(dataset, log_text)`.
 
     The labelled/unlabelled boundary is taken on the filtered samples before `exclude`, so it
-    stays put when queried samples are later excluded from the pool."""
+    stays put when queried samples are later excluded from the pool. Relabel sets are never
+    samples: they are left out here, and `relabels` (`read_relabels`) gives re-annotated samples
+    their new labels after the noise."""
     if split not in (None, "labelled", "unlabelled"):
         raise ValueError(f"split must be None, 'labelled' or 'unlabelled', not {split!r}")
     check_noise(noise_ratio, noise_scope, noise_model)
@@ -500,6 +538,7 @@ def hierarchical_dataset(root, opt, select_data="/", split=None, exclude=None, n
     if split != "unlabelled":
         refuse_unlabelled(root, relpaths, flag)
     leaves = [LmdbDataset(os.path.join(root, rel), opt, relpath=rel) for rel in relpaths]
+    leaves = [leaf for leaf in leaves if not leaf.is_relabel]
 
     ratio = float(getattr(opt, "total_data_usage_ratio", 1.0))
     # an unlabelled LMDB is pool whole: --total_data_usage_ratio labels nothing of it
@@ -529,6 +568,8 @@ def hierarchical_dataset(root, opt, select_data="/", split=None, exclude=None, n
     for leaf in leaves:
         if noise_ratio and (noise_scope == "all" or leaf.is_query):
             leaf.add_noise(noise_ratio, getattr(opt, "manualSeed", 0), noise_model)
+    for leaf in leaves:
+        leaf.apply_relabels(relabels)
 
     dataset = SelectedDataset(leaves)
     lines = []
@@ -552,9 +593,129 @@ def describe_leaf(leaf, split, labelled, excluded):
         details.append(f"labelled {labelled}, unlabelled {kept - labelled}")
     if excluded:
         details.append(f"excluded {excluded} already queried")
+    if leaf.relabelled:
+        details.append(f"re-annotated labels {len(leaf.relabelled)}")
     if leaf.num_corrupted:
         details.append(f"corrupted labels {leaf.num_corrupted}")
     return f"{text} ({'; '.join(details)})"
+
+
+# ---------------------------------------------------------------------------------------------
+# relabel sets: new labels for samples trained on already (data_sampling.py --relabel_ratio)
+
+
+class RelabelEntry(collections.namedtuple("RelabelEntry", "clean_label noisy_label kind relpath index")):
+    """A re-annotation: the relabel set's label, the simulated annotator's error on it (None when
+    it got it right), and where the relabel set holds it."""
+
+
+def is_relabel_set(path):
+    """Whether the leaf LMDB at path carries a `relabel-meta` key (a relabel set)."""
+    if not os.path.isfile(os.path.join(path, "data.mdb")):
+        return False
+    with shared_env(path).begin(write=False) as txn:
+        return txn.get(RELABEL_META_KEY) is not None
+
+
+def read_relabel_meta(path):
+    """The decoded `relabel-meta` dict of a relabel set, or None."""
+    with shared_env(path).begin(write=False) as txn:
+        raw = txn.get(RELABEL_META_KEY)
+    return None if raw is None else json.loads(raw.decode("utf-8"))
+
+
+def relabel_noise_seed(seed, round_number):
+    """The simulated annotator's stream for a round's re-annotations: its own seed text, so the
+    second look at a sample is a fresh draw, independent of the first annotation's."""
+    return f"{seed}\trelabel\t{round_number}"
+
+
+def relabel_order(root, relpaths):
+    """Relabel set relpaths in the order their labels apply (a later one wins over an earlier
+    one): by round (the `round` of their meta), then natural order of the path."""
+    rounds = {rel: (read_relabel_meta(os.path.join(root, rel)) or {}).get("round") for rel in relpaths}
+    ranked = natsorted(relpaths)
+    return sorted(ranked, key=lambda rel: (rounds[rel] is None, rounds[rel] or 0))
+
+
+def read_relabels(root, opt, relpaths, noise_ratio=0.0, noise_model=annotator_noise.DEFAULT_MODEL):
+    """{identity: RelabelEntry} of the relabel sets `relpaths` below root, later rounds winning.
+
+    A relabel set's labels are the annotator's answers (in simulation the clean labels); with
+    `noise_ratio` > 0 the simulated annotator errs again on exactly that share of each set, from
+    `relabel_noise_seed` of the set's round, with the same noise model, whatever --noise_scope
+    (a re-annotation is always an annotation of the loop). Labels the filters reject are dropped
+    (the earlier label stays)."""
+    seed = getattr(opt, "manualSeed", 0)
+    relabels = {}
+    for rel in relabel_order(root, relpaths):
+        leaf = LmdbDataset(os.path.join(root, rel), opt, relpath=rel)
+        if noise_ratio:
+            round_number = (read_relabel_meta(leaf.root) or {}).get("round", rel)
+            leaf.add_noise(noise_ratio, relabel_noise_seed(seed, round_number), noise_model)
+        with shared_env(leaf.root).begin(write=False) as txn:
+            for index in leaf.indices.tolist():
+                origin = read_origin(txn, index)
+                if origin is None:
+                    raise UserError(f"{leaf.root}: relabel set sample {index} has no origin key; rebuild it with "
+                                    f"data_sampling.py")
+                raw = (txn.get(label_key(index)) or b"").decode("utf-8", errors="replace")
+                relabels[origin] = RelabelEntry(leaf.rules.clean(leaf.rules.normalise(raw)),
+                                                leaf.noisy_labels.get(index), leaf.noise_kinds.get(index), rel, index)
+    return relabels
+
+
+def relabel_leaves(root, relpaths):
+    """The relabel sets among `relpaths` (relative to root)."""
+    return [rel for rel in relpaths if is_relabel_set(os.path.join(root, rel))]
+
+
+def selected_query_origins(root, select_data, flag="--train_data"):
+    """Origins held by the query sets that `select_data` selects: training leaves them out of the
+    base datasets' labelled parts (each sample is trained on once)."""
+    queried = set()
+    leaves = {rel for name in select_data for rel in select_leaves(root, [name], flag)}
+    for rel in sorted(leaves):
+        path = os.path.join(root, rel)
+        if is_query_set(path):
+            queried |= read_query_origins(path)
+    return queried
+
+
+def labelled_dataset(root, opt, select_data, noise_ratio=0.0, noise_scope="queried",
+                     noise_model=annotator_noise.DEFAULT_MODEL, flag="--train_data"):
+    """`(data, log)`: every labelled sample of `select_data`, with the labels `train.py --mode al`
+    trains on (Batch_Balanced_Dataset): per name, `hierarchical_dataset(split="labelled")` with the
+    selected query sets' origins excluded, the noise applied and the selected relabel sets' labels
+    over it. A sample that two names select is kept once (the first name's). Items are
+    `(image, label, identity)`; UserError when there is none."""
+    queried = selected_query_origins(root, select_data, flag)
+    selected = natsorted({rel for name in select_data for rel in select_leaves(root, [name], flag)})
+    relabels = read_relabels(root, opt, relabel_leaves(root, selected), noise_ratio, noise_model)
+    parts, logs, earlier = [], [], []  # earlier: (relpaths, identities) of the parts kept so far
+    for name in select_data:
+        data, log = hierarchical_dataset(root, opt, [name], split="labelled", exclude=queried or None, flag=flag,
+                                         noise_ratio=noise_ratio, noise_scope=noise_scope, noise_model=noise_model,
+                                         relabels=relabels)
+        if log.strip():
+            logs.append(log.rstrip("\n"))
+        identities = data.identities
+        relpaths = {leaf.relpath for leaf in data.parts}
+        overlap = relpaths & {rel for kept, _ in earlier for rel in kept}
+        if overlap:  # rare: two names select one LMDB; only then are identities listed
+            taken = {identity for kept, ids in earlier if kept & overlap for identity in ids if identity[0] in overlap}
+            keep = [i for i, identity in enumerate(identities) if identity not in taken]
+            identities = [identities[i] for i in keep]
+            relpaths = {rel for rel, _ in identities}
+            data = Subset(data, keep)
+        if len(data):
+            parts.append(data)
+            earlier.append((relpaths, identities))
+    if not parts:
+        raise UserError(f"--select_data {'-'.join(select_data)}: no labelled sample under {root} (after filtering "
+                        f"and --total_data_usage_ratio {getattr(opt, 'total_data_usage_ratio', 1.0)}); give the "
+                        f"ratio training used, or name a query set")
+    return torch.utils.data.ConcatDataset(parts), "\n".join(logs)
 
 
 def check_noise(noise_ratio, noise_scope, noise_model=annotator_noise.DEFAULT_MODEL):
@@ -671,6 +832,17 @@ class Batch_Balanced_Dataset:
                          f"seed {opt.manualSeed}")
 
         selected = {name: select_leaves(root, [name], "--train_data") for name in names}
+        relabel_sets = {name: relabel_leaves(root, rels) for name, rels in selected.items()}
+        only_relabels = self.relabel_names(names, ratios, selected, relabel_sets, query_sets)
+        if only_relabels:  # a relabel set is no stream: its name is dropped, it relabels the others
+            names = [name for name in names if name not in only_relabels]
+            ratios = [ratio for ratio in ratios if ratio > 0]
+            self.names = names
+        relabel_paths = relabel_order(root, {rel for rels in relabel_sets.values() for rel in rels})
+        relabels = {}
+        if relabel_paths and query_sets:
+            relabels = read_relabels(root, opt, relabel_paths, noise_ratio, noise_model)
+            lines.append(f"relabel sets (new labels over earlier ones, no batch share): {', '.join(relabel_paths)}")
         query_leaves = {name: [rel for rel in rels if is_query_set(os.path.join(root, rel))]
                         for name, rels in selected.items()}
         for name in names:
@@ -696,7 +868,7 @@ class Batch_Balanced_Dataset:
             dataset, leaf_log = hierarchical_dataset(root, opt, select_data=[name], split="labelled",
                                                      exclude=queried or None, noise_ratio=noise_ratio,
                                                      noise_scope=noise_scope, flag="--train_data",
-                                                     noise_model=noise_model)
+                                                     noise_model=noise_model, relabels=relabels)
             left_out = [] if query_sets else query_leaves[name]
             if left_out:
                 dataset = SelectedDataset([leaf for leaf in dataset.leaves if not leaf.is_query])
@@ -759,6 +931,26 @@ class Batch_Balanced_Dataset:
         if log is not None:
             log.write(self.log_text)
             log.flush()
+
+    @staticmethod
+    def relabel_names(names, ratios, selected, relabel_sets, query_sets):
+        """The names that select relabel sets only: their share must be 0 (they add no sample),
+        and a 0 share is theirs alone. --mode base (`query_sets` False) trains on none."""
+        only = [name for name in names if relabel_sets[name] and len(relabel_sets[name]) == len(selected[name])]
+        for name, ratio in zip(names, ratios):
+            if name in only and ratio > 0:
+                raise UserError(f"--select_data {name} selects relabel sets only ({', '.join(relabel_sets[name])}), "
+                                f"which give earlier samples new labels and add none: give it the share 0 in "
+                                f"--batch_ratio")
+            if name not in only and ratio == 0:
+                raise UserError(f"--batch_ratio: {name} has the share 0, which only a relabel set may have; give it "
+                                f"a positive share")
+        if only and not query_sets:
+            raise UserError(f"--select_data {'-'.join(only)}: relabel sets, which --mode base does not train on; use "
+                            f"--mode al, or drop the name (and its share) from --select_data and --batch_ratio")
+        if len(only) == len(names):
+            raise UserError("--select_data names relabel sets only; name the datasets they relabel too")
+        return only
 
     @property
     def num_corrupted(self):
@@ -937,11 +1129,13 @@ def check_image_file(path):
     return None
 
 
-def write_lmdb(output_path, samples, meta=None, overwrite=False, extra_files=None, extra_keys=None):
+def write_lmdb(output_path, samples, meta=None, overwrite=False, extra_files=None, extra_keys=None,
+               meta_key=QUERY_META_KEY):
     """Write `(image_bytes, label, origin)` samples as a new LMDB at output_path; returns the count.
 
     Built in a hidden sibling folder and renamed into place, so an interrupted run leaves nothing
-    half-written. `meta` (a dict) makes it a query set (`query-meta` key). `extra_files` ({file
+    half-written. `meta` (a dict) makes it a query set (`query-meta` key), or with
+    `meta_key=RELABEL_META_KEY` a relabel set. `extra_files` ({file
     name: text}) are written into the folder before the rename, so they appear with the LMDB. A
     sample may carry a fourth item, {key prefix: bytes}, stored as `<prefix>-%09d` beside its image;
     `extra_keys` ({key: bytes}) are stored once."""
@@ -953,7 +1147,7 @@ def write_lmdb(output_path, samples, meta=None, overwrite=False, extra_files=Non
     except OSError as err:
         raise utils.blame_output(err, output_path)
     try:
-        count = write_into(tmp, samples, meta, name=output_path, extra_keys=extra_keys)
+        count = write_into(tmp, samples, meta, name=output_path, extra_keys=extra_keys, meta_key=meta_key)
         for file_name, text in (extra_files or {}).items():
             with open(os.path.join(tmp, file_name), "w", encoding="utf-8") as f:
                 f.write(text)
@@ -992,7 +1186,7 @@ def replace_dir(src, dst):
         os.replace(src, dst)
 
 
-def write_into(path, samples, meta, name=None, extra_keys=None):
+def write_into(path, samples, meta, name=None, extra_keys=None, meta_key=QUERY_META_KEY):
     """Write the samples into a new LMDB at path. An LMDB error of the writes (a full disk, mostly)
     becomes a UserError naming `name` (default: path); one of reading `samples` passes as it is."""
     env = _lmdb_write(name or path, lmdb.open, path, map_size=64 << 20, meminit=False)
@@ -1013,7 +1207,7 @@ def write_into(path, samples, meta, name=None, extra_keys=None):
                 pending = []
         pending.append((NUM_SAMPLES_KEY, str(count).encode()))
         if meta is not None:
-            pending.append((QUERY_META_KEY, json.dumps(meta, sort_keys=True).encode("utf-8")))
+            pending.append((meta_key, json.dumps(meta, sort_keys=True).encode("utf-8")))
         _lmdb_write(name or path, put_all, env, pending)
         _lmdb_write(name or path, env.sync)
     finally:

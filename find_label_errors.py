@@ -29,7 +29,6 @@ from datetime import datetime, timezone
 import numpy as np
 import torch
 import torch.utils.data
-from tqdm import tqdm
 
 import annotator_noise
 import dataset
@@ -116,57 +115,14 @@ def check_inputs(opt):
 # the labelled samples, as training reads them
 
 
-def selected_query_origins(opt):
-    """Origins held by the query sets that --select_data selects: training leaves them out of the
-    base datasets' labelled parts (each sample is trained on once), and so does the scoring."""
-    queried = set()
-    leaves = {rel for name in opt.select_data for rel in dataset.select_leaves(opt.train_data, [name], "--train_data")}
-    for rel in sorted(leaves):
-        path = os.path.join(opt.train_data, rel)
-        if dataset.is_query_set(path):
-            queried |= dataset.read_query_origins(path)
-    return queried
-
-
 def labelled_samples(opt):
-    """`(data, log)`: every labelled sample of --select_data, as `train.py --mode al` builds them
-    (Batch_Balanced_Dataset): per name, `hierarchical_dataset(split="labelled")` with the selected
-    query sets' origins excluded and the noise applied as training applied it. A sample that two
-    names select is scored once (the first name's)."""
-    queried = selected_query_origins(opt)
-    parts, logs, earlier = [], [], []  # earlier: (relpaths, identities) of the parts kept so far
-    for name in opt.select_data:
-        data, log = dataset.hierarchical_dataset(opt.train_data, opt, [name], split="labelled",
-                                                 exclude=queried or None, flag="--train_data",
-                                                 **noise_arguments(opt))
-        logs.append(log.rstrip("\n"))
-        identities = data.identities
-        relpaths = {leaf.relpath for leaf in data.parts}
-        overlap = relpaths & {rel for kept, _ in earlier for rel in kept}
-        if overlap:  # rare: two names select one LMDB; only then are identities listed
-            taken = {identity for kept, ids in earlier if kept & overlap for identity in ids if identity[0] in overlap}
-            keep = [i for i, identity in enumerate(identities) if identity not in taken]
-            identities = [identities[i] for i in keep]
-            relpaths = {rel for rel, _ in identities}
-            data = torch.utils.data.Subset(data, keep)
-        if len(data):
-            parts.append(data)
-            earlier.append((relpaths, identities))
-    if not parts:
-        raise utils.UserError(f"--select_data {'-'.join(opt.select_data)}: no labelled sample under {opt.train_data} "
-                              f"(after filtering and --total_data_usage_ratio {opt.total_data_usage_ratio}); give "
-                              f"the ratio training used, or name a query set")
-    return torch.utils.data.ConcatDataset(parts), "\n".join(logs)
+    """`(data, log)`: every labelled sample of --select_data with the labels training reads
+    (dataset.labelled_dataset: the noise and the selected relabel sets applied)."""
+    return dataset.labelled_dataset(opt.train_data, opt, opt.select_data, **noise_arguments(opt))
 
 
 def score_shard(model, data, converter, opt, device, rank):
-    loader = evaluation.eval_loader(data, opt, device)
-    bar = tqdm(loader, total=len(loader), desc="scoring labels", unit="batch",
-               disable=not evaluation.show_progress(opt, rank), dynamic_ncols=True)
-    try:
-        return label_quality.score_batches(model, bar, converter, opt, device)
-    finally:
-        bar.close()
+    return label_quality.score_dataset(model, data, converter, opt, device, rank)
 
 
 # ---------------------------------------------------------------------------------------------

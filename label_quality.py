@@ -29,9 +29,10 @@ import math
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 import utils
-from evaluation import forward_logits
+from evaluation import eval_loader, forward_logits, show_progress
 
 COLUMNS_FLOAT = ("log_quality", "label_log_prob", "reading_log_prob")
 
@@ -167,6 +168,18 @@ def score_batches(model, batches, converter, opt, device):
                                            opt, device)
             table.extend(identities, list(labels), readings, values)
     return table.columns()
+
+
+def score_dataset(model, data, converter, opt, device, rank=0, desc="scoring labels"):
+    """The `score_batches` columns of every `(image, label, identity)` item of `data`, read by
+    evaluation.eval_loader, with a progress bar on rank 0 unless --no_progress."""
+    loader = eval_loader(data, opt, device)
+    bar = tqdm(loader, total=len(loader), desc=desc, unit="batch", disable=not show_progress(opt, rank),
+               dynamic_ncols=True)
+    try:
+        return score_batches(model, bar, converter, opt, device)
+    finally:
+        bar.close()
 
 
 def worst_first(columns):

@@ -58,7 +58,8 @@ def add_data_args(parser):
                        help="'-'-separated names of datasets under --train_data; a name selects every LMDB "
                             "whose relative path has a component equal to it")
     group.add_argument("--batch_ratio", default="0.5-0.5",
-                       help="'-'-separated share of each --select_data name in a batch")
+                       help="'-'-separated share of each --select_data name in a batch (0 for a name that "
+                            "selects relabel sets only: they relabel samples and take no share)")
     group.add_argument("--total_data_usage_ratio", default="1.0",
                        help="labelled fraction of each selected dataset (the first part); the rest is the "
                             "unlabelled pool that data_sampling.py queries")
@@ -359,8 +360,10 @@ def resolve_options(opt):
         raise UserError(f"--select_data names {len(opt.select_data)} datasets but --batch_ratio gives "
                         f"{len(opt.batch_ratio)} shares; give one share per dataset")
     # float() reads "nan" and "inf", which would turn every batch size into nonsense
-    if not all(math.isfinite(r) and r > 0 for r in opt.batch_ratio):
-        raise UserError(f"--batch_ratio {given_ratio}: every share must be a positive finite number, e.g. 0.5-0.5")
+    # 0 is the share of a relabel set (new labels for samples trained on already, no batch share)
+    if not all(math.isfinite(r) and r >= 0 for r in opt.batch_ratio) or not any(r > 0 for r in opt.batch_ratio):
+        raise UserError(f"--batch_ratio {given_ratio}: every share must be a positive finite number (0 only for a "
+                        f"relabel set), e.g. 0.5-0.5")
     opt.total_data_usage_ratio = parse_ratio(opt.total_data_usage_ratio, "--total_data_usage_ratio")
     for name, choices in STAGE_CHOICES.items():
         value = getattr(opt, name, None)

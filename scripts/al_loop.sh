@@ -27,6 +27,8 @@ usage: scripts/al_loop.sh [--name value ...]      (or the upper-case environment
   --annotator KIND        simulated: the pool's labels answer the queries; human: each
                           round exports an annotation package and the loop stops until
                           its answers are imported                   (simulated)
+  --relabel_ratio F       share of each round's budget spent re-annotating the labelled
+                          samples of lowest label quality (data_sampling.py) (0)
   --base_iters N          iterations of round 0                      (2000)
   --iters N               iterations of each later round             (1000)
   --val_interval N        validation interval                        (500)
@@ -42,7 +44,10 @@ Round 0 trains on the labelled part. Round k >= 1 runs data_sampling.py with rou
 best_accuracy.pth, then train.py --mode al from that model on the base datasets plus every
 query set so far. The batch shares follow the original's rule: the base shares are halved and
 the other half is split equally among the query sets (e.g. 0.5-0.5 -> 0.25-0.25-0.5 in round 1,
-0.25-0.25-0.25-0.25 in round 2). The query sets of this run live in DIR/<query>/train_data,
+0.25-0.25-0.25-0.25 in round 2). With --relabel_ratio, round k also writes the relabel set
+<query>_iter_<k>_relabel: later rounds select it with the share 0 (it gives samples trained on
+already new labels and adds none), and data_sampling.py gets the noise flags to judge the labels
+training saw. The query sets of this run live in DIR/<query>/train_data,
 beside links to the base datasets, so runs of different strategies never see each other's picks.
 Results: DIR/<query>/rounds.csv, rounds.md; DIR/learning_curve.png covers every run under DIR.
 
@@ -74,6 +79,7 @@ NUM_QUERY=${NUM_QUERY:-}
 NOISE_RATIO=${NOISE_RATIO:-0}
 NOISE_MODEL=${NOISE_MODEL:-substitute}
 ANNOTATOR=${ANNOTATOR:-simulated}
+RELABEL_RATIO=${RELABEL_RATIO:-0}
 BASE_ITERS=${BASE_ITERS:-2000}
 ITERS=${ITERS:-1000}
 VAL_INTERVAL=${VAL_INTERVAL:-500}
@@ -94,7 +100,8 @@ while [ $# -gt 0 ]; do
       var=$(printf '%s' "${1#--}" | tr '[:lower:]' '[:upper:]')
       case "$var" in
         TRAIN_DATA|VALID_DATA|TEST_DATA|SELECT_DATA|BATCH_RATIO|LABEL_RATIO|QUERY|BASE_CALIBRATOR|\
-        AL_CALIBRATOR|ROUNDS|QUERY_RATIO|NUM_QUERY|NOISE_RATIO|NOISE_MODEL|ANNOTATOR|BASE_ITERS|ITERS|VAL_INTERVAL|ARCH|\
+        AL_CALIBRATOR|ROUNDS|QUERY_RATIO|NUM_QUERY|NOISE_RATIO|NOISE_MODEL|ANNOTATOR|RELABEL_RATIO|BASE_ITERS|ITERS|\
+        VAL_INTERVAL|ARCH|\
         TRAIN_ARGS|BATCH_SIZE|WORKERS|SEED|OUT|PYTHON) printf -v "$var" '%s' "$2" ;;
         *) echo "error: unknown option $1 (see --help)" >&2; exit 2 ;;
       esac
@@ -124,13 +131,16 @@ is_int "$WORKERS" || fail "--workers $WORKERS: give a whole number (0: load in t
 [[ "$SEED" =~ ^-?[0-9]+$ ]] || fail "--seed $SEED: give a whole number"
 is_ratio "$LABEL_RATIO" || fail "--label_ratio $LABEL_RATIO: give a share in (0, 1]"
 is_ratio "$NOISE_RATIO" closed || fail "--noise_ratio $NOISE_RATIO: give a share in [0, 1]"
+is_ratio "$RELABEL_RATIO" closed || fail "--relabel_ratio $RELABEL_RATIO: give a share of the budget in [0, 1]"
 known=$("$PYTHON" -c 'import annotator_noise; print(", ".join(annotator_noise.NOISE_MODELS))') || \
   fail "cannot read the noise models of annotator_noise.py; run this script from the repository root"
 [[ ", $known, " == *", $NOISE_MODEL, "* ]] || fail "--noise_model $NOISE_MODEL: unknown; choose one of $known"
 case "$ANNOTATOR" in
   simulated) ;;
   human) "$PYTHON" -c 'import sys; sys.exit(float(sys.argv[1]) != 0)' "$NOISE_RATIO" || \
-           fail "--noise_ratio $NOISE_RATIO: simulated annotator noise has no place with --annotator human; drop it" ;;
+           fail "--noise_ratio $NOISE_RATIO: simulated annotator noise has no place with --annotator human; drop it"
+         "$PYTHON" -c 'import sys; sys.exit(float(sys.argv[1]) != 0)' "$RELABEL_RATIO" || \
+           fail "--relabel_ratio $RELABEL_RATIO: re-annotation is simulated only; use it without --annotator human" ;;
   *) fail "--annotator $ANNOTATOR: unknown; choose simulated or human" ;;
 esac
 if [ -n "$NUM_QUERY" ]; then
@@ -160,6 +170,7 @@ settings() {
   # recorded only when not the default, so that a run made before the option still matches
   [ "$NOISE_MODEL" = substitute ] || printf 'NOISE_MODEL=%s\n' "$NOISE_MODEL"
   [ "$ANNOTATOR" = simulated ] || printf 'ANNOTATOR=%s\n' "$ANNOTATOR"
+  [ "$RELABEL_RATIO" = 0 ] || printf 'RELABEL_RATIO=%s\n' "$RELABEL_RATIO"
 }
 
 # shellcheck disable=SC2206
@@ -172,6 +183,8 @@ query_size=(--ratio "$QUERY_RATIO")
 export_args=()
 [ "$ANNOTATOR" = human ] && export_args=(--export_annotation "$RUN_TRAIN/${QUERY}_iter_1_annotation")
 [ -n "$NUM_QUERY" ] && query_size=(--num_query "$NUM_QUERY")
+# the labels a round judges are those training saw: data_sampling.py gets training's noise flags
+relabel_args=(--relabel_ratio "$RELABEL_RATIO" --noise_ratio "$NOISE_RATIO" --noise_model "$NOISE_MODEL")
 
 if [ -f "$SETTINGS_FILE" ]; then
   # a setting recorded on one side only (NOISE_MODEL, when not the default) counts as changed too
@@ -204,7 +217,7 @@ else
       --output_dir "$scratch/models"
     check "$PYTHON" data_sampling.py --dry_run --train_data "$scratch" "${COMMON[@]}" "${ARCH_ARGS[@]}" \
       --select_data "$SELECT_DATA" --batch_ratio "$BATCH_RATIO" --saved_model "$scratch/none.pth" \
-      --query "$QUERY" "${query_size[@]}" --out_name "${QUERY}_iter_1" "${export_args[@]}"
+      --query "$QUERY" "${query_size[@]}" "${relabel_args[@]}" --out_name "${QUERY}_iter_1" "${export_args[@]}"
   fi
   rm -rf "$scratch"
   trap - EXIT
@@ -292,7 +305,7 @@ for round in $(seq 0 "$ROUNDS"); do
     else
       run_step "$PYTHON" data_sampling.py --train_data "$RUN_TRAIN" "${COMMON[@]}" --select_data "$SELECT_DATA" \
         --batch_ratio "$BATCH_RATIO" --saved_model "$previous" --query "$QUERY" "${query_size[@]}" \
-        --out_name "${QUERY}_iter_${round}" --mode al
+        "${relabel_args[@]}" --out_name "${QUERY}_iter_${round}" --mode al
     fi
     select=$("$PYTHON" -c 'import json,sys; print(json.load(open(sys.argv[1]))["next_select_data"])' "$summary")
     ratio=$("$PYTHON" -c 'import json,sys; print(json.load(open(sys.argv[1]))["next_batch_ratio"])' "$summary")

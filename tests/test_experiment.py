@@ -154,7 +154,8 @@ def test_tables_and_plots_are_written(tmp_path):
     with open(tmp_path / "comparison.csv", encoding="utf-8") as f:
         table = list(csv.reader(f))
     assert tuple(table[0]) == comparison.COMPARISON_COLUMNS and len(table) == 1 + len(comparison_rows)
-    assert table[1] == ["random", "CE", "0", "substitute", "0", "100", "2", "11", "1.414214", "0.011", "0.001414"]
+    assert table[1] == ["random", "CE", "0", "substitute", "0", "topk", "0", "100", "2", "11", "1.414214", "0.011",
+                        "0.001414"]
     with open(tmp_path / "summary.csv", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
     assert tuple(rows[0]) == comparison.SUMMARY_COLUMNS
@@ -162,8 +163,9 @@ def test_tables_and_plots_are_written(tmp_path):
     assert entropy["final_accuracy_std"] == "" and entropy["diff_vs_random_low"] == ""
     assert [r["noise"] for r in rows] == ["0"] * 4 + ["0.3"] * 4
     markdown = (tmp_path / "summary.md").read_text().splitlines()
-    assert markdown[0].startswith("| query | calibrator | noise | noise_model | seeds |") and len(markdown) == 2 + 8
-    assert "| uncali | CE | 0 | substitute | 2 | 39 | 1.41 | 24.75 |  | 38 | 11 | -1.71 | 23.71 |" in markdown
+    assert markdown[0].startswith("| query | calibrator | noise | noise_model | relabel_ratio | acquisition | seeds |")
+    assert len(markdown) == 2 + 8
+    assert "| uncali | CE | 0 | substitute | 0 | topk | 2 | 39 | 1.41 | 24.75 |  | 38 | 11 | -1.71 | 23.71 |" in markdown
     png = b"\x89PNG\r\n\x1a\n"
     assert comparison.plot_learning_curves(comparison_rows, str(tmp_path / "curves.png")) is not None
     assert (tmp_path / "curves.png").read_bytes()[:8] == png
@@ -315,6 +317,69 @@ def test_the_noise_plot_draws_one_line_per_calibrator_and_model(tmp_path):
     assert comparison.plot_noise(rows, str(tmp_path / "noise.png")) is not None
     assert (tmp_path / "noise.png").read_bytes()[:4] == b"\x89PNG"
     assert comparison.plot_learning_curves(comparison.aggregate(records), str(tmp_path / "curves.png")) is not None
+
+
+def test_relabel_ratios_and_acquisitions_are_grid_axes_named_only_when_not_the_default(tiny_data, tmp_path, no_runs):
+    out, settings = experiment.parse(base_args(tiny_data, tmp_path / "exp"))
+    assert settings["relabel_ratios"] == [0.0] and settings["acquisitions"] == ["topk"]
+    assert settings["sampling_args"] == ""
+    before = [cell.name for cell in experiment.build_units(out, settings)[1]]
+    assert before == ["random-CE-noise0-seed1111", "random-CE-noise0-seed2222", "uncali-CE-noise0-seed1111",
+                      "uncali-CE-noise0-seed2222"]
+    _, grown = experiment.parse(base_args(tiny_data, tmp_path / "exp", "--queries", "random,uncali,cali",
+                                          "--relabel_ratios", "0,0.25", "--acquisitions", "topk,softmax",
+                                          "--sampling_args", "--acquisition_beta 2"))
+    assert grown["relabel_ratios"] == [0.0, 0.25] and grown["sampling_args"] == "--acquisition_beta 2"
+    cells = [c for c in experiment.build_units(out, grown)[1] if c.seed == 1111]
+    # random: topk alone (the baseline of every acquisition); cali has no score for softmax
+    assert [c.name for c in cells] == [
+        "random-CE-noise0-seed1111", "random-CE-noise0-relabel0.25-seed1111",
+        "uncali-CE-noise0-seed1111", "uncali-CE-noise0-softmax-seed1111",
+        "uncali-CE-noise0-relabel0.25-seed1111", "uncali-CE-noise0-relabel0.25-softmax-seed1111",
+        "cali-CE-noise0-seed1111", "cali-CE-noise0-relabel0.25-seed1111"]
+    # the flags a cell's data_sampling.py call gets
+    flags = experiment.sampling_cell_args(grown, "softmax", 0.25, 0.3, "edit")
+    assert flags == ["--acquisition", "softmax", "--relabel_ratio", "0.25", "--noise_ratio", "0.3", "--noise_model",
+                     "edit", "--acquisition_beta", "2"]
+    # an experiment.json written before these settings ran the defaults: it continues and may grow
+    recorded = {k: v for k, v in settings.items() if k not in ("relabel_ratios", "acquisitions", "sampling_args")}
+    assert experiment.merge_with_recorded(out, recorded, settings) == settings
+    merged = experiment.merge_with_recorded(out, recorded, {**settings, "relabel_ratios": [0.0, 0.25],
+                                                            "acquisitions": ["topk", "softrank"]})
+    assert merged["relabel_ratios"] == [0.0, 0.25] and merged["acquisitions"] == ["topk", "softrank"]
+    with pytest.raises(experiment.ConfigError, match="--sampling_args"):
+        experiment.merge_with_recorded(out, recorded, grown)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--relabel_ratios", "0,1.5"], "--relabel_ratios 1.5: give a share in [0, 1]"),
+    (["--relabel_ratios", "0.25,0.250"], "--relabel_ratios 0.25,0.250: a ratio appears twice"),
+    (["--acquisitions", "topk,best"], "--acquisitions best: unknown acquisition; choose from topk, "),
+    (["--sampling_args", "--relabel_ratio 0.5"], "--relabel_ratio is set by the experiment itself"),
+    (["--sampling_args=--acquisition=power"], "--acquisition is set by the experiment itself"),
+])
+def test_bad_sampling_settings_are_refused(tiny_data, tmp_path, no_runs, extra, message):
+    with pytest.raises(experiment.ConfigError) as refused:
+        experiment.parse(base_args(tiny_data, tmp_path / "exp", *extra))
+    assert message in str(refused.value)
+
+
+def test_tables_keep_relabel_ratios_and_acquisitions_apart_against_random_of_the_same_relabel_ratio():
+    records = make_records(CURVES) + [{**r, "relabel_ratio": 0.25, "accuracy": r["accuracy"] + 2}
+                                      for r in make_records(CURVES)]
+    records += [{**r, "acquisition": "softmax", "accuracy": r["accuracy"] + 1}
+                for r in make_records({k: v for k, v in CURVES.items() if k[0] == "uncali"})]
+    rows = comparison.summarize(records)
+    by = {(r["query"], r["relabel_ratio"], r["acquisition"]): r for r in rows}
+    assert len(rows) == 4 + 4 + 1
+    # relabel 0.25: every curve 2 points up, random's too: the same paired difference as at 0
+    assert by[("uncali", 0.25, "topk")]["final_accuracy_mean"] == 41
+    assert by[("uncali", 0.25, "topk")]["diff_vs_random_mean"] == pytest.approx(11)
+    # softmax: 1 point up against random (topk, relabel 0): differences 11 and 13, mean 12
+    assert by[("uncali", 0.0, "softmax")]["diff_vs_random_mean"] == pytest.approx(12)
+    table = comparison.csv_text(comparison.aggregate(records), comparison.COMPARISON_COLUMNS).splitlines()
+    assert table[0].startswith("query,calibrator,noise,noise_model,relabel_ratio,acquisition,round,")
+    assert "uncali,CE,0,substitute,0.25,topk,2,200,2,41," in "\n".join(table)
 
 
 def test_an_output_folder_with_other_files_is_refused(tiny_data, tmp_path, capsys, no_runs):

@@ -3,11 +3,14 @@ with a shared round-0 model per seed, resumable at round granularity, with table
 
     python tools/experiment.py --out runs/compare --queries random,uncali,cali \\
         --calibrators CE,boost_soft --noise 0,0.3 [--noise_models substitute,mixed] \
+        [--relabel_ratios 0,0.25] [--acquisitions topk,softrank] [--sampling_args "--acquisition_beta 2"] \
         --seeds 1111,2222,3333 [loop settings]
     python tools/experiment.py --grid configs/compare.yaml --out runs/compare
 
 A cell is (query strategy, calibrator of the active-learning rounds, annotator noise ratio,
-annotator noise model, seed); each is one loop as scripts/al_loop.sh runs it. At noise ratio 0 the
+annotator noise model, re-annotation share of the budget, batch acquisition, seed); each is one loop
+as scripts/al_loop.sh runs it. The random strategy gets the default acquisition (topk) only, the
+baseline of every acquisition; a strategy without a score (cali) skips power and softmax. At noise ratio 0 the
 noise model changes nothing, so that ratio gets one cell (under the first model given). Round 0 is
 trained once per (seed, base calibrator), on clean labels, and every cell of that seed starts from
 it, so the comparison is paired. The loop settings are those of scripts/al_loop.sh; a --grid YAML
@@ -18,8 +21,8 @@ to the current folder.
 Work order: every base model first, then round 1 of every cell, round 2 of every cell, and so on;
 the tables and plots in --out are rewritten after every finished round. Running the same command
 again skips finished rounds and continues a killed one (a training from its last.pth). Settings
-are recorded in <out>/experiment.json (one written before --noise_models existed means
-substitute); only --rounds (to grow), --workers and the grid's lists (to gain values) may change for
+are recorded in <out>/experiment.json (one written before --noise_models, --relabel_ratios,
+--acquisitions or --sampling_args existed means substitute, 0, topk and none); only --rounds (to grow), --workers and the grid's lists (to gain values) may change for
 an existing --out. Exit status: 0 when every cell finished, 1 when a
 cell failed (the others still ran), 2 for bad settings (nothing is run), 130 when interrupted.
 
@@ -27,9 +30,10 @@ Layout of --out:
   experiment.json                        the settings (and the grid, as it grew)
   base/seed<S>-<base calibrator>/        train_data/ (links to the base datasets), models/round0/,
                                          eval/round0/results.json, logs/, round_times.json
-  cells/<query>-<calibrator>-noise<r>[-<noise model>]-seed<S>/   (the model named unless substitute)
+  cells/<query>-<calibrator>-noise<r>[-<noise model>][-relabel<f>][-<acquisition>]-seed<S>/
+                                         (each named only when not the default: substitute, 0, topk)
                                          train_data/ (links and this cell's <query>_iter_<k> query
-                                         sets), models/round<k>/, eval/round<k>/, logs/round<k>-
+                                         sets and <query>_iter_<k>_relabel relabel sets), models/round<k>/, eval/round<k>/, logs/round<k>-
                                          {query,train,test}.log, round_times.json
   comparison.csv/.md, summary.csv/.md, learning_curves.png, noise.png (more than one noise ratio)
 """
@@ -60,6 +64,9 @@ SETTINGS = {
     "noise": ("0", "annotator noise ratios of the active-learning rounds (train.py --noise_ratio), comma-separated"),
     "noise_models": ("substitute", "annotator noise models of the active-learning rounds (train.py --noise_model), "
                                    "comma-separated"),
+    "relabel_ratios": ("0", "shares of each round's budget spent re-annotating the labelled samples of lowest label "
+                            "quality (data_sampling.py --relabel_ratio), comma-separated"),
+    "acquisitions": ("topk", "batch acquisitions (data_sampling.py --acquisition), comma-separated"),
     "seeds": ("1111", "seeds (--manualSeed), comma-separated; one round-0 model per seed"),
     "base_calibrator": ("CE", "calibrator of round 0 (trained once per seed, clean labels)"),
     "train_data": ("data/train_data_lmdb", "training LMDB root"),
@@ -79,9 +86,17 @@ SETTINGS = {
     "arch": ("--Transformation TPS --FeatureExtraction ResNet --SequenceModeling BiLSTM --Prediction Attn",
              "architecture and optimiser flags for train.py"),
     "train_args": ("", "extra flags for every train.py call"),
+    "sampling_args": ("", "extra flags for every data_sampling.py call, e.g. '--acquisition_beta 2'"),
 }
-GRID = ("queries", "calibrators", "noise", "noise_models", "seeds")
-DEFAULT_NOISE_MODEL = "substitute"  # train.py's default; a cell of it keeps the name it had before models
+GRID = ("queries", "calibrators", "noise", "noise_models", "relabel_ratios", "acquisitions", "seeds")
+# The defaults of the grid axes added later: a cell of them keeps the name it had before the axis
+DEFAULT_NOISE_MODEL = "substitute"  # train.py's default
+DEFAULT_RELABEL_RATIO = 0.0  # data_sampling.py's defaults
+DEFAULT_ACQUISITION = "topk"
+# data_sampling.py flags the grid sets per cell, which --sampling_args may not give
+CELL_SAMPLING_FLAGS = ("--relabel_ratio", "--acquisition", "--query", "--noise_ratio", "--noise_model",
+                       "--noise_scope", "--out_name", "--train_data", "--saved_model", "--select_data",
+                       "--batch_ratio", "--manualSeed")
 MAY_CHANGE = ("rounds", "workers")
 FIXED = tuple(name for name in SETTINGS if name not in GRID + MAY_CHANGE)
 EXPERIMENT_FILE = "experiment.json"
@@ -232,6 +247,17 @@ def resolve_settings(raw):
         if model not in annotator_noise.NOISE_MODELS:
             raise ConfigError(f"--noise_models {model}: unknown noise model; choose from "
                               f"{', '.join(annotator_noise.NOISE_MODELS)}")
+    s["relabel_ratios"] = [_ratio("relabel_ratios", item, closed=True)
+                           for item in _list("relabel_ratios", raw["relabel_ratios"])]
+    if len(set(s["relabel_ratios"])) != len(s["relabel_ratios"]):
+        raise ConfigError(f"--relabel_ratios {raw['relabel_ratios']}: a ratio appears twice")
+    import acquisition
+
+    s["acquisitions"] = _list("acquisitions", raw["acquisitions"])
+    for name in s["acquisitions"]:
+        if name not in acquisition.ACQUISITIONS:
+            raise ConfigError(f"--acquisitions {name}: unknown acquisition; choose from "
+                              f"{', '.join(acquisition.ACQUISITIONS)}")
     s["seeds"] = [_int("seeds", item, -2 ** 63, "whole numbers") for item in _list("seeds", raw["seeds"])]
     if len(set(s["seeds"])) != len(s["seeds"]):
         raise ConfigError(f"--seeds {raw['seeds']}: a seed appears twice")
@@ -269,6 +295,12 @@ def resolve_settings(raw):
     s["batch_ratio"] = raw["batch_ratio"].strip()
     s["arch"] = raw["arch"].strip()
     s["train_args"] = raw["train_args"].strip()
+    sampling = _split_flags("sampling_args", raw["sampling_args"])
+    for item in sampling:
+        if item.split("=", 1)[0] in CELL_SAMPLING_FLAGS:
+            raise ConfigError(f"--sampling_args {raw['sampling_args']!r}: {item.split('=', 1)[0]} is set by the "
+                              f"experiment itself (a grid axis or the loop); drop it")
+    s["sampling_args"] = raw["sampling_args"].strip()
     return s
 
 
@@ -291,13 +323,16 @@ def parse(argv):
 
 
 def _comparable(name, value):
-    return _split_flags(name, value) if name in ("arch", "train_args") else value
+    return _split_flags(name, value) if name in ("arch", "train_args", "sampling_args") else value
 
 
 def upgrade_recorded(recorded):
-    """experiment.json's settings as this version reads them: one written before --noise_models
-    existed ran every cell with the default model."""
-    return {**recorded, "noise_models": recorded.get("noise_models") or [DEFAULT_NOISE_MODEL]}
+    """experiment.json's settings as this version reads them: one written before --noise_models,
+    --relabel_ratios, --acquisitions or --sampling_args existed ran every cell with the defaults."""
+    return {**recorded, "noise_models": recorded.get("noise_models") or [DEFAULT_NOISE_MODEL],
+            "relabel_ratios": recorded.get("relabel_ratios") or [DEFAULT_RELABEL_RATIO],
+            "acquisitions": recorded.get("acquisitions") or [DEFAULT_ACQUISITION],
+            "sampling_args": recorded.get("sampling_args") or ""}
 
 
 def merge_with_recorded(out, recorded, settings):
@@ -320,7 +355,8 @@ def merge_with_recorded(out, recorded, settings):
     if changed:
         raise ConfigError(f"{out} holds an experiment made with other settings ({', '.join(changed)}); use the "
                           f"same ones to continue it (only --rounds may grow, --workers may change and "
-                          f"--queries/--calibrators/--noise/--noise_models/--seeds may gain values), or another "
+                          f"--queries/--calibrators/--noise/--noise_models/--relabel_ratios/--acquisitions/--seeds "
+                          f"may gain values), or another "
                           f"--out")
     merged["rounds"], merged["workers"] = settings["rounds"], settings["workers"]
     return merged
@@ -456,9 +492,17 @@ def first_error_line(output, command):
     return f"error: {shlex.join(command)} failed: {last}"
 
 
+def sampling_cell_args(s, acquisition, relabel_ratio, noise, noise_model):
+    """The data_sampling.py flags of a cell: the grid's and --sampling_args (training's noise
+    flags, so that a re-annotation judges and redraws the labels training saw)."""
+    return ["--acquisition", acquisition, "--relabel_ratio", repr(float(relabel_ratio)), "--noise_ratio",
+            repr(float(noise)), "--noise_model", noise_model, *shlex.split(s.get("sampling_args") or "")]
+
+
 def preflight(s, base, calibrators, queries):
     """The scripts' own checks without training or scoring, in a scratch root that links the base
-    datasets: data_sampling.py --dry_run per query strategy and, when train.py has --dry_run, the
+    datasets: data_sampling.py --dry_run per query strategy and acquisition and, when train.py has
+    --dry_run, the
     base round and an active-learning round per calibrator. ConfigError with the first error."""
     scratch = tempfile.mkdtemp(prefix="experiment-check-")
     try:
@@ -468,10 +512,13 @@ def preflight(s, base, calibrators, queries):
         selection = ["--select_data", s["select_data"], "--batch_ratio", s["batch_ratio"]]
         checks = [("help", script("train.py") + ["--help"])]
         for query in queries:
-            checks.append((f"query {query}", script("data_sampling.py") + [
-                "--dry_run", "--train_data", scratch, *common_args(s, seed), *arch, *selection,
-                "--saved_model", os.path.join(scratch, "none.pth"), "--query", query, *query_size_args(s),
-                "--out_name", f"{query}_iter_1"]))
+            for acquisition in acquisitions_for(s, query):
+                checks.append((f"query {query} {acquisition}", script("data_sampling.py") + [
+                    "--dry_run", "--train_data", scratch, *common_args(s, seed), *arch, *selection,
+                    "--saved_model", os.path.join(scratch, "none.pth"), "--query", query, *query_size_args(s),
+                    "--out_name", f"{query}_iter_1",
+                    *sampling_cell_args(s, acquisition, max(s.get("relabel_ratios") or [DEFAULT_RELABEL_RATIO]),
+                                        max(s["noise"]), s["noise_models"][-1])]))
         train_checks = []
 
         def follow(name, code, output):
@@ -511,9 +558,9 @@ class Unit:
     """A base model (round 0 of one seed) or a cell (rounds 1.. of one loop)."""
 
     def __init__(self, out, seed, base_calibrator, query=None, calibrator=None, noise=None, base=None,
-                 noise_model=DEFAULT_NOISE_MODEL):
+                 noise_model=DEFAULT_NOISE_MODEL, relabel_ratio=DEFAULT_RELABEL_RATIO, acquisition=DEFAULT_ACQUISITION):
         self.seed, self.query, self.calibrator, self.noise, self.base = seed, query, calibrator, noise, base
-        self.noise_model = noise_model
+        self.noise_model, self.relabel_ratio, self.acquisition = noise_model, float(relabel_ratio), acquisition
         if query is None:
             self.name = f"seed{seed}-{base_calibrator}"
             self.folder = os.path.join(out, "base", self.name)
@@ -522,7 +569,9 @@ class Unit:
             # the default model is not named, so that a grid made before noise models (or growing
             # a second model later) keeps its cell folders
             model = "" if noise_model == DEFAULT_NOISE_MODEL else f"-{noise_model}"
-            self.name = f"{query}-{calibrator}-noise{noise_text(noise)}{model}-seed{seed}"
+            relabel = "" if self.relabel_ratio == DEFAULT_RELABEL_RATIO else f"-relabel{noise_text(relabel_ratio)}"
+            batch = "" if acquisition == DEFAULT_ACQUISITION else f"-{acquisition}"
+            self.name = f"{query}-{calibrator}-noise{noise_text(noise)}{model}{relabel}{batch}-seed{seed}"
             self.folder = os.path.join(out, "cells", self.name)
             self.label = f"cell {self.name}"
         self.root = os.path.join(self.folder, "train_data")
@@ -584,11 +633,34 @@ def noise_cells(s):
     return [(noise, model) for noise in s["noise"] for model in models if noise > 0 or model == models[0]]
 
 
+def acquisitions_for(s, query):
+    """The acquisitions of a query strategy's cells: the baseline (random) gets the default alone
+    (a random ranking is drawn at random however the batch is taken, and the comparison takes it as
+    every acquisition's baseline); another strategy every acquisition of the grid it can run (power
+    and softmax weigh by a score, which e.g. cali has not)."""
+    import acquisition
+    import query_strategies
+    from utils import UserError
+
+    if query == comparison.BASELINE:
+        return [DEFAULT_ACQUISITION]
+    usable = []
+    for name in s.get("acquisitions") or [DEFAULT_ACQUISITION]:
+        try:
+            acquisition.check(name, 1.0, query_strategies.STRATEGIES[query])
+        except UserError:
+            continue
+        usable.append(name)
+    return usable
+
+
 def build_units(out, s):
     bases = {seed: Unit(out, seed, s["base_calibrator"]) for seed in s["seeds"]}
-    cells = [Unit(out, seed, s["base_calibrator"], query, calibrator, noise, bases[seed], noise_model)
+    cells = [Unit(out, seed, s["base_calibrator"], query, calibrator, noise, bases[seed], noise_model, relabel_ratio,
+                  acquisition)
              for query in s["queries"] for calibrator in s["calibrators"] for noise, noise_model in noise_cells(s)
-             for seed in s["seeds"]]
+             for relabel_ratio in s.get("relabel_ratios") or [DEFAULT_RELABEL_RATIO]
+             for acquisition in acquisitions_for(s, query) for seed in s["seeds"]]
     return bases, cells
 
 
@@ -634,7 +706,8 @@ def run_round(unit, k, s):
             command = script("data_sampling.py") + [
                 "--train_data", unit.root, *common_args(s, unit.seed), *selection, "--saved_model", previous,
                 "--query", unit.query, *query_size_args(s), "--out_name", os.path.basename(unit.query_set(k)),
-                "--mode", "al"]
+                "--mode", "al", *sampling_cell_args(s, unit.acquisition, unit.relabel_ratio, unit.noise,
+                                                     unit.noise_model)]
             if not run_logged(command, unit.log(k, "query")):
                 raise StepFailed("query", unit.log(k, "query"))
         picked = read_json(summary)
@@ -655,7 +728,8 @@ def round_record(unit, k):
         return float("nan") if value is None else float(value)
 
     return {"query": unit.query, "calibrator": unit.calibrator, "noise": unit.noise,
-            "noise_model": unit.noise_model, "seed": unit.seed,
+            "noise_model": unit.noise_model, "relabel_ratio": unit.relabel_ratio, "acquisition": unit.acquisition,
+            "seed": unit.seed,
             "round": k, "labelled": trained["labelled_total"], "accuracy": number(total.get("accuracy")),
             "ece": number(total.get("ece"))}
 
@@ -814,6 +888,8 @@ def prepare(out, settings):
         old = upgrade_recorded(recorded["settings"])
         new_calibrators = [c for c in merged["calibrators"] if c not in old["calibrators"] or old["rounds"] == 0]
         new_queries = [q for q in merged["queries"] if q not in old["queries"] or old["rounds"] == 0]
+        if any(v not in old[name] for name in ("acquisitions", "relabel_ratios") for v in merged[name]):
+            new_queries = merged["queries"]  # every query strategy meets the new sampling settings
         if merged["rounds"] >= 1 and (new_calibrators or new_queries):
             preflight(merged, False, new_calibrators, new_queries)
         if merged != recorded["settings"]:
@@ -864,6 +940,10 @@ def run(argv):
           f"{len(settings['noise'])} noise ratios"
           + (f" x {len(settings['noise_models'])} noise models" if settings["noise_models"] != [DEFAULT_NOISE_MODEL]
              else "")
+          + (f" x {len(settings['relabel_ratios'])} relabel ratios"
+             if settings["relabel_ratios"] != [DEFAULT_RELABEL_RATIO] else "")
+          + (f" x {len(settings['acquisitions'])} acquisitions"
+             if settings["acquisitions"] != [DEFAULT_ACQUISITION] else "")
           + f" x {len(settings['seeds'])} seeds, {settings['rounds']} rounds "
           f"after round 0", flush=True)
     try:

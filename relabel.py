@@ -1,0 +1,312 @@
+"""A re-annotation budget in the active-learning loop (data_sampling.py --relabel_ratio f): a share
+of a round's budget goes to a second look at the labelled samples whose labels the model believes
+least, instead of to new samples (ActiveLab's question, asked for sequences).
+
+The budget. A round that would query n samples re-annotates r = round(f x n) of them (halves up),
+at most as many as there are labelled samples, and queries n - r new ones as before.
+
+Which samples. The labelled samples are those the next training round reads (dataset.
+labelled_dataset over the base datasets, every query set and every relabel set under --train_data),
+with the labels it trains on: the simulated annotator's errors (--noise_ratio, --noise_model,
+--noise_scope, --manualSeed, as training) and earlier re-annotations included. They are scored by
+label quality (label_quality.py, the score of find_label_errors.py) and the r lowest are taken,
+each sample (its identity: a query set's sample by its origin) at most once.
+
+The relabel set. `<query set>_relabel` under --train_data, written with the query set under the
+same lock and by the same atomic write (published just before it): per sample the image, the
+annotator's label (in simulation the clean label of the source LMDB, the oracle's answer), an
+`origin-%09d` key naming the sample's identity, and a `relabel-meta` key (dataset.RELABEL_META_KEY)
+instead of `query-meta`. Training (dataset.Batch_Balanced_Dataset, dataset.labelled_dataset) gives
+every sample a selected relabel set names the relabel set's label, later rounds winning; a relabel
+set adds no sample. With simulated noise the re-annotation is a fresh draw of the same annotator:
+the same model and ratio, exactly that share of the relabel set, from its own stream
+(dataset.relabel_noise_seed: seed, "relabel", round), so it can be wrong again; the error is applied
+when the set is read, as for a query set, so noise_log.csv holds the clean label and the one
+trained on. The next round's --select_data names every relabel set with the batch share 0."""
+import math
+import os
+from datetime import datetime, timezone
+
+import numpy as np
+
+import annotator_noise
+import dataset
+import label_quality
+import query_strategies
+import utils
+from evaluation import concatenate_columns, rank_share
+
+SUFFIX = "_relabel"
+NOISE_SCOPES = dataset.NOISE_SCOPES
+
+
+def add_args(parser):
+    group = parser.add_argument_group("re-annotation (README: 'A re-annotation budget')")
+    group.add_argument("--relabel_ratio", type=float, default=0.0,
+                       help="share of the round's budget spent on re-annotating the labelled samples of lowest "
+                            "label quality instead of querying new ones: round(f x budget), into the relabel set "
+                            "<query set>_relabel (0: none)")
+    group.add_argument("--noise_ratio", type=float, default=0.0,
+                       help="the simulated annotator noise training uses (train.py --noise_ratio), so that the "
+                            "labels judged are those trained on and a re-annotation can err again")
+    group.add_argument("--noise_scope", choices=NOISE_SCOPES, default="queried",
+                       help="which labels the noise touched (train.py --noise_scope)")
+    group.add_argument("--noise_model", default=annotator_noise.DEFAULT_MODEL,
+                       help="the simulated annotator's errors (train.py --noise_model): "
+                            + ", ".join(annotator_noise.NOISE_MODELS))
+    return group
+
+
+def check_args(opt):
+    if not (math.isfinite(opt.relabel_ratio) and 0.0 <= opt.relabel_ratio <= 1.0):
+        raise utils.UserError(f"--relabel_ratio {opt.relabel_ratio}: give a share of the budget in [0, 1]")
+    if not math.isfinite(opt.noise_ratio):
+        raise utils.UserError(f"--noise_ratio {opt.noise_ratio}: must lie between 0 and 1")
+    dataset.check_noise(opt.noise_ratio, opt.noise_scope, opt.noise_model)
+
+
+def split_budget(count, ratio, labelled):
+    """(re-annotations, new queries) of a budget of `count`: round(ratio x count), halves up, at
+    most `labelled`; the rest new."""
+    relabels = min(annotator_noise.corrupted_count(ratio, count), labelled)
+    return relabels, count - relabels
+
+
+# ---------------------------------------------------------------------------------------------
+# the plan: names, and what is there already
+
+
+class RelabelPlan:
+    """The round's relabel set (`name`, `path`, `replaced`: whether one is there to be replaced,
+    `round`) and `existing`: the names of the other relabel sets under --train_data, in the order
+    their labels apply."""
+
+    def __init__(self, name, path, replaced, round_number, existing):
+        self.name, self.path, self.replaced, self.round = name, path, replaced, round_number
+        self.existing = existing
+
+
+def relabel_name(query_set):
+    return query_set + SUFFIX
+
+
+def orphaned(path, root):
+    """A relabel set whose query set is not under root: its round was stopped between the two
+    writes (the relabel set is published first), so the round's next run may replace it."""
+    query_set = (dataset.read_relabel_meta(path) or {}).get("query_set")
+    return bool(query_set) and not dataset.is_query_set(os.path.join(root, query_set))
+
+
+def plan(opt, query_set, leaves, round_number, check_name):
+    """The RelabelPlan of a round writing `query_set`; `leaves` are the leaf relpaths under
+    --train_data and `check_name(name)` data_sampling's check of an output name. Fails before any
+    work when the relabel set's name is taken by something it may not replace."""
+    root = opt.train_data
+    name = relabel_name(query_set)
+    path = os.path.join(root, name)
+    relabel_sets = dataset.relabel_leaves(root, leaves)
+    for given, share in zip(opt.select_data, opt.batch_ratio):
+        chosen = [rel for rel in leaves if dataset.selects(rel, given, root)]
+        if share == 0 and not (chosen and set(chosen) <= set(relabel_sets)):
+            raise utils.UserError(f"--batch_ratio: {given} has the share 0, which only a relabel set may have; give "
+                                  f"it a positive share")
+    existing = [rel.rsplit("/", 1)[-1] for rel in dataset.relabel_order(root, relabel_sets) if rel != name]
+    replaced = os.path.lexists(path)
+    if opt.relabel_ratio == 0:
+        if replaced and dataset.is_relabel_set(path) and not orphaned(path, root):
+            raise utils.UserError(f"{path}: the relabel set of {query_set}, which this round replaces without "
+                                  f"re-annotating (--relabel_ratio 0); remove it, or give --relabel_ratio")
+        return RelabelPlan(None, None, False, round_number, existing)
+    check_name(name)
+    if replaced:
+        replaceable = (os.path.isdir(path) and not os.path.islink(path) and dataset.is_relabel_set(path))
+        if not replaceable:
+            raise utils.UserError(f"{path} already exists and is not a relabel set written by data_sampling.py; "
+                                  f"choose another --out_name")
+        if not (opt.overwrite or orphaned(path, root)):
+            raise utils.UserError(f"{path} already exists; choose another --out_name or pass --overwrite")
+    return RelabelPlan(name, path, replaced, round_number, existing)
+
+
+# ---------------------------------------------------------------------------------------------
+# scoring the labelled samples
+
+
+def labelled_names(plan_names, relabel_plan, replaced_query_set):
+    """The --select_data names whose labelled samples the next round trains on, this round's
+    outputs left out: the base datasets, the query sets and the other relabel sets."""
+    names = [n for n in plan_names if n != replaced_query_set]
+    return names + [n for n in relabel_plan.existing if n not in names]
+
+
+def labelled_data(opt, names):
+    return dataset.labelled_dataset(opt.train_data, opt, names, noise_ratio=opt.noise_ratio,
+                                    noise_scope=opt.noise_scope, noise_model=opt.noise_model)
+
+
+def score_labelled(opt, model, converter, device, names, rank, world_size, distributed):
+    """The label-quality columns of every labelled sample (rank 0; None elsewhere) and how many
+    there are; each rank scores every world_size-th sample."""
+    data, log = labelled_data(opt, names)
+    if rank == 0:
+        print(f"scoring the label quality of {len(data)} labelled samples (--relabel_ratio {opt.relabel_ratio:g})")
+    columns = label_quality.score_dataset(model, rank_share(data, rank, world_size), converter, opt, device, rank,
+                                          desc="scoring labels")
+    parts = utils.all_gather_object(columns) if distributed else [columns]
+    if rank != 0:
+        return None
+    return concatenate_columns(parts)
+
+
+# ---------------------------------------------------------------------------------------------
+# choosing, drawing the re-annotations, writing
+
+
+def sample_identities(root, relpaths, indices):
+    """Each sample's identity: a query set's sample by its origin, any other by where it is."""
+    identities = []
+    for rel, index in zip(relpaths, indices):
+        path = os.path.join(root, rel)
+        origin = None
+        if dataset.is_query_set(path):
+            with dataset.shared_env(path).begin(write=False) as txn:
+                origin = dataset.read_origin(txn, int(index))
+        identities.append(origin or (rel, int(index)))
+    return identities
+
+
+def choose(columns, count, identities):
+    """Row positions of the `count` lowest label qualities (label_quality.worst_first: ties by
+    relpath then index), one per identity."""
+    chosen, seen = [], set()
+    for row in label_quality.worst_first(columns).tolist():
+        if len(chosen) == count:
+            break
+        if identities[row] in seen:
+            continue
+        seen.add(identities[row])
+        chosen.append(row)
+    return chosen
+
+
+def read_sources(root, rows, columns, identities):
+    """[(image bytes, clean label as stored, identity)] of the chosen rows, from where training
+    reads them (the oracle's answer is the label the LMDB holds)."""
+    samples = []
+    for row in rows:
+        rel, index = columns["relpath"][row], int(columns["index"][row])
+        path = os.path.join(root, rel)
+        with dataset.shared_env(path).begin(write=False) as txn:
+            image = txn.get(dataset.image_key(index))
+            label = txn.get(dataset.label_key(index))
+        if image is None or label is None:
+            raise utils.UserError(f"{path}: sample {index} vanished while sampling; was the dataset rewritten?")
+        samples.append((image, label.decode("utf-8"), identities[row]))
+    return samples
+
+
+def draw(opt, samples, round_number):
+    """{identity: annotator_noise.Corruption} of the simulated re-annotation of `samples`, as
+    dataset.read_relabels draws it from the written relabel set (same samples in the same order,
+    normalised labels, seed and bound)."""
+    if not opt.noise_ratio:
+        return {}
+    rules = dataset.LabelRules(opt)
+    labelled = [(identity, rules.clean(rules.normalise(label))) for _, label, identity in samples]
+    bound = rules.max_length if rules.filtering else None
+    return annotator_noise.noisy_labels(labelled, opt.noise_ratio, opt.character,
+                                        dataset.relabel_noise_seed(opt.manualSeed, round_number), bound,
+                                        model=opt.noise_model)
+
+
+def outcome(opt, rows, columns, samples, draws):
+    """Per chosen sample: the label training saw, the new label it will see, the clean label."""
+    rules = dataset.LabelRules(opt)
+    before, after, clean = [], [], []
+    for row, (_, label, identity) in zip(rows, samples):
+        truth = rules.clean(rules.normalise(label))
+        before.append(columns["label"][row])
+        after.append(draws[identity].label if identity in draws else truth)
+        clean.append(truth)
+    return before, after, clean
+
+
+def relabel_meta(opt, relabel_plan, query_set, rows, columns):
+    return {"name": relabel_plan.name, "query_set": query_set, "round": relabel_plan.round,
+            "model": os.path.abspath(opt.saved_model), "relabel_ratio": opt.relabel_ratio,
+            "num_relabelled": len(rows), "seed": opt.manualSeed, "select_data": "-".join(opt.select_data),
+            "total_data_usage_ratio": opt.total_data_usage_ratio,
+            "label_quality": [round(float(label_quality.quality(columns["log_quality"][r])), 6) for r in rows],
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+
+
+def mean_quality(log_q):
+    return float(np.mean(label_quality.quality(log_q))) if len(log_q) else None
+
+
+def summary_part(opt, relabel_plan, rows, columns, before, after, clean):
+    """The `relabel` entry of the round's summary."""
+    part = {"relabel_set": relabel_plan.name,
+            "path": os.path.abspath(relabel_plan.path) if relabel_plan.path else None,
+            "ratio": opt.relabel_ratio, "labelled": int(len(columns["index"])) if columns else 0,
+            "num_relabelled": len(rows), "changed": int(sum(b != a for b, a in zip(before, after))),
+            "mean_label_quality": {
+                "relabelled": mean_quality(columns["log_quality"][rows]) if rows else None,
+                "labelled": mean_quality(columns["log_quality"]) if columns else None}}
+    if opt.noise_ratio:
+        part["noise"] = {"ratio": opt.noise_ratio, "scope": opt.noise_scope, "model": opt.noise_model,
+                         "seed": dataset.relabel_noise_seed(opt.manualSeed, relabel_plan.round),
+                         "wrong_before": int(sum(b != c for b, c in zip(before, clean))),
+                         "wrong_after": int(sum(a != c for a, c in zip(after, clean)))}
+    return part
+
+
+def format_part(part):
+    line = (f"re-annotated {part['num_relabelled']} of {part['labelled']} labelled samples (lowest label quality)"
+            + (f" -> {part['path']}" if part["path"] and part["num_relabelled"] else "")
+            + f"; {part['changed']} labels changed")
+    noise = part.get("noise")
+    if noise:
+        line += f"; wrong before {noise['wrong_before']}, after {noise['wrong_after']} (simulated annotator)"
+    return line
+
+
+def write(opt, relabel_plan, query_set, rows, columns, samples):
+    """Publish the relabel set (atomic, replacing an earlier or orphaned one of that name)."""
+    meta = relabel_meta(opt, relabel_plan, query_set, rows, columns)
+    dataset.write_lmdb(relabel_plan.path, iter(samples), meta=meta, overwrite=relabel_plan.replaced,
+                       meta_key=dataset.RELABEL_META_KEY)
+
+
+def next_selection(opt, query_names, query_set, relabel_plan, written, query_set_empty):
+    """The next round's (--select_data names, --batch_ratio shares): query_strategies'
+    next_round_selection (the base names halve their shares, the query sets split the other half)
+    over the names that are no relabel sets, leaving out the query sets that hold no sample (this
+    one when `query_set_empty`: a round that only re-annotated), then every relabel set (the
+    earlier ones, then this round's when `written`) with the share 0."""
+    relabels = list(relabel_plan.existing) + ([relabel_plan.name] if written else [])
+    given = [(n, r) for n, r in zip(opt.select_data, opt.batch_ratio) if n not in relabels and r > 0]
+    empty = empty_query_sets(opt.train_data, query_names)
+    queries = [n for n in query_names if n not in empty and n != query_set]
+    given = [(n, r) for n, r in given if n not in empty]
+    if not query_set_empty:
+        newest = query_set
+    elif queries:
+        newest = queries[-1]  # no new query set: the latest one stays last
+    else:  # nothing queried yet: the base names keep their shares
+        return [n for n, _ in given] + relabels, [r for _, r in given] + [0.0] * len(relabels)
+    names, shares = query_strategies.next_round_selection([n for n, _ in given], [r for _, r in given], queries,
+                                                          newest)
+    return names + relabels, list(shares) + [0.0] * len(relabels)
+
+
+def empty_query_sets(root, names):
+    """The names among `names` that are query sets holding no sample."""
+    empty = set()
+    for name in names:
+        path = os.path.join(root, name)
+        if dataset.is_query_set(path):
+            with dataset.shared_env(path).begin(write=False) as txn:
+                if dataset.read_num_samples(txn, path) == 0:
+                    empty.add(name)
+    return empty
