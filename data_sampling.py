@@ -33,7 +33,7 @@ import options
 import query_strategies
 import relabel
 import utils
-from query_sets import check_out_name, check_output_free, list_leaf_lmdbs, next_round, query_set_names, \
+from query_sets import ROUND_PATTERN, check_out_name, check_output_free, list_leaf_lmdbs, next_round, query_set_names, \
     unselected_query_sets
 from evaluation import (concatenate_columns, eval_loader, fit_temperature_on_valid_data, forward_logits, load_model,
                         rank_share, show_progress)
