@@ -75,8 +75,8 @@ def add_data_args(parser):
     group.add_argument("--data_filtering_off", action="store_true",
                        help="keep labels that are too long or hold characters outside the charset")
     group.add_argument("--workers", type=int, default=default_workers(),
-                       help="number of data loading workers; default: the smaller of 4 and the cores this process "
-                            "may use")
+                       help="number of data loading workers; unless given, the smaller of 4 and the cores this "
+                            "process may use")
     group.add_argument("--batch_size", type=int, default=192, help="input batch size")
     group.add_argument("--manualSeed", type=int, default=1111, help="random seed")
     return group

@@ -122,6 +122,12 @@ def test_workers_default_is_the_smaller_of_4_and_the_usable_cores(monkeypatch, c
     assert data_sampling.get_args_parser().parse_args([]).workers == workers
 
 
+def test_workers_and_pool_subsample_are_documented():
+    text = " ".join(data_sampling.get_args_parser().format_help().split())
+    assert "unless given, the smaller of 4 and the cores this process may use" in text
+    assert "--pool_subsample N score a random N of the pool instead of all of it" in text
+
+
 def test_workers_default_without_affinity_counts_the_cpus(monkeypatch):
     monkeypatch.delattr(options.os, "sched_getaffinity", raising=False)  # not Linux
     monkeypatch.setattr(options.os, "cpu_count", lambda: 3)
@@ -138,6 +144,7 @@ def run_loop(tiny_data, out, *extra):
                           cwd=REPO_ROOT, env={**os.environ, "PYTHON": sys.executable}, capture_output=True, text=True)
 
 
+@pytest.mark.slow
 def test_al_loop_checks_and_passes_pool_subsample(tiny_data, tmp_path):
     result = run_loop(tiny_data, tmp_path, "--pool_subsample", "0")
     assert result.returncode == 2 and result.stderr.startswith("error: --pool_subsample 0: give a whole number")
