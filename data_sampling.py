@@ -55,6 +55,11 @@ def get_args_parser():
     group.add_argument("--ratio", type=float, default=DEFAULT_RATIO,
                        help="share of the pool to query: floor(pool size * ratio) samples")
     group.add_argument("--num_query", type=int, default=None, help="query this many samples (overrides --ratio)")
+    group.add_argument("--pool_subsample", type=int, default=None, metavar="N",
+                       help="score a random N of the pool instead of all of it (pools of millions): the draw is "
+                            "fixed by --manualSeed and the query set's name, never holds an already queried "
+                            "sample, and the query (--ratio of the whole pool, or --num_query) must fit in it; "
+                            "N at least the pool size scores the whole pool")
     options.add_temperature_arg(group, default=None,
                                 note="applied before the confidence, margin, entropy and bald scores (uncali always "
                                      "ranks raw confidence); default auto for cali, none otherwise")
@@ -127,6 +132,9 @@ def check_inputs(opt):
     elif opt.num_query < 1:
         raise utils.UserError(f"--num_query {opt.num_query}: must be at least 1")
     relabel.check_args(opt)
+    if opt.pool_subsample is not None and opt.pool_subsample < 1:
+        raise utils.UserError(f"--pool_subsample {opt.pool_subsample}: must be at least 1 (the number of pool "
+                              f"samples to score; leave it out to score the whole pool)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -153,14 +161,44 @@ def check_export_free(folder, overwrite, query_path):
 
 class Pool(torch.utils.data.ConcatDataset):
     """The unlabelled samples of several selections; `leaves` are its non-empty leaf datasets in
-    pool order (within a leaf, samples keep LMDB order)."""
+    pool order (within a leaf, samples keep LMDB order). `total` counts the pool before a
+    --pool_subsample draw, which leaves len(pool) samples to score."""
 
-    def __init__(self, parts):
+    def __init__(self, parts, total=None):
         super().__init__(parts)
         self.leaves = [leaf for part in parts for leaf in part.parts]
+        self.total = len(self) if total is None else total
+
+    @property
+    def subsampled(self):
+        return len(self) < self.total
 
 
-def build_pool(opt, pool_names, queried):
+def subsample_pool(pool, size, seed, round_name):
+    """A random `size` of the pool's samples (all of them when it holds no more). Each sample's key
+    comes from (seed, round name, its identity) alone and the `size` smallest keys are kept, so every
+    rank of a torchrun draws the same subsample, and the same pool gives the same one on a rerun.
+    Kept samples stay in pool order."""
+    if size >= len(pool):
+        return pool
+    salt = np.uint64(query_strategies.text_salt(f"{seed}\t{round_name}\tpool_subsample"))
+    keys = np.concatenate([query_strategies.mix_keys(query_strategies.leaf_keys(leaf.relpath, leaf.indices, seed),
+                                                     salt) for leaf in pool.leaves])
+    kept = np.zeros(len(keys), dtype=bool)
+    kept[np.argpartition(keys, size - 1)[:size]] = True
+    start = 0
+    for leaf in pool.leaves:
+        count = len(leaf)
+        leaf.indices = leaf.indices[kept[start:start + count]]
+        start += count
+    for part in pool.datasets:
+        part.refresh()
+    return Pool([part for part in pool.datasets if len(part)], total=pool.total)
+
+
+def build_pool(opt, pool_names, queried, round_name):
+    """The round's pool: the unlabelled part of `pool_names` less the `queried` identities, then
+    the --pool_subsample draw of round `round_name`; returns `(pool, log text)`."""
     parts, logs = [], []
     for name in pool_names:
         exclude = queried
@@ -177,7 +215,25 @@ def build_pool(opt, pool_names, queried):
         raise utils.UserError(f"the pool is empty: no unlabelled sample of {'-'.join(pool_names)} under "
                               f"{opt.train_data} is left to query (all already queried, or "
                               f"--total_data_usage_ratio {opt.total_data_usage_ratio} labels everything)")
-    return Pool(parts), "\n".join(logs)
+    pool = Pool(parts)
+    if opt.pool_subsample is not None:
+        pool = subsample_pool(pool, opt.pool_subsample, opt.manualSeed, round_name)
+        logs.append(f"pool: {pool.total} samples; --pool_subsample {opt.pool_subsample}: "
+                    + (f"scoring a random {len(pool)} (seed {opt.manualSeed}, round {round_name})"
+                       if pool.subsampled else "scoring all of them"))
+    return pool, "\n".join(logs)
+
+
+def query_size(opt, pool):
+    """How many samples the round queries: --num_query, or --ratio of the whole pool (a subsample
+    changes what is scored, not the labelling budget), which must fit in the subsample."""
+    count = query_strategies.query_count(pool.total, opt.ratio, opt.num_query)
+    if count > len(pool):
+        asked = f"--num_query {opt.num_query}" if opt.num_query is not None else \
+            f"--ratio {opt.ratio} of the pool of {pool.total}"
+        raise utils.UserError(f"--pool_subsample {opt.pool_subsample}: the round queries {count} samples ({asked}), "
+                              f"more than it scores; give --pool_subsample {count} or more, or query fewer")
+    return count
 
 
 # ---------------------------------------------------------------------------------------------
@@ -365,14 +421,15 @@ def publish_images(staged, folder, overwrite, query_path):
         os.replace(staged, folder)
 
 
-def query_meta(opt, strategy, name, pool_size, picked_scores, temperature):
+def query_meta(opt, strategy, name, pool, picked_scores, temperature):
     return {
         "name": name, "strategy": strategy.name, "model": os.path.abspath(opt.saved_model),
         "acquisition": opt.acquisition,
         "acquisition_beta": opt.acquisition_beta if acquisition.uses_beta(opt.acquisition) else None,
         "candidates": opt.candidates,
         "ratio": opt.ratio if opt.num_query is None else None, "num_query": opt.num_query,
-        "num_picked": len(picked_scores), "pool_size": pool_size, "temperature": temperature,
+        "num_picked": len(picked_scores), "pool_size": pool.total, "pool_subsample": opt.pool_subsample,
+        "subsample_size": len(pool), "temperature": temperature,
         "calibration": opt.calibration, "seed": opt.manualSeed, "select_data": "-".join(opt.select_data),
         "total_data_usage_ratio": opt.total_data_usage_ratio,
         "scores": [round(float(s), 6) for s in picked_scores],
@@ -384,13 +441,14 @@ def mean_or_none(values):
     return float(np.mean(values)) if len(values) else None
 
 
-def make_summary(opt, name, path, columns, picked, pool_total, temperature, elapsed, query_names, selection=None):
+def make_summary(opt, name, path, columns, picked, pool, temperature, elapsed, query_names, selection=None):
     names, shares = selection or query_strategies.next_round_selection(opt.select_data, opt.batch_ratio,
                                                                        query_names, name)
     select_data, batch_ratio = query_strategies.format_selection(names, shares)
     summary = {
         "query_set": name, "path": os.path.abspath(path), "strategy": opt.query,
-        "pool_size": pool_total, "scored": len(columns["index"]), "unreadable": pool_total - len(columns["index"]),
+        "pool_size": pool.total, "pool_subsample": opt.pool_subsample, "subsampled": pool.subsampled,
+        "subsample_size": len(pool), "scored": len(columns["index"]), "unreadable": len(pool) - len(columns["index"]),
         "num_picked": int(len(picked)),
         "mean_confidence": {"picked": mean_or_none(columns["confidence"][picked]),
                             "pool": mean_or_none(columns["confidence"])},
@@ -416,6 +474,11 @@ def format_summary(summary):
     lines = [
         f"queried {summary['num_picked']} of {summary['scored']} pool samples by '{summary['strategy']}' "
         f"-> {summary['path']}" + (f" ({summary['unreadable']} unreadable skipped)" if summary["unreadable"] else ""),
+    ]
+    if summary["subsampled"]:
+        lines.append(f"  pool: {summary['pool_size']} samples, of which a random {summary['subsample_size']} "
+                     f"were scored (--pool_subsample {summary['pool_subsample']})")
+    lines += [
         f"  mean confidence: picked {num(conf['picked'])}  pool {num(conf['pool'])}",
         f"  accuracy:        picked {pct(acc['picked'])}  pool {pct(acc['pool'])}",
         f"  temperature: {'none' if summary['temperature'] is None else num(summary['temperature'])}"
@@ -507,10 +570,10 @@ def queried_before(opt, plan):
 def score_round(opt, model, converter, strategy, temperature, device, plan, rank, world_size, distributed):
     """Build the pool, fit the temperature if asked, score this rank's shard and gather on rank 0.
 
-    Returns `(columns in pool order or None off rank 0, pool size, temperature)`."""
-    pool, pool_log = build_pool(opt, plan.pool_names, queried_before(opt, plan))
+    Returns `(columns in pool order or None off rank 0, the pool, temperature)`."""
+    pool, pool_log = build_pool(opt, plan.pool_names, queried_before(opt, plan), plan.name)
     # fail before the long scoring pass
-    acquisition.check_candidates(opt.candidates, query_strategies.query_count(len(pool), opt.ratio, opt.num_query))
+    acquisition.check_candidates(opt.candidates, query_size(opt, pool))
     if temperature == "auto":
         temperature = fit_temperature_on_valid_data(model, converter, opt, device, opt.calibration)
     if rank == 0:
@@ -521,8 +584,8 @@ def score_round(opt, model, converter, strategy, temperature, device, plan, rank
     columns = score_pool(model, rank_share(pool, rank, world_size), converter, opt, strategy, temperature, device, rank)
     parts = utils.all_gather_object(columns) if distributed else [columns]
     if rank != 0:
-        return None, len(pool), temperature
-    return merge_columns(parts, [leaf.relpath for leaf in pool.leaves]), len(pool), temperature
+        return None, pool, temperature
+    return merge_columns(parts, [leaf.relpath for leaf in pool.leaves]), pool, temperature
 
 
 def check_still_free(opt, plan, identities):
@@ -537,25 +600,29 @@ def check_still_free(opt, plan, identities):
                               f"(e.g. {sorted(taken)[0]}); nothing was written, run the round again")
 
 
-def write_round(opt, strategy, plan, columns, pool_size, temperature, start, labelled=None):
+def write_round(opt, strategy, plan, columns, pool, temperature, start, labelled=None):
     """Pick, write the query set (and with --relabel_ratio the relabel set, `labelled` holding the
     label-quality columns of the labelled samples) and print the summary."""
-    if len(columns["index"]) == 0:
-        raise utils.UserError(f"the pool of {pool_size} samples holds no readable image")
-    count = query_strategies.query_count(len(columns["index"]), opt.ratio, opt.num_query)
+    scored = len(columns["index"])
+    if scored == 0:
+        raise utils.UserError(f"the {'subsample' if pool.subsampled else 'pool'} of {len(pool)} samples holds "
+                              f"no readable image")
+    # unreadable images leave the query fewer to choose from; a subsample's share is of the whole pool
+    count = min(query_size(opt, pool) if pool.subsampled else
+                query_strategies.query_count(scored, opt.ratio, opt.num_query), scored)
     relabelling = relabel_round(opt, plan, labelled, count)
     if relabelling:
         count -= len(relabelling["rows"])
     picked, scores = pick(columns, strategy, opt, count, plan.name)
     identities = [(columns["relpath"][i], int(columns["index"][i])) for i in picked]
     if plan.package:
-        return export_round(opt, strategy, plan, columns, picked, scores, identities, pool_size, temperature, start)
+        return export_round(opt, strategy, plan, columns, picked, scores, identities, pool, temperature, start)
     staged = stage_images(opt.save_images, read_raw_samples(opt.train_data, identities), plan.name) \
         if opt.save_images else None
     try:
-        meta = query_meta(opt, strategy, plan.name, pool_size, scores[picked], temperature)
+        meta = query_meta(opt, strategy, plan.name, pool, scores[picked], temperature)
         # The summary is part of the folder from the start: a kill cannot leave a query set without it.
-        summary = make_summary(opt, plan.name, plan.path, columns, picked, pool_size, temperature,
+        summary = make_summary(opt, plan.name, plan.path, columns, picked, pool, temperature,
                                time.time() - start, plan.query_names,
                                relabel.next_selection(opt, plan.query_names, plan.name, plan.relabel,
                                                       bool(relabelling and relabelling["rows"]), count == 0))
@@ -576,14 +643,14 @@ def write_round(opt, strategy, plan, columns, pool_size, temperature, start, lab
     return summary
 
 
-def export_round(opt, strategy, plan, columns, picked, scores, identities, pool_size, temperature, start):
+def export_round(opt, strategy, plan, columns, picked, scores, identities, pool, temperature, start):
     """Write the annotation package of the picked samples instead of the query set: the images,
     the model's readings, confidences and scores, and what import_annotations.py needs."""
     images = annotation.read_images(opt.train_data, identities)
     records = ({"image": data, "path": path, "origin": identity, "reading": columns["prediction"][i],
                 "confidence": columns["confidence"][i], "score": scores[i]}
                for i, identity, (data, path) in zip(picked, identities, images))
-    summary = make_summary(opt, plan.name, plan.path, columns, picked, pool_size, temperature,
+    summary = make_summary(opt, plan.name, plan.path, columns, picked, pool, temperature,
                            time.time() - start, plan.query_names)
     for key in ("path", "next_select_data", "next_batch_ratio"):  # import_annotations.py decides these
         summary.pop(key)
@@ -599,7 +666,7 @@ def export_round(opt, strategy, plan, columns, picked, scores, identities, pool_
                     "batch_max_length": opt.batch_max_length},
         "selection": {"select_data": list(opt.select_data), "batch_ratio": [float(r) for r in opt.batch_ratio],
                       "unlabelled": list(plan.unlabelled)},
-        "query_meta": query_meta(opt, strategy, plan.name, pool_size, scores[picked], temperature),
+        "query_meta": query_meta(opt, strategy, plan.name, pool, scores[picked], temperature),
         "summary": summary,
     }
     check_still_free(opt, plan, identities)
@@ -658,11 +725,13 @@ def round_lock(opt, rank, distributed):
 def dry_run(opt, strategy):
     """What the round would do, from the options and the data alone."""
     plan = plan_output(opt)
-    pool, pool_log = build_pool(opt, plan.pool_names, queried_before(opt, plan))
-    count = query_strategies.query_count(len(pool), opt.ratio, opt.num_query)
+    pool, pool_log = build_pool(opt, plan.pool_names, queried_before(opt, plan), plan.name)
+    count = query_size(opt, pool)
     acquisition.check_candidates(opt.candidates, count)
     print(pool_log)
-    result = {"query_set": plan.name, "path": os.path.abspath(plan.path), "pool_size": len(pool), "num_query": count,
+    scored = f"a random {len(pool)} of the {pool.total}" if pool.subsampled else f"{len(pool)}"
+    result = {"query_set": plan.name, "path": os.path.abspath(plan.path), "pool_size": pool.total,
+              "subsample_size": len(pool), "subsampled": pool.subsampled, "num_query": count,
               "package": plan.package and os.path.abspath(plan.package)}
     if opt.relabel_ratio > 0:
         labelled, _ = relabel.labelled_data(opt, relabel_names(plan))
@@ -671,10 +740,10 @@ def dry_run(opt, strategy):
         print(f"dry run: would re-annotate {result['num_relabel']} of {len(labelled)} labelled samples (lowest "
               f"label quality) into {plan.relabel.path}")
     if plan.package:
-        print(f"dry run: would export {count} of {len(pool)} pool samples by '{strategy.name}' as an annotation "
+        print(f"dry run: would export {count} of {scored} pool samples by '{strategy.name}' as an annotation "
               f"package into {plan.package} (the query set {plan.path} is written by import_annotations.py)")
     else:
-        print(f"dry run: would query {count} of {len(pool)} pool samples by '{strategy.name}' into {plan.path}"
+        print(f"dry run: would query {count} of {scored} pool samples by '{strategy.name}' into {plan.path}"
               + (" (replacing it)" if plan.replaced else ""))
     return result
 
@@ -708,13 +777,13 @@ def main(opt, given=None):
         # stops, so it neither takes the same name nor picks the same samples.
         with round_lock(opt, rank, distributed):
             plan = plan_output(opt)
-            columns, pool_size, temperature = score_round(opt, model, converter, strategy, temperature, device,
-                                                          plan, rank, world_size, distributed)
+            columns, pool, temperature = score_round(opt, model, converter, strategy, temperature, device,
+                                                     plan, rank, world_size, distributed)
             labelled = relabel.score_labelled(opt, model, converter, device, relabel_names(plan), rank, world_size,
                                               distributed) if opt.relabel_ratio > 0 else None
             if rank != 0:
                 return None
-            return write_round(opt, strategy, plan, columns, pool_size, temperature, start, labelled)
+            return write_round(opt, strategy, plan, columns, pool, temperature, start, labelled)
     finally:
         if distributed:
             torch.distributed.destroy_process_group()

@@ -75,7 +75,9 @@ def add_data_args(parser):
     group.add_argument("--PAD", action="store_true", help="keep the aspect ratio and pad when resizing")
     group.add_argument("--data_filtering_off", action="store_true",
                        help="keep labels that are too long or hold characters outside the charset")
-    group.add_argument("--workers", type=int, default=4, help="number of data loading workers")
+    group.add_argument("--workers", type=int, default=default_workers(),
+                       help="number of data loading workers; unless given, the smaller of 4 and the cores this "
+                            "process may use")
     group.add_argument("--batch_size", type=int, default=192, help="input batch size")
     group.add_argument("--manualSeed", type=int, default=1111, help="random seed")
     return group
@@ -437,6 +439,23 @@ def _whole_number(opt, name):
     return value
 
 
+def usable_cores():
+    """The cores this process may run on (its CPU affinity, e.g. under taskset), at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # not Linux
+        return os.cpu_count() or 1
+
+
+MAX_DEFAULT_WORKERS = 4
+
+
+def default_workers():
+    """--workers when not given: 4 loader processes, but no more than the cores this process may
+    use (more only compete with the model for the cores, and PyTorch warns about them)."""
+    return min(MAX_DEFAULT_WORKERS, usable_cores())
+
+
 def thread_count(opt):
     """torch's thread count for --threads: the value given, or for 0 the cores this process may use
     divided by the processes of this run on this machine (LOCAL_WORLD_SIZE, set by torchrun), at
@@ -444,10 +463,7 @@ def thread_count(opt):
     threads = int(getattr(opt, "threads", 0) or 0)
     if threads > 0:
         return threads
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):  # not Linux
-        cores = os.cpu_count() or 1
+    cores = usable_cores()
     try:
         local_processes = max(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), 1)
     except ValueError:

@@ -109,16 +109,28 @@ def mix_keys(keys, salt):
         return _splitmix64(np.asarray(keys, dtype=np.uint64) ^ np.uint64(salt))
 
 
+def text_salt(text):
+    """A uint64 drawn from a text (a seed and names), the same on every machine and process."""
+    return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little")
+
+
 def identity_keys(identities, seed):
     """A pseudo-random uint64 per `(relpath, index)`, fixed by `seed` and the identity alone."""
     if len(identities) == 0:
         return np.zeros(0, dtype=np.uint64)
     relpaths, indices = zip(*identities)
     names, inverse = np.unique(np.asarray(relpaths, dtype=str), return_inverse=True)
-    bases = np.array([int.from_bytes(hashlib.blake2b(f"{seed}\t{name}".encode("utf-8"), digest_size=8).digest(),
-                                     "little") for name in names], dtype=np.uint64)
+    bases = np.array([text_salt(f"{seed}\t{name}") for name in names], dtype=np.uint64)
     with np.errstate(over="ignore"):
         mixed = bases[inverse.reshape(-1)] ^ (np.asarray(indices, dtype=np.uint64) * _GOLDEN)
+    return _splitmix64(mixed)
+
+
+def leaf_keys(relpath, indices, seed):
+    """`identity_keys` of the samples `indices` of the one LMDB `relpath`, vectorised (a pool of
+    millions would otherwise cost a tuple per sample)."""
+    with np.errstate(over="ignore"):
+        mixed = np.uint64(text_salt(f"{seed}\t{relpath}")) ^ (np.asarray(indices, dtype=np.uint64) * _GOLDEN)
     return _splitmix64(mixed)
 
 

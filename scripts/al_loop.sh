@@ -21,6 +21,8 @@ usage: scripts/al_loop.sh [--name value ...]      (or the upper-case environment
   --rounds N              rounds after the base round                (3)
   --query_ratio R         share of the pool queried per round        (0.01)
   --num_query N           or a fixed number per round (overrides --query_ratio)
+  --pool_subsample N      score a random N of each round's pool      (the whole pool)
+                          (data_sampling.py --pool_subsample; the query must fit in N)
   --noise_ratio R         simulated annotator noise on queried labels (0)
   --noise_model NAME      the simulated annotator's errors: substitute, confusable, edit,
                           mixed (train.py --noise_model)             (substitute)
@@ -36,7 +38,7 @@ usage: scripts/al_loop.sh [--name value ...]      (or the upper-case environment
                           ("--Transformation TPS --FeatureExtraction ResNet --SequenceModeling BiLSTM --Prediction Attn")
   --train_args "FLAGS"    extra flags for every train.py call        ("")
   --batch_size N          batch size                                 (192)
-  --workers N             data-loading workers                       (4)
+  --workers N             data-loading workers                       (min(4, usable cores))
   --seed N                --manualSeed                               (1111)
   --out DIR               output root; this run goes to DIR/<query>  (runs/al)
 
@@ -76,6 +78,7 @@ AL_CALIBRATOR=${AL_CALIBRATOR:-boost_soft}
 ROUNDS=${ROUNDS:-3}
 QUERY_RATIO=${QUERY_RATIO:-0.01}
 NUM_QUERY=${NUM_QUERY:-}
+POOL_SUBSAMPLE=${POOL_SUBSAMPLE:-}
 NOISE_RATIO=${NOISE_RATIO:-0}
 NOISE_MODEL=${NOISE_MODEL:-substitute}
 ANNOTATOR=${ANNOTATOR:-simulated}
@@ -86,7 +89,7 @@ VAL_INTERVAL=${VAL_INTERVAL:-500}
 ARCH=${ARCH:---Transformation TPS --FeatureExtraction ResNet --SequenceModeling BiLSTM --Prediction Attn}
 TRAIN_ARGS=${TRAIN_ARGS:-}
 BATCH_SIZE=${BATCH_SIZE:-192}
-WORKERS=${WORKERS:-4}
+WORKERS=${WORKERS:-}
 SEED=${SEED:-1111}
 OUT=${OUT:-runs/al}
 PYTHON=${PYTHON:-python}
@@ -100,8 +103,8 @@ while [ $# -gt 0 ]; do
       var=$(printf '%s' "${1#--}" | tr '[:lower:]' '[:upper:]')
       case "$var" in
         TRAIN_DATA|VALID_DATA|TEST_DATA|SELECT_DATA|BATCH_RATIO|LABEL_RATIO|QUERY|BASE_CALIBRATOR|\
-        AL_CALIBRATOR|ROUNDS|QUERY_RATIO|NUM_QUERY|NOISE_RATIO|NOISE_MODEL|ANNOTATOR|RELABEL_RATIO|BASE_ITERS|ITERS|\
-        VAL_INTERVAL|ARCH|\
+        AL_CALIBRATOR|ROUNDS|QUERY_RATIO|NUM_QUERY|POOL_SUBSAMPLE|NOISE_RATIO|NOISE_MODEL|ANNOTATOR|RELABEL_RATIO|\
+        BASE_ITERS|ITERS|VAL_INTERVAL|ARCH|\
         TRAIN_ARGS|BATCH_SIZE|WORKERS|SEED|OUT|PYTHON) printf -v "$var" '%s' "$2" ;;
         *) echo "error: unknown option $1 (see --help)" >&2; exit 2 ;;
       esac
@@ -119,6 +122,16 @@ v = float(sys.argv[1])
 ok = math.isfinite(v) and (0 <= v if len(sys.argv) > 2 else 0 < v) and v <= 1
 sys.exit(0 if ok else 1)' "$@" 2>/dev/null
 }
+
+if [ -z "$WORKERS" ]; then
+  # options.default_workers() without importing torch: the smaller of 4 and the cores this process may use
+  WORKERS=$("$PYTHON" -c 'import os
+try:
+    cores = len(os.sched_getaffinity(0))
+except (AttributeError, OSError):
+    cores = os.cpu_count() or 1
+print(max(1, min(4, cores)))') || fail "cannot run $PYTHON to count the cores; give --workers"
+fi
 
 # Every setting is checked before the first command: a typo must not surface after hours of
 # base-round training.
@@ -148,6 +161,10 @@ if [ -n "$NUM_QUERY" ]; then
 else
   is_ratio "$QUERY_RATIO" || fail "--query_ratio $QUERY_RATIO: give a share in (0, 1]"
 fi
+if [ -n "$POOL_SUBSAMPLE" ]; then
+  { is_int "$POOL_SUBSAMPLE" && [ "$POOL_SUBSAMPLE" -ge 1 ]; } || \
+    fail "--pool_subsample $POOL_SUBSAMPLE: give a whole number of at least 1 (pool samples scored per round)"
+fi
 for dir in "$TRAIN_DATA" "$VALID_DATA" "$TEST_DATA"; do
   [ -d "$dir" ] || fail "$dir: no such folder (run \`make data\` or set --train_data/--valid_data)"
 done
@@ -171,6 +188,7 @@ settings() {
   [ "$NOISE_MODEL" = substitute ] || printf 'NOISE_MODEL=%s\n' "$NOISE_MODEL"
   [ "$ANNOTATOR" = simulated ] || printf 'ANNOTATOR=%s\n' "$ANNOTATOR"
   [ "$RELABEL_RATIO" = 0 ] || printf 'RELABEL_RATIO=%s\n' "$RELABEL_RATIO"
+  [ -z "$POOL_SUBSAMPLE" ] || printf 'POOL_SUBSAMPLE=%s\n' "$POOL_SUBSAMPLE"
 }
 
 # shellcheck disable=SC2206
@@ -185,6 +203,7 @@ export_args=()
 [ -n "$NUM_QUERY" ] && query_size=(--num_query "$NUM_QUERY")
 # the labels a round judges are those training saw: data_sampling.py gets training's noise flags
 relabel_args=(--relabel_ratio "$RELABEL_RATIO" --noise_ratio "$NOISE_RATIO" --noise_model "$NOISE_MODEL")
+[ -n "$POOL_SUBSAMPLE" ] && query_size+=(--pool_subsample "$POOL_SUBSAMPLE")
 
 if [ -f "$SETTINGS_FILE" ]; then
   # a setting recorded on one side only (NOISE_MODEL, when not the default) counts as changed too

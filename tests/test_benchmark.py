@@ -164,3 +164,50 @@ def test_coreset_part_measures_storage_and_selection():
     fewer = benchmark.get_args_parser().parse_args(["--only", "coreset", "--coreset_candidates", "10"])
     with pytest.raises(benchmark.utils.UserError, match="--coreset_candidates must be at least --coreset_picks"):
         benchmark.validate_args(fewer)
+
+
+def test_build_large_pool_cycles_the_source_in_one_transaction(tmp_path):
+    source = [(b"image-a", "ab"), (b"image-bb", "cd"), (b"image-ccc", "ef")]
+    root = benchmark.build_large_pool(str(tmp_path / "pool"), 7, source)
+    with dataset.shared_env(os.path.join(root, benchmark.POOL_NAME)).begin() as txn:
+        assert int(txn.get(b"num-samples")) == 7 and txn.get(b"query-meta") is None
+        assert [txn.get(b"image-%09d" % i) for i in range(1, 8)] == [b"image-a", b"image-bb", b"image-ccc"] * 2 + \
+            [b"image-a"]
+        assert [txn.get(b"label-%09d" % i).decode() for i in range(1, 8)] == ["ab", "cd", "ef"] * 2 + ["ab"]
+        assert txn.get(b"image-%09d" % 8) is None and txn.stat()["entries"] == 2 * 7 + 1
+    assert os.listdir(root) == [benchmark.POOL_NAME]  # no hidden folder left behind
+
+
+@pytest.mark.parametrize("size", [1, 7, 20000, 200000, 333333, 999999])
+def test_usage_ratio_leaves_exactly_the_asked_pool(size):
+    total = 1000000
+    ratio = benchmark.usage_ratio_leaving(total, size)
+    # hierarchical_dataset labels int(total * ratio) samples; the pool is the rest
+    assert total - int(total * float(repr(ratio))) == size
+
+
+@pytest.mark.slow
+def test_tiny_benchmark_of_the_pool_part(tiny_data, tmp_path):
+    output = tmp_path / "bench.json"
+    command = [sys.executable, "tools/benchmark.py", "--only", "pool", "--output", str(output), "--repeats", "1",
+               "--threads", "1", "--device", "cpu", "--train_data", tiny_data.train, "--workers", "0",
+               "--sampling_output_channel", "16", "--sampling_hidden_size", "16", "--num_query", "5",
+               "--large_pool", "60", "--distinct_images", "4", "--pool_subsample", "20", "--full_pool_sizes", "30",
+               "--workdir", str(tmp_path / "work")]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    pool = json.loads(output.read_text())["pool"]
+    assert (pool["large_pool"], pool["distinct_images"], pool["pool_subsample"]) == (60, 4, 20)
+    subsampled, full = pool["cases"]
+    # the subsampled run pooled all 60 and scored 20; the other scored the last 30 whole
+    assert (subsampled["case"], subsampled["pool_size"], subsampled["scored"], subsampled["subsampled"]) == \
+        ("subsample_20", 60, 20, True)
+    assert (full["case"], full["pool_size"], full["scored"], full["subsampled"]) == ("full_30", 30, 30, False)
+    for case in pool["cases"]:
+        assert case["images_per_s"] == pytest.approx(case["scored"] / case["wall_s"])
+        assert case["maxrss_mb"] > 50 and 0 < case["cpu_s"] and len(case["runs"]) == 1
+    assert pool["full_large_pool_extrapolated_from"] == 30
+    assert pool["full_large_pool_wall_s"] == pytest.approx(full["wall_s"] * 2)
+    assert "(extrapolated linearly from the pool of 30)" in result.stdout
+    assert not os.path.exists(tmp_path / "work" / "large_pool" / benchmark.POOL_NAME)  # the GBs are removed

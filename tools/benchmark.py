@@ -4,6 +4,7 @@
     python tools/benchmark.py --accuracy_check         # and the accuracy part, a few minutes more
     python tools/benchmark.py --only train,infer       # some parts
     python tools/benchmark.py --only sampling --pool_sizes 2000,32000 --repeats 5
+    python tools/benchmark.py --only pool --workdir /tmp/bench   # a 1M-sample pool, needs ~5 GB of disk
 
 Parts (`--only`, default all but accuracy; `--accuracy_check` adds it):
   train     training images/s of train.py's step (full-size TPS-ResNet-BiLSTM-Attn by default)
@@ -18,6 +19,10 @@ Parts (`--only`, default all but accuracy; `--accuracy_check` adds it):
             of the pool and over --coreset_candidates of it: seconds and peak resident growth
   accuracy  a short train.py run in fp32 and with --amp on the embedded data with a small model:
             both validation accuracies and whether they agree within noise
+  pool      (opt-in) data_sampling.py on one LMDB of --large_pool samples (its keys cycle through the
+            bytes of --distinct_images images): with --pool_subsample, and scoring the whole pool
+            (or, with --full_pool_sizes, its last N samples) without it; wall time, images scored
+            per second and peak memory as in `sampling`, and the whole pool's time extrapolated
 
 Every figure is the median of --repeats timed runs; warm-up runs are not timed. The table goes to
 stdout, everything (machine, versions, settings, per-run values, target checks) to --output."""
@@ -52,8 +57,9 @@ import utils  # noqa: E402
 from evaluation import forward_logits  # noqa: E402
 from model import Model, initialize_weights, save_weights  # noqa: E402
 
-PARTS = ("train", "infer", "loader", "sampling", "coreset", "accuracy")
-DEFAULT_PARTS = PARTS[:-1]  # accuracy is opt-in (--accuracy_check): it trains twice per seed
+PARTS = ("train", "infer", "loader", "sampling", "coreset", "accuracy", "pool")
+# accuracy is opt-in (--accuracy_check): it trains twice per seed; pool writes GBs and runs long
+DEFAULT_PARTS = ("train", "infer", "loader", "sampling", "coreset")
 # name -> (amp, channels_last); fp32 first: every speed-up is relative to it.
 VARIANTS = {
     "fp32": (False, False),
@@ -120,6 +126,16 @@ def get_args_parser():
     diverse.add_argument("--coreset_candidates", type=int, default=10000,
                          help="the --candidates of the restricted selection")
     diverse.add_argument("--coreset_batch", type=int, default=192, help="rows stored per batch")
+    pool = parser.add_argument_group("pool (the sampling part's model and query, on one large pool)")
+    pool.add_argument("--large_pool", type=int, default=1000000, help="samples in the large pool's LMDB")
+    pool.add_argument("--distinct_images", type=int, default=16,
+                      help="distinct images (read from --train_data) whose bytes the pool's keys cycle through")
+    pool.add_argument("--pool_subsample", type=int, default=20000,
+                      help="data_sampling.py --pool_subsample N of the subsampled run (on the whole large pool)")
+    pool.add_argument("--full_pool_sizes", default="",
+                      help="comma-separated pool sizes scored whole, without --pool_subsample: the last N samples "
+                           "of the large pool (--total_data_usage_ratio labels the rest); default: the large pool "
+                           "itself. The large pool's time is extrapolated linearly from the largest")
 
     accuracy = parser.add_argument_group("accuracy")
     accuracy.add_argument("--accuracy_arch", default="None-VGG-BiLSTM-CTC")
@@ -532,7 +548,8 @@ if pid == 0:
         os._exit(127)
 _, status, usage = os.wait4(pid, 0)
 with open(sys.argv[1], "w") as f:
-    json.dump({"status": os.waitstatus_to_exitcode(status), "maxrss_kb": usage.ru_maxrss}, f)
+    json.dump({"status": os.waitstatus_to_exitcode(status), "maxrss_kb": usage.ru_maxrss,
+               "cpu_s": usage.ru_utime + usage.ru_stime}, f)
 """
 
 
@@ -556,12 +573,20 @@ def run_measured(command, log_path, poll_interval):
     return usage["status"], wall, usage["maxrss_kb"] * 1024, monitor.peak_pss, monitor.peak_anon
 
 
+def cpu_seconds(log_path):
+    """User + system CPU seconds of the last `run_measured(command, log_path, ...)` child and the
+    processes it waited for (from its wait4): on a core other jobs share, a steadier measure of the
+    work done than the wall time."""
+    with open(log_path + ".rusage.json", encoding="utf-8") as f:
+        return json.load(f).get("cpu_s")
+
+
 def log_tail(path, lines=15):
     with open(path, encoding="utf-8", errors="replace") as f:
         return "".join(f.readlines()[-lines:])
 
 
-def sampling_command(args, root, model_path, model_opt, out_name):
+def sampling_command(args, root, model_path, model_opt, out_name, extra=()):
     command = [sys.executable, os.path.join(REPO, "data_sampling.py"), "--train_data", root,
                "--select_data", POOL_NAME, "--batch_ratio", "1", "--total_data_usage_ratio", "0",
                "--saved_model", model_path, "--query", args.sampling_query, "--num_query", str(args.num_query),
@@ -573,7 +598,7 @@ def sampling_command(args, root, model_path, model_opt, out_name):
         command += ["--workers", str(args.workers)]
     if args.sampling_batch_size is not None:
         command += ["--batch_size", str(args.sampling_batch_size)]
-    return command
+    return command + list(extra)  # argparse takes the last of a repeated flag
 
 
 def bench_sampling(args, workdir):
@@ -697,6 +722,132 @@ def bench_coreset(args):
     return {"pool": n, "dim": d, "picks": args.coreset_picks, "batch": args.coreset_batch,
             "embedding_bytes_per_sample": d * 2, "embeddings_mb": embeddings.nbytes / MIB,
             "store_s": store_s, "store_peak_growth_mb": store_mb, "selection": runs}
+
+
+# pool
+
+
+def build_large_pool(root, size, source):
+    """A training root whose LMDB `bench_pool` holds `size` samples, sample i the bytes and label of
+    source[(i - 1) % len(source)]; returns the root. Keys sort by index, so one transaction of
+    appends writes a million samples in seconds (dataset.write_lmdb's commits would take minutes);
+    written into a hidden folder and renamed into place."""
+    import lmdb
+
+    os.makedirs(root, exist_ok=True)
+    path = os.path.join(root, POOL_NAME)
+    if os.path.lexists(path):
+        shutil.rmtree(path)
+    tmp = utils.make_temp_dir(root, POOL_NAME)
+    try:
+        images = [image for image, _ in source]
+        labels = [label.encode("utf-8") for _, label in source]
+        # every value in its own overflow pages at worst, plus the branch pages: a generous bound
+        page = 4096
+        per_sample = (max(map(len, images)) // page + 2) * page + 256
+        env = lmdb.open(tmp, map_size=size * per_sample + (256 << 20), meminit=False, sync=False)
+        try:
+            with env.begin(write=True) as txn:
+                cursor = txn.cursor()
+                k = len(source)
+                cursor.putmulti(((dataset.image_key(i), images[(i - 1) % k]) for i in range(1, size + 1)),
+                                append=True)
+                cursor.putmulti(((dataset.label_key(i), labels[(i - 1) % k]) for i in range(1, size + 1)),
+                                append=True)
+                txn.put(dataset.NUM_SAMPLES_KEY, str(size).encode())
+            env.sync(True)
+        finally:
+            env.close()
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return root
+
+
+def usage_ratio_leaving(total, size):
+    """A --total_data_usage_ratio whose labelled part int(total * ratio) leaves exactly `size`
+    samples of `total` to the pool (float rounding nudged away)."""
+    ratio = (total - size) / total
+    while int(total * ratio) > total - size:
+        ratio = float(np.nextafter(ratio, 0.0))
+    while int(total * ratio) < total - size:
+        ratio = float(np.nextafter(ratio, 1.0))
+    return ratio
+
+
+def pool_cases(args):
+    """(name, pool size, extra data_sampling.py flags) of each pool-part run."""
+    cases = [(f"subsample_{args.pool_subsample}", args.large_pool,
+              ["--pool_subsample", str(args.pool_subsample)])]
+    for size in args.full_pool_sizes:
+        extra = [] if size == args.large_pool else \
+            ["--total_data_usage_ratio", repr(usage_ratio_leaving(args.large_pool, size))]
+        cases.append((f"full_{size}", size, extra))
+    return cases
+
+
+def bench_pool(args, workdir):
+    check_data_root(args.train_data, "--train_data")
+    model_path, model_opt = write_sampling_model(args, workdir)
+    source = read_source_samples(args.train_data, dataset.LabelRules(model_opt), limit=args.distinct_images)
+    if not source:
+        raise utils.UserError(f"--train_data {args.train_data}: no readable sample to build the pool from")
+    progress(f"pool: writing {args.large_pool} samples ({len(source)} distinct images) ...")
+    start = time.perf_counter()
+    root = build_large_pool(os.path.join(workdir, "large_pool"), args.large_pool, source)
+    build_s = time.perf_counter() - start
+    lmdb_mb = os.path.getsize(os.path.join(root, POOL_NAME, "data.mdb")) / MIB
+    runs = []
+    try:
+        for repeat in range(args.repeats):
+            for name, size, extra in pool_cases(args):
+                progress(f"pool: {name}, run {repeat + 1}/{args.repeats} ...")
+                out_name = f"bench_query_{repeat}"
+                log_path = os.path.join(workdir, f"pool_{name}_{repeat}.log")
+                command = sampling_command(args, root, model_path, model_opt, out_name, extra)
+                status, wall, maxrss, pss, anon = run_measured(command, log_path, args.poll_interval)
+                if status != 0:
+                    raise RuntimeError(f"data_sampling.py exited with {status} in the pool run {name}:\n"
+                                       f"{log_tail(log_path)}")
+                query_dir = os.path.join(root, out_name)
+                with open(os.path.join(query_dir, "summary.json"), encoding="utf-8") as f:
+                    summary = json.load(f)
+                shutil.rmtree(query_dir)  # its origins would leave the next run's pool
+                if summary["pool_size"] != size:
+                    raise RuntimeError(f"pool run {name}: data_sampling.py pooled {summary['pool_size']} samples, "
+                                       f"not {size}")
+                runs.append({"case": name, "pool_size": size, "wall_s": wall, "time_s": summary.get("time_s"),
+                             "cpu_s": cpu_seconds(log_path), "scored": summary["scored"], "subsampled": summary.get("subsampled", False),
+                             "maxrss_mb": maxrss / MIB, "peak_tree_pss_mb": pss / MIB,
+                             "peak_tree_anon_mb": anon / MIB})
+    finally:
+        shutil.rmtree(os.path.join(root, POOL_NAME), ignore_errors=True)  # gigabytes
+    cases = []
+    for name, size, _ in pool_cases(args):
+        entries = [r for r in runs if r["case"] == name]
+        wall = median([r["wall_s"] for r in entries])
+        inner = median([r["time_s"] for r in entries if r["time_s"] is not None])
+        scored = entries[0]["scored"]
+        cpu = median([r["cpu_s"] for r in entries])
+        cases.append({"case": name, "pool_size": size, "scored": scored, "subsampled": entries[0]["subsampled"],
+                      "wall_s": wall, "time_s": inner, "cpu_s": cpu, "images_per_s": scored / wall,
+                      "images_per_cpu_s": scored / cpu if cpu else None,
+                      "images_per_s_in_script": scored / inner if inner == inner and inner else None,
+                      "maxrss_mb": median([r["maxrss_mb"] for r in entries]),
+                      "peak_tree_pss_mb": median([r["peak_tree_pss_mb"] for r in entries]),
+                      "peak_tree_anon_mb": median([r["peak_tree_anon_mb"] for r in entries]),
+                      "runs": entries})
+    full = max((c for c in cases if not c["subsampled"]), key=lambda c: c["pool_size"])
+    return {"model": {"arch": args.sampling_arch, "output_channel": args.sampling_output_channel,
+                      "hidden_size": args.sampling_hidden_size},
+            "query": args.sampling_query, "num_query": args.num_query, "workers": args.workers,
+            "large_pool": args.large_pool, "distinct_images": len(source), "pool_subsample": args.pool_subsample,
+            "build_s": build_s, "lmdb_mb": lmdb_mb, "cases": cases,
+            # linear through the origin from the largest pool scored whole (start-up counted per image)
+            "full_large_pool_wall_s": full["wall_s"] * args.large_pool / full["pool_size"],
+            "full_large_pool_cpu_s": full["cpu_s"] * args.large_pool / full["pool_size"] if full["cpu_s"] else None,
+            "full_large_pool_extrapolated_from": None if full["pool_size"] == args.large_pool else full["pool_size"]}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -873,6 +1024,25 @@ def format_table(results):
         for label, run in diverse["selection"].items():
             lines.append(f"  k-centre of {diverse['picks']} among {run['candidates']}: {run['seconds']:.2f}s "
                          f"({run['cpu_seconds']:.2f}s CPU), peak growth {fmt(run['peak_growth_mb'])} MB")
+    pool = results.get("pool")
+    if pool:
+        s = pool["model"]
+        lines += ["", f"pool: one LMDB of {pool['large_pool']} samples ({pool['distinct_images']} distinct images, "
+                      f"{pool['lmdb_mb']:.0f} MB, written in {pool['build_s']:.1f}s); data_sampling.py --query "
+                      f"{pool['query']} --num_query {pool['num_query']}, model {s['arch']} "
+                      f"(output {s['output_channel']}, hidden {s['hidden_size']})",
+                  f"{'run':>18s} {'pool':>8s} {'scored':>8s} {'wall s':>8s} {'CPU s':>8s} {'img/s':>8s} "
+                  f"{'img/CPU-s':>9s} {'in-script img/s':>16s} {'peak RSS MB':>12s} {'tree PSS MB':>12s} "
+                  f"{'tree anon MB':>13s}"]
+        for c in pool["cases"]:
+            lines.append(f"{c['case']:>18s} {c['pool_size']:>8d} {c['scored']:>8d} {c['wall_s']:>8.1f} "
+                         f"{fmt(c['cpu_s']):>8s} {c['images_per_s']:>8.0f} {fmt(c['images_per_cpu_s'], '{:.0f}'):>9s} "
+                         f"{fmt(c['images_per_s_in_script'], '{:.0f}'):>16s} "
+                         f"{c['maxrss_mb']:>12.1f} {c['peak_tree_pss_mb']:>12.1f} {c['peak_tree_anon_mb']:>13.1f}")
+        source = pool["full_large_pool_extrapolated_from"]
+        lines.append(f"whole pool of {pool['large_pool']} without --pool_subsample: "
+                     f"{pool['full_large_pool_wall_s']:.0f}s wall, {fmt(pool['full_large_pool_cpu_s'], '{:.0f}')}s CPU"
+                     + (f" (extrapolated linearly from the pool of {source})" if source else " (measured)"))
     accuracy = results.get("accuracy")
     if accuracy:
         lines += ["", f"accuracy: {accuracy['model']['arch']}, {accuracy['iterations']} iterations, "
@@ -898,10 +1068,13 @@ def validate_args(args):
         args.parts.append("accuracy")
     args.variants = parse_list(args.variants, "--variants", known=tuple(VARIANTS))
     args.pool_sizes = parse_list(args.pool_sizes, "--pool_sizes", int)
+    args.full_pool_sizes = sorted(set(parse_list(args.full_pool_sizes or str(args.large_pool), "--full_pool_sizes",
+                                                 int)))
     args.accuracy_seeds = parse_list(args.accuracy_seeds, "--accuracy_seeds", int)
     for flag in ("repeats", "train_iters", "infer_iters", "loader_batches", "batch_size", "num_query",
                  "accuracy_iters", "accuracy_batch_size", "coreset_pool", "coreset_dim", "coreset_picks",
-                 "coreset_candidates", "coreset_batch"):
+                 "coreset_candidates", "coreset_batch", "large_pool", "distinct_images",
+                 "pool_subsample"):
         if getattr(args, flag) < 1:
             raise utils.UserError(f"--{flag} must be at least 1")
     for flag in ("warmup", "loader_warmup"):
@@ -912,6 +1085,13 @@ def validate_args(args):
                               f"{args.coreset_picks}")
     if min(args.pool_sizes) < args.num_query:
         raise utils.UserError(f"--pool_sizes: every pool must hold at least --num_query {args.num_query} images")
+    if "pool" in args.parts:
+        if min(args.full_pool_sizes) < args.num_query or max(args.full_pool_sizes) > args.large_pool:
+            raise utils.UserError(f"--full_pool_sizes: every size must lie between --num_query {args.num_query} "
+                                  f"and --large_pool {args.large_pool}")
+        if not args.num_query <= args.pool_subsample < args.large_pool:
+            raise utils.UserError(f"--pool_subsample {args.pool_subsample}: give at least --num_query "
+                                  f"{args.num_query} and less than --large_pool {args.large_pool}")
     if ("train" in args.parts or "infer" in args.parts) and "fp32" not in args.variants:
         raise utils.UserError("--variants must include fp32: every speed-up is relative to it")
 
@@ -957,6 +1137,8 @@ def main(args):
             results["coreset"] = timed_part("coreset", lambda: bench_coreset(args))
         if "accuracy" in args.parts:
             results["accuracy"] = timed_part("accuracy", lambda: bench_accuracy(args, workdir))
+        if "pool" in args.parts:
+            results["pool"] = timed_part("pool", lambda: bench_pool(args, workdir))
     finally:
         if not args.workdir:
             shutil.rmtree(workdir, ignore_errors=True)

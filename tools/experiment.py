@@ -56,6 +56,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 import comparison  # noqa: E402
+import options  # noqa: E402
 
 # name: (default, help); the loop settings carry scripts/al_loop.sh's defaults.
 SETTINGS = {
@@ -82,7 +83,8 @@ SETTINGS = {
     "iters": ("1000", "iterations of each later round"),
     "val_interval": ("500", "validation interval"),
     "batch_size": ("192", "batch size"),
-    "workers": ("4", "data-loading workers"),
+    "workers": (str(options.default_workers()), "data-loading workers; default: the smaller of 4 and the cores "
+                                                "this process may use"),
     "arch": ("--Transformation TPS --FeatureExtraction ResNet --SequenceModeling BiLSTM --Prediction Attn",
              "architecture and optimiser flags for train.py"),
     "train_args": ("", "extra flags for every train.py call"),

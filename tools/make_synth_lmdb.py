@@ -27,6 +27,7 @@ from PIL import Image, ImageDraw, ImageFilter, ImageFont
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import dataset  # noqa: E402  (the repo root is on sys.path only from here)
+import options  # noqa: E402
 import utils  # noqa: E402
 
 SYSTEM_FONT_DIRS = ("/usr/share/fonts", "/usr/local/share/fonts", os.path.expanduser("~/.fonts"))
@@ -392,7 +393,8 @@ def parse_args(argv=None):
     parser.add_argument("--num_valid", type=int, default=1000, help="images in the validation set")
     parser.add_argument("--num_test", type=int, default=2000, help="images in each evaluation set")
     parser.add_argument("--seed", type=int, default=2016, help="random seed; the same seed gives the same bytes")
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="rendering processes")
+    parser.add_argument("--workers", type=int, default=options.usable_cores(),
+                        help="rendering processes (default: the cores this process may use)")
     parser.add_argument("--overwrite", action="store_true", help="rebuild sets that already exist")
     opt = parser.parse_args(argv)
     for flag in ("num", "num_valid", "num_test"):
