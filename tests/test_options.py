@@ -144,7 +144,8 @@ def test_require_file_and_dir(tmp_path):
 def test_batch_ratio_must_be_positive_and_finite(make_opt, ratio):
     with pytest.raises(UserError) as info:
         make_opt(batch_ratio=ratio)
-    assert str(info.value) == f"--batch_ratio {ratio}: every share must be a positive finite number, e.g. 0.5-0.5"
+    assert str(info.value) == (f"--batch_ratio {ratio}: every share must be a positive finite number (0 only for a "
+                               f"relabel set), e.g. 0.5-0.5")
 
 
 @pytest.mark.parametrize("name, value, message", [
