@@ -31,8 +31,8 @@ import locking
 import options
 import query_strategies
 import utils
-from query_sets import check_out_name, check_output_free, list_leaf_lmdbs, next_round, query_set_names, \
-    unselected_query_sets
+from query_sets import check_out_name, check_output_free, empty_names, list_leaf_lmdbs, next_round, \
+    query_set_names, unselected_query_sets
 from evaluation import (concatenate_columns, eval_loader, fit_temperature_on_valid_data, forward_logits, load_model,
                         rank_share, show_progress)
 
@@ -50,6 +50,11 @@ def get_args_parser():
     group.add_argument("--query", default="random",
                        help="strategy; " + "; ".join(f"{s.name}: {s.help}"
                                                     for s in query_strategies.STRATEGIES.values()))
+    group.add_argument("--pool_data", default="",
+                       help="'-'-separated datasets under --train_data to query as well, whole (--total_data_usage_"
+                            "ratio does not apply) and never proposed for training: e.g. an unlabelled LMDB of "
+                            "create_lmdb_dataset.py --unlabelled, or a labelled set kept out of training; they may "
+                            "share no LMDB with --select_data")
     group.add_argument("--ratio", type=float, default=DEFAULT_RATIO,
                        help="share of the pool to query: floor(pool size * ratio) samples")
     group.add_argument("--num_query", type=int, default=None, help="query this many samples (overrides --ratio)")
@@ -153,16 +158,19 @@ class Pool(torch.utils.data.ConcatDataset):
         self.leaves = [leaf for part in parts for leaf in part.parts]
 
 
-def build_pool(opt, pool_names, queried):
+def build_pool(opt, pool_names, queried, whole=()):
+    """The unlabelled part of each name's datasets (all of it for the names in `whole`, i.e.
+    --pool_data), without the `queried` samples."""
     parts, logs = [], []
+    whole_opt = argparse.Namespace(**{**vars(opt), "total_data_usage_ratio": 0.0})
     for name in pool_names:
         exclude = queried
         overlap = {leaf.relpath for part in parts for leaf in part.parts
                    if dataset.selects(leaf.relpath, name, opt.train_data)}
         if overlap:  # two names selecting one LMDB must not pool its samples twice
             exclude = set(queried) | {i for part in parts for i in part.identities if i[0] in overlap}
-        part, log = dataset.hierarchical_dataset(opt.train_data, opt, [name], split="unlabelled", exclude=exclude,
-                                                 flag="--train_data")
+        part, log = dataset.hierarchical_dataset(opt.train_data, whole_opt if name in whole else opt, [name],
+                                                 split="unlabelled", exclude=exclude, flag="--train_data")
         logs.append(log.rstrip("\n"))
         if len(part):
             parts.append(part)
@@ -361,8 +369,12 @@ def mean_or_none(values):
     return float(np.mean(values)) if len(values) else None
 
 
-def make_summary(opt, name, path, columns, picked, pool_total, temperature, elapsed, query_names):
-    names, shares = query_strategies.next_round_selection(opt.select_data, opt.batch_ratio, query_names, name)
+def make_summary(opt, name, path, columns, picked, pool_total, temperature, elapsed, query_names, skip=()):
+    """The round's summary; the next round's selection leaves out the --select_data names in
+    `skip` (those that select only empty query sets)."""
+    kept = [(n, r) for n, r in zip(opt.select_data, opt.batch_ratio) if n not in skip]
+    names, shares = query_strategies.next_round_selection([n for n, _ in kept], [r for _, r in kept], query_names,
+                                                          name)
     select_data, batch_ratio = query_strategies.format_selection(names, shares)
     summary = {
         "query_set": name, "path": os.path.abspath(path), "strategy": opt.query,
@@ -415,9 +427,12 @@ class Plan:
     package = None
     unlabelled = ()
 
-    def __init__(self, name, path, replaced, query_names, pool_names):
+    def __init__(self, name, path, replaced, query_names, pool_names, empty=(), whole=()):
         self.name, self.path, self.replaced = name, path, replaced
         self.query_names, self.pool_names = query_names, pool_names
+        # --select_data names of empty query sets only (never proposed for training); the --pool_data
+        # names (queried whole)
+        self.empty, self.whole = empty, whole
 
 
 def plan_output(opt):
@@ -428,16 +443,42 @@ def plan_output(opt):
     name, path = output_path(opt, leaves)
     if opt.save_images:
         check_export_free(opt.save_images, opt.overwrite, path)
-    pool_names = [n for n in opt.select_data if n not in query_names]
-    query_names = [n for n in opt.select_data if n in query_names] + \
+    whole = pool_data_names(opt, leaves)
+    empty = empty_names(opt.select_data, leaves, opt.train_data)
+    pool_names = [n for n in opt.select_data if n not in query_names] + whole
+    query_names = [n for n in opt.select_data if n in query_names and n not in empty] + \
         unselected_query_sets(leaves, opt.select_data, opt.train_data)
     if not pool_names:
         raise utils.UserError(f"--select_data {'-'.join(opt.select_data)} names only query sets, which have no "
-                              f"unlabelled pool; name a base dataset too")
+                              f"unlabelled pool; name a base dataset too, or give --pool_data")
     replaced = name if os.path.lexists(path) else None
-    plan = Plan(name, path, replaced, query_names, pool_names)
+    plan = Plan(name, path, replaced, query_names, pool_names, empty, whole)
     plan.package, plan.unlabelled = package_plan(opt, plan)
     return plan
+
+
+def pool_data_names(opt, leaves):
+    """The --pool_data names: each selects datasets under --train_data, none a query set (queried
+    already) and none that --select_data selects too (its labelled part would be trained on and
+    queried)."""
+    names = [n for n in (opt.pool_data or "").split("-") if n]
+    training = set(dataset.select_leaves(opt.train_data, opt.select_data, "--train_data"))
+    for name in names:
+        try:
+            chosen = dataset.select_leaves(opt.train_data, [name], "--train_data")
+        except utils.UserError:
+            raise utils.UserError(f"--pool_data {name}: no LMDB below {opt.train_data} has a path component "
+                                  f"'{name}'; found: {', '.join(leaves)}") from None
+        queried = [rel for rel in chosen if leaves.get(rel)]
+        if queried:
+            raise utils.UserError(f"--pool_data {name}: selects the query set {queried[0]}, whose samples were "
+                                  f"queried already; name the datasets to query")
+        shared = [rel for rel in chosen if rel in training]
+        if shared:
+            raise utils.UserError(f"--pool_data {name}: {shared[0]} is selected by --select_data "
+                                  f"{'-'.join(opt.select_data)} too; a pool dataset is never trained on, so name it "
+                                  f"in one of the two only")
+    return names
 
 
 def package_plan(opt, plan):
@@ -466,7 +507,7 @@ def score_round(opt, model, converter, strategy, temperature, device, plan, rank
     """Build the pool, fit the temperature if asked, score this rank's shard and gather on rank 0.
 
     Returns `(columns in pool order or None off rank 0, pool size, temperature)`."""
-    pool, pool_log = build_pool(opt, plan.pool_names, queried_before(opt, plan))
+    pool, pool_log = build_pool(opt, plan.pool_names, queried_before(opt, plan), plan.whole)
     query_strategies.query_count(len(pool), opt.ratio, opt.num_query)  # fail before the long scoring pass
     if temperature == "auto":
         temperature = fit_temperature_on_valid_data(model, converter, opt, device, opt.calibration)
@@ -508,7 +549,7 @@ def write_round(opt, strategy, plan, columns, pool_size, temperature, start):
         meta = query_meta(opt, strategy, plan.name, pool_size, scores[picked], temperature)
         # The summary is part of the folder from the start: a kill cannot leave a query set without it.
         summary = make_summary(opt, plan.name, plan.path, columns, picked, pool_size, temperature,
-                               time.time() - start, plan.query_names)
+                               time.time() - start, plan.query_names, plan.empty)
         check_still_free(opt, plan, identities)
         dataset.write_lmdb(plan.path, read_raw_samples(opt.train_data, identities), meta=meta,
                            overwrite=plan.replaced is not None,
@@ -530,7 +571,7 @@ def export_round(opt, strategy, plan, columns, picked, scores, identities, pool_
                 "confidence": columns["confidence"][i], "score": scores[i]}
                for i, identity, (data, path) in zip(picked, identities, images))
     summary = make_summary(opt, plan.name, plan.path, columns, picked, pool_size, temperature,
-                           time.time() - start, plan.query_names)
+                           time.time() - start, plan.query_names, plan.empty)
     for key in ("path", "next_select_data", "next_batch_ratio"):  # import_annotations.py decides these
         summary.pop(key)
     if plan.unlabelled:  # pool "labels" are empty strings: no accuracy to report
@@ -544,7 +585,7 @@ def export_round(opt, strategy, plan, columns, picked, scores, identities, pool_
         "charset": {"character": opt.character, "lowercase": dataset.lowercases_labels(opt),
                     "batch_max_length": opt.batch_max_length},
         "selection": {"select_data": list(opt.select_data), "batch_ratio": [float(r) for r in opt.batch_ratio],
-                      "unlabelled": list(plan.unlabelled)},
+                      "unlabelled": list(plan.unlabelled), "pool_data": list(plan.whole)},
         "query_meta": query_meta(opt, strategy, plan.name, pool_size, scores[picked], temperature),
         "summary": summary,
     }
@@ -589,7 +630,7 @@ def round_lock(opt, rank, distributed):
 def dry_run(opt, strategy):
     """What the round would do, from the options and the data alone."""
     plan = plan_output(opt)
-    pool, pool_log = build_pool(opt, plan.pool_names, queried_before(opt, plan))
+    pool, pool_log = build_pool(opt, plan.pool_names, queried_before(opt, plan), plan.whole)
     count = query_strategies.query_count(len(pool), opt.ratio, opt.num_query)
     print(pool_log)
     if plan.package:
