@@ -34,6 +34,7 @@ import query_strategies
 import utils
 
 MARKER = "package.json"
+PENDING = ".annotation-pending.json"  # under --train_data (hidden from the LMDB finder): round -> package
 FORMAT = 1
 UNREADABLE_MARK = "###"
 FROM_NAME, TO_NAME = "transcription", "image"  # the control and object names of label_config.xml
@@ -114,15 +115,61 @@ def check_folder_free(folder, overwrite, marker, flag, what, avoid=None, avoid_w
 
 
 def check_package_free(folder, overwrite, query_path, train_data):
-    """As `check_folder_free`; a package still waiting for its answers gets the command that
-    imports it."""
+    """As `check_folder_free`; a package still waiting for its answers, in this folder or (as
+    recorded under train_data) another one of the same round, gets the command that imports it: its
+    images are still in the pool, so a second draw of the round would pick many of them again."""
     if (not overwrite and os.path.isfile(os.path.join(folder, MARKER))
             and not os.path.lexists(query_path)):
         raise utils.UserError(f"--export_annotation {folder} holds a package whose answers were not imported "
                               f"yet: import them first ({import_command(folder, train_data)}), or pass "
                               f"--overwrite to draw this round again")
+    waiting = None if overwrite else waiting_package(train_data, os.path.basename(query_path))
+    if waiting and os.path.realpath(waiting) != os.path.realpath(folder):
+        raise utils.UserError(f"--export_annotation {folder}: round {os.path.basename(query_path)} has a package "
+                              f"waiting for its answers in {waiting}, whose images are still in the pool: import "
+                              f"it first ({import_command(waiting, train_data)}), or pass --overwrite to draw this "
+                              f"round again")
     check_folder_free(folder, overwrite, MARKER, "--export_annotation", "an annotation package of data_sampling.py",
                       avoid=query_path)
+
+
+def read_pending(train_data):
+    """{round: package folder} as recorded under train_data; {} when there is no record or it
+    cannot be read (it only guards against drawing a round twice)."""
+    try:
+        with open(os.path.join(train_data, PENDING), encoding="utf-8") as f:
+            pending = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return {str(r): str(f) for r, f in pending.items()} if isinstance(pending, dict) else {}
+
+
+def waiting_package(train_data, round_name):
+    """The package folder recorded for `round_name` when it still waits for its answers (it holds
+    a package of that round and the round's query set does not exist), else None."""
+    folder = read_pending(train_data).get(round_name)
+    if not folder or os.path.lexists(os.path.join(train_data, round_name)):
+        return None
+    try:
+        with open(os.path.join(folder, MARKER), encoding="utf-8") as f:
+            return folder if json.load(f).get("round") == round_name else None
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def record_pending(train_data, round_name=None, folder=None, imported=None):
+    """Record `folder` as the package of `round_name`, or forget the package `imported`; records
+    of packages that no longer wait are dropped on the way. The file goes when none is left."""
+    pending = {r: f for r, f in read_pending(train_data).items()
+               if waiting_package(train_data, r) and r != round_name
+               and not (imported and os.path.realpath(f) == os.path.realpath(imported))}
+    if folder:
+        pending[round_name] = os.path.abspath(folder)
+    path = os.path.join(train_data, PENDING)
+    if pending:
+        utils.atomic_write_text(path, json.dumps(pending, indent=1, ensure_ascii=False) + "\n")
+    elif os.path.lexists(path):
+        os.remove(path)
 
 
 def import_command(folder, train_data, python="python"):
@@ -222,6 +269,7 @@ def write_package(folder, records, manifest, overwrite, query_path):
         if isinstance(err, OSError):
             utils.blame_output(err, folder)
         raise
+    record_pending(manifest["train_data"], manifest["round"], folder)
     return manifest
 
 
@@ -480,12 +528,13 @@ def check_origins(package, root, replaced):
 
 def next_selection(package, root, name, trainable):
     """`(select_data, batch_ratio)` strings for the next `train.py --mode al`: the sampling
-    round's selection without the unlabelled names (nothing of them trains), plus every query set
-    under root, the new one last (left out when it holds no trainable sample)."""
+    round's selection without the unlabelled names and those of empty query sets (nothing of them
+    trains), plus every query set under root that holds a sample, the new one last (left out when it
+    holds no trainable sample)."""
     selection = package.selection
-    drop = set(selection.get("unlabelled") or [])
-    kept = [(n, float(r)) for n, r in zip(selection["select_data"], selection["batch_ratio"]) if n not in drop]
     leaves = query_sets.list_leaf_lmdbs(root)
+    drop = set(selection.get("unlabelled") or []) | query_sets.empty_names(selection["select_data"], leaves, root)
+    kept = [(n, float(r)) for n, r in zip(selection["select_data"], selection["batch_ratio"]) if n not in drop]
     names = [n for n, _ in kept]
     others = [n for n in query_sets.query_set_names(names, leaves, root) if n != name]
     others += [n for n in query_sets.unselected_query_sets(leaves, names, root) if n != name and n not in others]
@@ -540,7 +589,7 @@ def format_import_summary(summary):
                      f"--batch_ratio {summary['next_batch_ratio']}")
     if not summary["num_picked"]:
         lines.append("warning: no answer is readable, so the query set holds no sample to train on; it only keeps "
-                     "these images out of later pools (leave it out of --select_data)")
+                     "these images out of later pools (no next round's selection names it; train.py skips it)")
     return "\n".join(lines)
 
 

@@ -33,8 +33,8 @@ import options
 import query_strategies
 import relabel
 import utils
-from query_sets import ROUND_PATTERN, check_out_name, check_output_free, list_leaf_lmdbs, next_round, query_set_names, \
-    unselected_query_sets
+from query_sets import ROUND_PATTERN, check_out_name, check_output_free, empty_names, list_leaf_lmdbs, next_round, \
+    query_set_names, unselected_query_sets
 from evaluation import (concatenate_columns, eval_loader, fit_temperature_on_valid_data, forward_logits, load_model,
                         rank_share, show_progress)
 
@@ -52,6 +52,11 @@ def get_args_parser():
     group.add_argument("--query", default="random",
                        help="strategy; " + "; ".join(f"{s.name}: {s.help}"
                                                     for s in query_strategies.STRATEGIES.values()))
+    group.add_argument("--pool_data", default="",
+                       help="'-'-separated datasets under --train_data to query as well, whole (--total_data_usage_"
+                            "ratio does not apply) and never proposed for training: e.g. an unlabelled LMDB of "
+                            "create_lmdb_dataset.py --unlabelled, or a labelled set kept out of training; they may "
+                            "share no LMDB with --select_data")
     group.add_argument("--ratio", type=float, default=DEFAULT_RATIO,
                        help="share of the pool to query: floor(pool size * ratio) samples")
     group.add_argument("--num_query", type=int, default=None, help="query this many samples (overrides --ratio)")
@@ -196,18 +201,20 @@ def subsample_pool(pool, size, seed, round_name):
     return Pool([part for part in pool.datasets if len(part)], total=pool.total)
 
 
-def build_pool(opt, pool_names, queried, round_name):
-    """The round's pool: the unlabelled part of `pool_names` less the `queried` identities, then
-    the --pool_subsample draw of round `round_name`; returns `(pool, log text)`."""
+def build_pool(opt, pool_names, queried, round_name, whole=()):
+    """The round's pool: the unlabelled part of `pool_names` (all of it for the names in `whole`,
+    i.e. --pool_data) less the `queried` identities, then the --pool_subsample draw of round
+    `round_name`; returns `(pool, log text)`."""
     parts, logs = [], []
+    whole_opt = argparse.Namespace(**{**vars(opt), "total_data_usage_ratio": 0.0})
     for name in pool_names:
         exclude = queried
         overlap = {leaf.relpath for part in parts for leaf in part.parts
                    if dataset.selects(leaf.relpath, name, opt.train_data)}
         if overlap:  # two names selecting one LMDB must not pool its samples twice
             exclude = set(queried) | {i for part in parts for i in part.identities if i[0] in overlap}
-        part, log = dataset.hierarchical_dataset(opt.train_data, opt, [name], split="unlabelled", exclude=exclude,
-                                                 flag="--train_data")
+        part, log = dataset.hierarchical_dataset(opt.train_data, whole_opt if name in whole else opt, [name],
+                                                 split="unlabelled", exclude=exclude, flag="--train_data")
         logs.append(log.rstrip("\n"))
         if len(part):
             parts.append(part)
@@ -441,9 +448,16 @@ def mean_or_none(values):
     return float(np.mean(values)) if len(values) else None
 
 
-def make_summary(opt, name, path, columns, picked, pool, temperature, elapsed, query_names, selection=None):
-    names, shares = selection or query_strategies.next_round_selection(opt.select_data, opt.batch_ratio,
-                                                                       query_names, name)
+def make_summary(opt, name, path, columns, picked, pool, temperature, elapsed, query_names, selection=None,
+                 skip=()):
+    """The round's summary. The next round's selection is `selection` when given (relabel's
+    next_selection), else query_strategies' rule over the --select_data names not in `skip` (those
+    that select only empty query sets)."""
+    if selection is None:
+        kept = [(n, r) for n, r in zip(opt.select_data, opt.batch_ratio) if n not in skip]
+        selection = query_strategies.next_round_selection([n for n, _ in kept], [r for _, r in kept], query_names,
+                                                          name)
+    names, shares = selection
     select_data, batch_ratio = query_strategies.format_selection(names, shares)
     summary = {
         "query_set": name, "path": os.path.abspath(path), "strategy": opt.query,
@@ -503,10 +517,13 @@ class Plan:
     package = None
     unlabelled = ()
 
-    def __init__(self, name, path, replaced, query_names, pool_names, relabel_plan=None):
+    def __init__(self, name, path, replaced, query_names, pool_names, relabel_plan=None, empty=(), whole=()):
         self.name, self.path, self.replaced = name, path, replaced
         self.query_names, self.pool_names = query_names, pool_names
         self.relabel = relabel_plan  # relabel.RelabelPlan: the round's relabel set and the earlier ones
+        # --select_data names of empty query sets only (never proposed for training); the --pool_data
+        # names (queried whole)
+        self.empty, self.whole = empty, whole
 
 
 def plan_output(opt):
@@ -517,16 +534,42 @@ def plan_output(opt):
     name, path = output_path(opt, leaves)
     if opt.save_images:
         check_export_free(opt.save_images, opt.overwrite, path)
-    pool_names = [n for n in opt.select_data if n not in query_names]
-    query_names = [n for n in opt.select_data if n in query_names] + \
+    whole = pool_data_names(opt, leaves)
+    empty = empty_names(opt.select_data, leaves, opt.train_data)
+    pool_names = [n for n in opt.select_data if n not in query_names] + whole
+    query_names = [n for n in opt.select_data if n in query_names and n not in empty] + \
         unselected_query_sets(leaves, opt.select_data, opt.train_data)
     if not pool_names:
         raise utils.UserError(f"--select_data {'-'.join(opt.select_data)} names only query sets, which have no "
-                              f"unlabelled pool; name a base dataset too")
+                              f"unlabelled pool; name a base dataset too, or give --pool_data")
     replaced = name if os.path.lexists(path) else None
-    plan = Plan(name, path, replaced, query_names, pool_names, plan_relabel(opt, name, leaves))
+    plan = Plan(name, path, replaced, query_names, pool_names, plan_relabel(opt, name, leaves), empty, whole)
     plan.package, plan.unlabelled = package_plan(opt, plan)
     return plan
+
+
+def pool_data_names(opt, leaves):
+    """The --pool_data names: each selects datasets under --train_data, none a query set (queried
+    already) and none that --select_data selects too (its labelled part would be trained on and
+    queried)."""
+    names = [n for n in (opt.pool_data or "").split("-") if n]
+    training = set(dataset.select_leaves(opt.train_data, opt.select_data, "--train_data"))
+    for name in names:
+        try:
+            chosen = dataset.select_leaves(opt.train_data, [name], "--train_data")
+        except utils.UserError:
+            raise utils.UserError(f"--pool_data {name}: no LMDB below {opt.train_data} has a path component "
+                                  f"'{name}'; found: {', '.join(leaves)}") from None
+        queried = [rel for rel in chosen if leaves.get(rel)]
+        if queried:
+            raise utils.UserError(f"--pool_data {name}: selects the query set {queried[0]}, whose samples were "
+                                  f"queried already; name the datasets to query")
+        shared = [rel for rel in chosen if rel in training]
+        if shared:
+            raise utils.UserError(f"--pool_data {name}: {shared[0]} is selected by --select_data "
+                                  f"{'-'.join(opt.select_data)} too; a pool dataset is never trained on, so name it "
+                                  f"in one of the two only")
+    return names
 
 
 def package_plan(opt, plan):
@@ -571,7 +614,7 @@ def score_round(opt, model, converter, strategy, temperature, device, plan, rank
     """Build the pool, fit the temperature if asked, score this rank's shard and gather on rank 0.
 
     Returns `(columns in pool order or None off rank 0, the pool, temperature)`."""
-    pool, pool_log = build_pool(opt, plan.pool_names, queried_before(opt, plan), plan.name)
+    pool, pool_log = build_pool(opt, plan.pool_names, queried_before(opt, plan), plan.name, plan.whole)
     # fail before the long scoring pass
     acquisition.check_candidates(opt.candidates, query_size(opt, pool))
     if temperature == "auto":
@@ -651,7 +694,7 @@ def export_round(opt, strategy, plan, columns, picked, scores, identities, pool,
                 "confidence": columns["confidence"][i], "score": scores[i]}
                for i, identity, (data, path) in zip(picked, identities, images))
     summary = make_summary(opt, plan.name, plan.path, columns, picked, pool, temperature,
-                           time.time() - start, plan.query_names)
+                           time.time() - start, plan.query_names, skip=plan.empty)
     for key in ("path", "next_select_data", "next_batch_ratio"):  # import_annotations.py decides these
         summary.pop(key)
     if plan.unlabelled:  # pool "labels" are empty strings: no accuracy to report
@@ -665,7 +708,7 @@ def export_round(opt, strategy, plan, columns, picked, scores, identities, pool,
         "charset": {"character": opt.character, "lowercase": dataset.lowercases_labels(opt),
                     "batch_max_length": opt.batch_max_length},
         "selection": {"select_data": list(opt.select_data), "batch_ratio": [float(r) for r in opt.batch_ratio],
-                      "unlabelled": list(plan.unlabelled)},
+                      "unlabelled": list(plan.unlabelled), "pool_data": list(plan.whole)},
         "query_meta": query_meta(opt, strategy, plan.name, pool, scores[picked], temperature),
         "summary": summary,
     }
@@ -725,7 +768,7 @@ def round_lock(opt, rank, distributed):
 def dry_run(opt, strategy):
     """What the round would do, from the options and the data alone."""
     plan = plan_output(opt)
-    pool, pool_log = build_pool(opt, plan.pool_names, queried_before(opt, plan), plan.name)
+    pool, pool_log = build_pool(opt, plan.pool_names, queried_before(opt, plan), plan.name, plan.whole)
     count = query_size(opt, pool)
     acquisition.check_candidates(opt.candidates, count)
     print(pool_log)

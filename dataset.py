@@ -850,6 +850,27 @@ class Batch_Balanced_Dataset:
                 raise UserError(f"--select_data {name} selects only query sets ({', '.join(query_leaves[name])}), "
                                 "which --mode base does not train on; use --mode al, or drop the name (and its "
                                 "share) from --select_data and --batch_ratio")
+        streams, skipped_batch = list(zip(names, ratios)), 0
+        if query_sets:
+            # A query set whose every answer was unreadable counts as queried but holds nothing to
+            # draw: an older summary (or a hand-made selection) may still name it, which must not
+            # stop a round, so its stream is left out and its share of the batch stays unused.
+            streams = []
+            for name, ratio in zip(names, ratios):
+                rels = query_leaves[name]
+                if not (rels and len(rels) == len(selected[name])
+                        and all(is_empty_query_set(os.path.join(root, rel)) for rel in rels)):
+                    streams.append((name, ratio))
+                    continue
+                skipped_batch += max(round(opt.batch_size * ratio), 1)
+                self.warnings.append(f"--select_data {name}: the query set {', '.join(rels)} holds no sample (every "
+                                     f"answer was unreadable; it only keeps those images out of later pools), so it is "
+                                     f"skipped and its batch share {ratio:g} stays unused; drop it and its share from "
+                                     f"--select_data and --batch_ratio")
+            if not streams:
+                raise UserError(f"--select_data {'-'.join(names)}: only empty query sets, nothing to train on; name "
+                                f"the labelled datasets and the query sets that hold samples")
+            self.names = [name for name, _ in streams]
         queried = set()
         if query_sets:
             ratio = float(getattr(opt, "total_data_usage_ratio", 1.0))
@@ -863,7 +884,7 @@ class Batch_Balanced_Dataset:
                         f"uses {ratio:g}: samples it holds that now fall in a base dataset's labelled part are "
                         "left out there, so each is trained on once (log_dataset.txt: 'excluded ... already queried')")
 
-        for k, (name, ratio) in enumerate(zip(names, ratios)):
+        for k, (name, ratio) in enumerate(streams):
             batch = max(round(opt.batch_size * ratio), 1)
             dataset, leaf_log = hierarchical_dataset(root, opt, select_data=[name], split="labelled",
                                                      exclude=queried or None, noise_ratio=noise_ratio,
@@ -920,7 +941,7 @@ class Batch_Balanced_Dataset:
         lines.append(rule)
         total = sum(self.batch_sizes.values())
         lines.append(f"Total_batch_size: {'+'.join(str(b) for b in self.batch_sizes.values())} = {total}")
-        if total != opt.batch_size:
+        if total + skipped_batch != opt.batch_size:  # a skipped share has its own warning
             shares = "-".join(f"{r:g}" for r in ratios)
             self.warnings.append(f"--batch_ratio {shares} (sum {sum(ratios):g}) of --batch_size {opt.batch_size} "
                                  f"gives batches of {'+'.join(str(b) for b in self.batch_sizes.values())} = "
@@ -1241,6 +1262,16 @@ def is_query_set(path):
         return False
     with shared_env(path).begin(write=False) as txn:
         return txn.get(QUERY_META_KEY) is not None
+
+
+def is_empty_query_set(path):
+    """Whether the leaf LMDB at path is a query set that holds no sample (every answer of its import
+    was unreadable): it counts as queried, its `unreadable-%09d` origins stay out of later pools, but
+    it has nothing to train on."""
+    if not is_query_set(path):
+        return False
+    with shared_env(path).begin(write=False) as txn:
+        return read_num_samples(txn, path) == 0
 
 
 def read_query_meta(path):

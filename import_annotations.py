@@ -71,6 +71,7 @@ def main(opt):
             return summary
         meta = annotation.import_meta(package, judged, name, answers_path, fmt)
         annotation.write_query_set(path, judged, opt.train_data, meta, summary, replace=replaced is not None)
+        annotation.record_pending(opt.train_data, imported=opt.package)
     print(annotation.format_import_summary(summary))
     return summary
 

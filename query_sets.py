@@ -18,14 +18,28 @@ def list_leaf_lmdbs(root):
 
 def unselected_query_sets(leaves, select_data, root):
     """Folder names of the query sets below root that no --select_data name selects, by round
-    (k of *_iter_<k>) then name: the next training round needs them too."""
+    (k of *_iter_<k>) then name: the next training round needs them too. Empty query sets are left
+    out: training has nothing to draw from them."""
     def order(name):
         match = ROUND_PATTERN.search(name)
         return (int(match.group(1)) if match else float("inf"), name)
 
     names = {rel.rsplit("/", 1)[-1] for rel, is_query in leaves.items()
-             if is_query and not any(dataset.selects(rel, n, root) for n in select_data)}
+             if is_query and not any(dataset.selects(rel, n, root) for n in select_data)
+             and not dataset.is_empty_query_set(os.path.join(root, rel))}
     return sorted(names, key=order)
+
+
+def empty_names(select_data, leaves, root):
+    """The --select_data names that select only empty query sets (every answer unreadable): they
+    keep their images out of the pool but no next round's selection may name them, since training
+    would find no sample there."""
+    names = set()
+    for name in select_data:
+        chosen = [rel for rel in leaves if dataset.selects(rel, name, root)]
+        if chosen and all(leaves[rel] and dataset.is_empty_query_set(os.path.join(root, rel)) for rel in chosen):
+            names.add(name)
+    return names
 
 
 def query_set_names(select_data, leaves, root):

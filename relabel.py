@@ -301,12 +301,5 @@ def next_selection(opt, query_names, query_set, relabel_plan, written, query_set
 
 
 def empty_query_sets(root, names):
-    """The names among `names` that are query sets holding no sample."""
-    empty = set()
-    for name in names:
-        path = os.path.join(root, name)
-        if dataset.is_query_set(path):
-            with dataset.shared_env(path).begin(write=False) as txn:
-                if dataset.read_num_samples(txn, path) == 0:
-                    empty.add(name)
-    return empty
+    """The names among `names` that are query sets holding no sample (dataset.is_empty_query_set)."""
+    return {name for name in names if dataset.is_empty_query_set(os.path.join(root, name))}

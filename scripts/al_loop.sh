@@ -14,6 +14,8 @@ usage: scripts/al_loop.sh [--name value ...]      (or the upper-case environment
   --test_data DIR         LMDB root evaluated by test.py each round  (= valid_data)
   --select_data NAMES     base datasets, '-'-separated               (CVPR2016-NIPS2014)
   --batch_ratio SHARES    their batch shares                         (0.5-0.5)
+  --pool_data NAMES       more datasets to query, '-'-separated, whole and never trained on
+                          (e.g. an unlabelled LMDB; then --annotator human) ("")
   --label_ratio R         labelled fraction (--total_data_usage_ratio) (0.1)
   --query NAME            query strategy of data_sampling.py         (random)
   --base_calibrator NAME  calibrator of round 0                      (CE)
@@ -43,8 +45,8 @@ usage: scripts/al_loop.sh [--name value ...]      (or the upper-case environment
   --out DIR               output root; this run goes to DIR/<query>  (runs/al)
 
 Round 0 trains on the labelled part. Round k >= 1 runs data_sampling.py with round k-1's
-best_accuracy.pth, then train.py --mode al from that model on the base datasets plus every
-query set so far. The batch shares follow the original's rule: the base shares are halved and
+best_accuracy.pth (its pool: the unlabelled rest of --select_data plus all of --pool_data),
+then train.py --mode al from that model on the base datasets plus every query set so far. The batch shares follow the original's rule: the base shares are halved and
 the other half is split equally among the query sets (e.g. 0.5-0.5 -> 0.25-0.25-0.5 in round 1,
 0.25-0.25-0.25-0.25 in round 2). With --relabel_ratio, round k also writes the relabel set
 <query>_iter_<k>_relabel: later rounds select it with the share 0 (it gives samples trained on
@@ -53,6 +55,7 @@ training saw. The query sets of this run live in DIR/<query>/train_data,
 beside links to the base datasets, so runs of different strategies never see each other's picks.
 Results: DIR/<query>/rounds.csv, rounds.md; DIR/learning_curve.png covers every run under DIR.
 
+A query set in which every answer was unreadable counts as queried but is never trained on.
 With --annotator human, round k >= 1 runs data_sampling.py --export_annotation into
 DIR/<query>/train_data/<query>_iter_<k>_annotation and stops (exit 0), printing the
 import_annotations.py command that turns the transcribers' answers into the query set and the
@@ -70,6 +73,7 @@ TRAIN_DATA=${TRAIN_DATA:-data/train_data_lmdb}
 VALID_DATA=${VALID_DATA:-data/test_data_lmdb}
 TEST_DATA=${TEST_DATA:-}
 SELECT_DATA=${SELECT_DATA:-CVPR2016-NIPS2014}
+POOL_DATA=${POOL_DATA:-}
 BATCH_RATIO=${BATCH_RATIO:-0.5-0.5}
 LABEL_RATIO=${LABEL_RATIO:-0.1}
 QUERY=${QUERY:-random}
@@ -102,7 +106,7 @@ while [ $# -gt 0 ]; do
       [ $# -ge 2 ] || { echo "error: $1 needs a value" >&2; exit 2; }
       var=$(printf '%s' "${1#--}" | tr '[:lower:]' '[:upper:]')
       case "$var" in
-        TRAIN_DATA|VALID_DATA|TEST_DATA|SELECT_DATA|BATCH_RATIO|LABEL_RATIO|QUERY|BASE_CALIBRATOR|\
+        TRAIN_DATA|VALID_DATA|TEST_DATA|SELECT_DATA|POOL_DATA|BATCH_RATIO|LABEL_RATIO|QUERY|BASE_CALIBRATOR|\
         AL_CALIBRATOR|ROUNDS|QUERY_RATIO|NUM_QUERY|POOL_SUBSAMPLE|NOISE_RATIO|NOISE_MODEL|ANNOTATOR|RELABEL_RATIO|\
         BASE_ITERS|ITERS|VAL_INTERVAL|ARCH|\
         TRAIN_ARGS|BATCH_SIZE|WORKERS|SEED|OUT|PYTHON) printf -v "$var" '%s' "$2" ;;
@@ -172,6 +176,33 @@ IFS='-' read -r -a BASE_NAMES <<< "$SELECT_DATA"
 for name in "${BASE_NAMES[@]}"; do
   [ -e "$TRAIN_DATA/$name" ] || fail "--select_data $name: $TRAIN_DATA/$name does not exist"
 done
+POOL_NAMES=()
+[ -z "$POOL_DATA" ] || IFS='-' read -r -a POOL_NAMES <<< "$POOL_DATA"
+for name in "${POOL_NAMES[@]}"; do
+  [ -n "$name" ] || fail "--pool_data $POOL_DATA: an empty name; separate the names by single '-'"
+  [ -e "$TRAIN_DATA/$name" ] || fail "--pool_data $name: $TRAIN_DATA/$name does not exist"
+  [[ " ${BASE_NAMES[*]} " != *" $name "* ]] || \
+    fail "--pool_data $name: named by --select_data too; a pool dataset is never trained on, name it in one of the two"
+done
+if [ "$ANNOTATOR" = simulated ] && [ ${#POOL_NAMES[@]} -gt 0 ]; then
+  # a simulated annotator answers with the pool's labels, which an unlabelled LMDB does not have
+  # the key dataset.UNLABELLED_KEY, read with lmdb alone: importing dataset (torch) takes seconds
+  unlabelled=$("$PYTHON" -c 'import os, sys, lmdb
+def unlabelled(folder):
+    for top, dirs, files in os.walk(folder, followlinks=True):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        if "data.mdb" in files:
+            env = lmdb.open(top, readonly=True, lock=False)
+            with env.begin() as txn:
+                found = txn.get(b"unlabelled") is not None
+            env.close()
+            if found:
+                return True
+    return False
+print(" ".join(n for n in sys.argv[2:] if unlabelled(os.path.join(sys.argv[1], n))))' \
+    "$TRAIN_DATA" "${POOL_NAMES[@]}" 2>/dev/null) || fail "--pool_data $POOL_DATA: cannot read these datasets under $TRAIN_DATA"
+  [ -z "$unlabelled" ] || fail "--pool_data $POOL_DATA: ${unlabelled// /, } holds no labels for a simulated annotator to answer with; pass --annotator human"
+fi
 
 RUN="$OUT/$QUERY"
 RUN_TRAIN="$RUN/train_data"
@@ -189,6 +220,7 @@ settings() {
   [ "$ANNOTATOR" = simulated ] || printf 'ANNOTATOR=%s\n' "$ANNOTATOR"
   [ "$RELABEL_RATIO" = 0 ] || printf 'RELABEL_RATIO=%s\n' "$RELABEL_RATIO"
   [ -z "$POOL_SUBSAMPLE" ] || printf 'POOL_SUBSAMPLE=%s\n' "$POOL_SUBSAMPLE"
+  [ -z "$POOL_DATA" ] || printf 'POOL_DATA=%s\n' "$POOL_DATA"
 }
 
 # shellcheck disable=SC2206
@@ -198,6 +230,8 @@ EXTRA_ARGS=($TRAIN_ARGS)
 COMMON=(--valid_data "$VALID_DATA" --manualSeed "$SEED" --batch_size "$BATCH_SIZE" --workers "$WORKERS"
         --total_data_usage_ratio "$LABEL_RATIO" --no_progress)
 query_size=(--ratio "$QUERY_RATIO")
+pool_args=()
+[ -z "$POOL_DATA" ] || pool_args=(--pool_data "$POOL_DATA")
 export_args=()
 [ "$ANNOTATOR" = human ] && export_args=(--export_annotation "$RUN_TRAIN/${QUERY}_iter_1_annotation")
 [ -n "$NUM_QUERY" ] && query_size=(--num_query "$NUM_QUERY")
@@ -218,7 +252,7 @@ else
   # datasets (the run folder is made only once they pass).
   scratch=$(mktemp -d)
   trap 'rm -rf "$scratch"' EXIT
-  for name in "${BASE_NAMES[@]}"; do ln -s "$(cd "$TRAIN_DATA" && pwd)/$name" "$scratch/$name"; done
+  for name in "${BASE_NAMES[@]}" "${POOL_NAMES[@]}"; do ln -s "$(cd "$TRAIN_DATA" && pwd)/$name" "$scratch/$name"; done
   check() {
     local out
     if ! out=$("$@" 2>&1 >/dev/null); then
@@ -236,7 +270,8 @@ else
       --output_dir "$scratch/models"
     check "$PYTHON" data_sampling.py --dry_run --train_data "$scratch" "${COMMON[@]}" "${ARCH_ARGS[@]}" \
       --select_data "$SELECT_DATA" --batch_ratio "$BATCH_RATIO" --saved_model "$scratch/none.pth" \
-      --query "$QUERY" "${query_size[@]}" "${relabel_args[@]}" --out_name "${QUERY}_iter_1" "${export_args[@]}"
+      --query "$QUERY" "${query_size[@]}" "${relabel_args[@]}" --out_name "${QUERY}_iter_1" "${pool_args[@]}" \
+      "${export_args[@]}"
   fi
   rm -rf "$scratch"
   trap - EXIT
@@ -244,8 +279,8 @@ else
   settings > "$SETTINGS_FILE.tmp" && mv "$SETTINGS_FILE.tmp" "$SETTINGS_FILE"
 fi
 mkdir -p "$RUN_TRAIN" "$RUN/models" "$RUN/eval"
-# Links to the base datasets keep this run's query sets apart from every other run's.
-for name in "${BASE_NAMES[@]}"; do
+# Links to the base and pool datasets keep this run's query sets apart from every other run's.
+for name in "${BASE_NAMES[@]}" "${POOL_NAMES[@]}"; do
   src=$(cd "$TRAIN_DATA" && pwd)/$name
   [ -e "$RUN_TRAIN/$name" ] || ln -s "$src" "$RUN_TRAIN/$name"
 done
@@ -318,13 +353,13 @@ for round in $(seq 0 "$ROUNDS"); do
       else
         run_step "$PYTHON" data_sampling.py --train_data "$RUN_TRAIN" "${COMMON[@]}" --select_data "$SELECT_DATA" \
           --batch_ratio "$BATCH_RATIO" --saved_model "$previous" --query "$QUERY" "${query_size[@]}" \
-          --out_name "${QUERY}_iter_${round}" --export_annotation "$package" --mode al
+          --out_name "${QUERY}_iter_${round}" "${pool_args[@]}" --export_annotation "$package" --mode al
       fi
       wait_for_annotators "$package"
     else
       run_step "$PYTHON" data_sampling.py --train_data "$RUN_TRAIN" "${COMMON[@]}" --select_data "$SELECT_DATA" \
         --batch_ratio "$BATCH_RATIO" --saved_model "$previous" --query "$QUERY" "${query_size[@]}" \
-        "${relabel_args[@]}" --out_name "${QUERY}_iter_${round}" --mode al
+        "${relabel_args[@]}" --out_name "${QUERY}_iter_${round}" "${pool_args[@]}" --mode al
     fi
     select=$("$PYTHON" -c 'import json,sys; print(json.load(open(sys.argv[1]))["next_select_data"])' "$summary")
     ratio=$("$PYTHON" -c 'import json,sys; print(json.load(open(sys.argv[1]))["next_batch_ratio"])' "$summary")

@@ -10,9 +10,11 @@ import shutil
 import signal
 import subprocess
 import sys
+import types
 
 import pytest
 
+import annotation
 import create_lmdb_dataset
 import dataset
 import import_annotations
@@ -55,7 +57,9 @@ def error_line(capsys, call):
 
 
 def hidden(folder):
-    return [name for name in os.listdir(folder) if name.startswith(".") and not name.endswith(".lock")]
+    """Leftovers of an interrupted write (the lock file and the record of waiting packages are not)."""
+    return [name for name in os.listdir(folder)
+            if name.startswith(".") and not name.endswith(".lock") and name != annotation.PENDING]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -69,8 +73,10 @@ def test_gt_round_trip_writes_the_query_set_and_keeps_unreadable_images_out(work
     summary = run_main(ctc_args(work, models.ctc, "--query", "uncali", "--num_query", "6",
                                 "--export_annotation", str(package)))
     out = capsys.readouterr().out
-    # a package instead of the query set, and the summary says so with the import command
-    assert listing(train) == ["CVPR2016", "NIPS2014"]
+    # a package instead of the query set, and the summary says so with the import command; the
+    # round's package is recorded as waiting under --train_data
+    assert listing(train) == [annotation.PENDING, "CVPR2016", "NIPS2014"]
+    assert annotation.read_pending(str(train)) == {"uncali_iter_1": str(package)}
     assert summary["query_set"] is None and summary["num_picked"] == 6 and summary["round"] == "uncali_iter_1"
     assert "no query set is written yet" in out and "import_annotations.py --package" in out
     assert sorted(os.listdir(package)) == ["README.txt", "gt.txt", "images", "label_config.xml", "package.json",
@@ -117,7 +123,7 @@ def test_gt_round_trip_writes_the_query_set_and_keeps_unreadable_images_out(work
     assert (result["next_select_data"], result["next_batch_ratio"]) == ("CVPR2016-NIPS2014-uncali_iter_1",
                                                                       "0.25-0.25-0.5")
     assert f"{changed} corrected, 2 unreadable" in printed
-    assert listing(train) == ["CVPR2016", "NIPS2014", "uncali_iter_1"]
+    assert listing(train) == ["CVPR2016", "NIPS2014", "uncali_iter_1"]  # the import forgot the record
     rows, query_meta = read_set(str(train / "uncali_iter_1"))
     assert [(image, label, origin) for image, label, origin in rows] == \
         [(source_image(str(train), tuple(images[k]["origin"])), truth[k], tuple(images[k]["origin"]))
@@ -141,12 +147,9 @@ def test_gt_round_trip_writes_the_query_set_and_keeps_unreadable_images_out(work
 # an unlabelled pool, answered through Label Studio
 
 
-@pytest.fixture
-def crops(work):
+def write_crops(folder, train):
     """A folder of word images without labels (in sub-folders, with a file that is no image),
-    taken from NIPS2014: {relative path: (bytes, true label)}."""
-    folder = work / "crops"
-    train = str(work / "train_data_lmdb")
+    taken from NIPS2014 below `train`: {relative path: (bytes, true label)}."""
     truth = {}
     for k in range(1, 9):
         rel = f"{'shop' if k % 2 else 'street/left'}/word{k}.png"
@@ -155,7 +158,13 @@ def crops(work):
         (folder / rel).write_bytes(data)
         truth[rel] = (data, source_label(train, ("NIPS2014", k)))
     (folder / "notes.txt").write_text("not an image")
-    return folder, truth
+    return truth
+
+
+@pytest.fixture
+def crops(work):
+    folder = work / "crops"
+    return folder, write_crops(folder, str(work / "train_data_lmdb"))
 
 
 def test_unlabelled_lmdb_holds_every_image_with_its_path(work, crops, capsys):
@@ -224,7 +233,7 @@ def test_unlabelled_pool_is_queried_whole_and_answered_in_label_studio(work, cro
     package = train / "uncali_iter_1_annotation"  # the default place, beside the query set to be
     # the whole LMDB is the pool though --total_data_usage_ratio is 0.7; no query set is written
     assert summary["pool_size"] == 8 and summary["accuracy"] == {"picked": None, "pool": None}
-    assert listing(train) == ["CVPR2016", "Crops", "NIPS2014", "uncali_iter_1_annotation"]
+    assert listing(train) == [annotation.PENDING, "CVPR2016", "Crops", "NIPS2014", "uncali_iter_1_annotation"]
     assert f"annotation -> {package}" in out
     images = manifest(package)["images"]
     paths = sorted(truth)
@@ -246,6 +255,115 @@ def test_unlabelled_pool_is_queried_whole_and_answered_in_label_studio(work, cro
     # a second round: five drawn, the other three are left
     argv[argv.index("5")] = "8"
     assert run_main(argv + ["--dry_run"])["pool_size"] == 3
+
+
+# ---------------------------------------------------------------------------------------------
+# a query set without one readable answer: queried, never trained on
+
+
+def test_an_import_without_a_readable_answer_is_queried_but_never_trained_on(work, models, make_opt, capsys):
+    train = work / "train_data_lmdb"
+    package = work / "package"
+    pool_before = run_main(ctc_args(work, models.ctc, "--num_query", "1", "--dry_run"))["pool_size"]
+    run_main(ctc_args(work, models.ctc, "--num_query", "3", "--export_annotation", str(package)))
+    images = manifest(package)["images"]
+    (package / "gt.txt").write_text("".join(f"{i['file']}\t{a}\n" for i, a in zip(images, ["###", "", " ### "])))
+    result = run_import("--package", package, "--train_data", train)
+    assert (result["num_picked"], result["unreadable"]) == (0, 3)
+    assert "warning: no answer is readable" in capsys.readouterr().out
+    # the next training is the base selection as it was; the empty query set exists all the same
+    assert (result["next_select_data"], result["next_batch_ratio"]) == ("CVPR2016-NIPS2014", "0.5-0.5")
+    assert read_set(str(train / "random_iter_1"))[0] == []
+    # a later round leaves the three out of its pool, counts the round in its name, and proposes
+    # every query set but the empty one
+    later = run_main(ctc_args(work, models.ctc, "--num_query", "2"))
+    assert (later["query_set"], later["pool_size"]) == ("random_iter_2", pool_before - 3)
+    assert (later["next_select_data"], later["next_batch_ratio"]) == ("CVPR2016-NIPS2014-random_iter_2",
+                                                                      "0.25-0.25-0.5")
+    # named in --select_data too: no pool of its own, and still not proposed (its share is dropped
+    # before the rule halves the base shares)
+    argv = ctc_args(work, models.ctc, "--num_query", "2", "--batch_ratio", "0.25-0.25-0.5")
+    argv[argv.index("CVPR2016-NIPS2014")] = "CVPR2016-NIPS2014-random_iter_1"
+    named = run_main(argv)
+    assert (named["query_set"], named["pool_size"]) == ("random_iter_3", pool_before - 5)
+    assert (named["next_select_data"], named["next_batch_ratio"]) == \
+        ("CVPR2016-NIPS2014-random_iter_2-random_iter_3", "0.25-0.25-0.25-0.25")
+    capsys.readouterr()
+
+    # training on a selection that names it anyway: skipped with one warning, the rest trains
+    opt = make_opt(train_data=str(train), select_data="CVPR2016-NIPS2014-random_iter_1", batch_ratio="0.25-0.25-0.5",
+                   batch_size=32, total_data_usage_ratio="0.7")
+    loader = dataset.Batch_Balanced_Dataset(opt)
+    assert loader.names == ["CVPR2016", "NIPS2014"] and loader.batch_sizes == {"CVPR2016": 8, "NIPS2014": 8}
+    assert loader.warnings == ["--select_data random_iter_1: the query set random_iter_1 holds no sample (every answer "
+                               "was unreadable; it only keeps those images out of later pools), so it is skipped and "
+                               "its batch share 0.5 stays unused; drop it and its share from --select_data and "
+                               "--batch_ratio"]
+    images, labels, _ = loader.get_batch()
+    assert len(labels) == 16 and images.shape[0] == 16
+    with pytest.raises(utils.UserError, match="--select_data random_iter_1: only empty query sets, nothing to train on"):
+        dataset.Batch_Balanced_Dataset(make_opt(train_data=str(train), select_data="random_iter_1", batch_ratio="1"))
+
+
+# ---------------------------------------------------------------------------------------------
+# --pool_data: datasets that are queried and never trained on
+
+
+def test_pool_data_is_queried_whole_and_never_proposed_for_training(work, crops, models, capsys):
+    folder, _ = crops
+    train = work / "train_data_lmdb"
+    create_lmdb_dataset.create_unlabelled_dataset(str(folder), str(train / "Crops"))
+    package = work / "package"
+    # The label filter keeps 111 of CVPR2016 and 115 of NIPS2014 (the tiny sets hold a few words
+    # out of charset or too long); --total_data_usage_ratio 0.7 labels int(0.7 x 111) = 77 and
+    # int(0.7 x 115) = 80 of them. The pool: the other 34 + 35 and all 8 crops; a package, as the
+    # crops have no labels.
+    summary = run_main(ctc_args(work, models.ctc, "--num_query", "5", "--pool_data", "Crops",
+                                "--export_annotation", str(package)))
+    assert summary["pool_size"] == 34 + 35 + 8 and summary["round"] == "random_iter_1"
+    selection = manifest(package)["selection"]
+    assert (selection["select_data"], selection["pool_data"]) == (["CVPR2016", "NIPS2014"], ["Crops"])
+    origins = [tuple(i["origin"]) for i in manifest(package)["images"]]
+    capsys.readouterr()
+
+    # the round waits for its answers: drawing it again into another folder is refused
+    message = error_line(capsys, lambda: run_main(ctc_args(
+        work, models.ctc, "--num_query", "5", "--pool_data", "Crops", "--export_annotation", str(work / "again"),
+        "--dry_run")))
+    assert f"round random_iter_1 has a package waiting for its answers in {package}" in message
+    assert f"import_annotations.py --package {package} --train_data {train}" in message
+    # --overwrite draws it again (dry run: nothing is written)
+    again = run_main(ctc_args(work, models.ctc, "--num_query", "5", "--pool_data", "Crops", "--export_annotation",
+                              str(work / "again"), "--overwrite", "--dry_run"))
+    assert again["package"] == str(work / "again") and not (work / "again").exists()
+
+    gt = [line.split("\t")[0] + "\tword" for line in (package / "gt.txt").read_text().splitlines()]
+    (package / "gt.txt").write_text("\n".join(gt) + "\n")
+    result = run_import("--package", package, "--train_data", train)
+    # the next training: the base sets and the new query set, not the pool dataset
+    assert (result["next_select_data"], result["next_batch_ratio"]) == ("CVPR2016-NIPS2014-random_iter_1",
+                                                                      "0.25-0.25-0.5")
+    assert annotation.read_pending(str(train)) == {} and not (train / annotation.PENDING).exists()
+
+    # a labelled set as pool: all 115 of NIPS2014 besides the 34 of CVPR2016, less what round 1 took
+    argv = ctc_args(work, models.ctc, "--num_query", "4", "--batch_ratio", "1", "--pool_data", "NIPS2014")
+    argv[argv.index("CVPR2016-NIPS2014")] = "CVPR2016"
+    taken = sum(1 for relpath, _ in origins if relpath != "Crops")
+    summary = run_main(argv)
+    assert summary["pool_size"] == 34 + 115 - taken and summary["query_set"] == "random_iter_2"
+    # NIPS2014 is never proposed; the earlier query set is
+    assert (summary["next_select_data"], summary["next_batch_ratio"]) == \
+        ("CVPR2016-random_iter_1-random_iter_2", "0.5-0.25-0.25")
+    capsys.readouterr()
+
+    for name, expected in [
+        ("NIPS2014", "--pool_data NIPS2014: NIPS2014 is selected by --select_data CVPR2016-NIPS2014 too"),
+        ("random_iter_1", "--pool_data random_iter_1: selects the query set random_iter_1"),
+        ("Nope", "--pool_data Nope: no LMDB below"),
+    ]:
+        message = error_line(capsys, lambda: run_main(ctc_args(work, models.ctc, "--num_query", "1",
+                                                               "--pool_data", name, "--dry_run")))
+        assert message.startswith(f"error: {expected}"), message
 
 
 # ---------------------------------------------------------------------------------------------
@@ -318,7 +436,8 @@ def test_unknown_characters_are_kept_when_allowed_and_reported(exported, capsys)
     printed = capsys.readouterr().out
     assert (result["num_picked"], result["unreadable"], result["unknown_characters"]) == (3, 1, 1)
     assert "allowed.txt line 2: 'ab$' holds characters outside the charset ('$')" in printed
-    assert "dry run: nothing written" in printed and listing(root / "train_data_lmdb") == ["CVPR2016", "NIPS2014"]
+    assert "dry run: nothing written" in printed
+    assert listing(root / "train_data_lmdb") == [annotation.PENDING, "CVPR2016", "NIPS2014"]  # still waiting
 
 
 def test_a_package_imported_into_another_root_is_refused(exported, tmp_path, capsys):
@@ -342,8 +461,22 @@ LOOP_SETTINGS = {"TRAIN_DATA": None, "VALID_DATA": None, "TEST_DATA": None, "SEL
                  "BATCH_RATIO": "0.5-0.5", "LABEL_RATIO": "0.5", "QUERY": "random", "BASE_CALIBRATOR": "CE",
                  "AL_CALIBRATOR": "boost_soft", "QUERY_RATIO": "0.01", "NUM_QUERY": "15", "NOISE_RATIO": "0",
                  "BASE_ITERS": "2", "ITERS": "2", "VAL_INTERVAL": "1", "ARCH": ARCH, "TRAIN_ARGS": "",
-                 "BATCH_SIZE": "8", "SEED": "1111", "ANNOTATOR": "human"}
+                 "BATCH_SIZE": "8", "SEED": "1111", "ANNOTATOR": "human", "POOL_DATA": "Crops"}
 LOOP_ARCH = dict(CTC_ARCH, SequenceModeling="BiLSTM", output_channel=32, hidden_size=16)  # test_al_loop's ARCH
+
+
+@pytest.fixture(scope="module")
+def loop_data(tiny_data, tmp_path_factory):
+    """The tiny data for the loop, with an unlabelled LMDB Crops (8 images of NIPS2014) beside
+    links to the base sets: `train` and `valid` as in tiny_data."""
+    root = tmp_path_factory.mktemp("loop_data")
+    train = root / "train"
+    train.mkdir()
+    for name in ("CVPR2016", "NIPS2014"):
+        os.symlink(os.path.join(tiny_data.train, name), train / name)
+    write_crops(root / "crops", tiny_data.train)
+    create_lmdb_dataset.create_unlabelled_dataset(str(root / "crops"), str(train / "Crops"))
+    return types.SimpleNamespace(train=str(train), valid=tiny_data.valid)
 
 
 def finished_round_0(tiny_data, out):
@@ -383,11 +516,14 @@ def run_until_training(argv):
     return "".join(seen)
 
 
-def test_the_human_loop_stops_for_the_answers_and_continues_after_the_import(tiny_data, tmp_path, capsys):
-    run = finished_round_0(tiny_data, tmp_path)
-    first = run_loop(tiny_data, tmp_path, "--annotator", "human")
+def test_the_human_loop_stops_for_the_answers_and_continues_after_the_import(loop_data, tmp_path, capsys):
+    run = finished_round_0(loop_data, tmp_path)
+    first = run_loop(loop_data, tmp_path, "--annotator", "human", "--pool_data", "Crops")
     assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-3000:]
     assert "round 0: trained already" in first.stdout  # the prepared round counts as finished
+    # the pool: the unlabelled half of the base sets (111 - 55 and 115 - 57 after the label filter)
+    # and the 8 unlabelled crops
+    assert "exported 15 of 122 pool samples" in first.stdout
     package = run / "train_data" / "random_iter_1_annotation"
     assert (package / "package.json").is_file() and not (run / "train_data" / "random_iter_1").exists()
     assert len(manifest(package)["images"]) == 15 and not (run / "models" / "round1").exists()
@@ -396,7 +532,7 @@ def test_the_human_loop_stops_for_the_answers_and_continues_after_the_import(tin
     assert import_argv == [sys.executable, "import_annotations.py", "--package", str(package),
                            "--train_data", str(run / "train_data")]
     continue_argv = printed_command(first.stdout, "continue the loop")
-    assert continue_argv[-2:] == ["--annotator", "human"] and "--out" in continue_argv
+    assert continue_argv[-4:] == ["--annotator", "human", "--pool_data", "Crops"] and "--out" in continue_argv
 
     # again before the import: nothing is drawn again, the same instructions
     stamp = (package / "package.json").stat().st_mtime_ns
@@ -424,9 +560,13 @@ def test_the_human_loop_stops_for_the_answers_and_continues_after_the_import(tin
 @pytest.mark.parametrize("extra, message", [
     (("--annotator", "robot"), "--annotator robot: unknown; choose simulated or human"),
     (("--annotator", "human", "--noise_ratio", "0.2"), "--noise_ratio 0.2: simulated annotator noise has no place"),
+    (("--pool_data", "Crops"), "--pool_data Crops: Crops holds no labels for a simulated annotator to answer with; "
+                               "pass --annotator human"),
+    (("--pool_data", "NIPS2014"), "--pool_data NIPS2014: named by --select_data too"),
+    (("--pool_data", "Crops-Nope"), "--pool_data Nope: "),
 ])
-def test_the_loop_checks_its_annotator_before_the_first_command(tiny_data, tmp_path, extra, message):
-    result = run_loop(tiny_data, tmp_path, *extra)
+def test_the_loop_checks_its_annotator_and_pool_before_the_first_command(loop_data, tmp_path, extra, message):
+    result = run_loop(loop_data, tmp_path, *extra)
     errors = result.stderr.strip().splitlines()
     assert result.returncode == 2 and len(errors) == 1 and errors[0].startswith(f"error: {message}")
     assert os.listdir(tmp_path) == []
