@@ -668,7 +668,7 @@ def write_round(opt, strategy, plan, columns, pool, temperature, start, labelled
         summary = make_summary(opt, plan.name, plan.path, columns, picked, pool, temperature,
                                time.time() - start, plan.query_names,
                                relabel.next_selection(opt, plan.query_names, plan.name, plan.relabel,
-                                                      bool(relabelling and relabelling["rows"]), count == 0))
+                                                      bool(relabelling and relabelling["rows"]), count == 0, plan.empty))
         check_still_free(opt, plan, identities)
         if relabelling:
             summary["relabel"] = relabelling["summary"]

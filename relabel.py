@@ -278,14 +278,15 @@ def write(opt, relabel_plan, query_set, rows, columns, samples):
                        meta_key=dataset.RELABEL_META_KEY)
 
 
-def next_selection(opt, query_names, query_set, relabel_plan, written, query_set_empty):
+def next_selection(opt, query_names, query_set, relabel_plan, written, query_set_empty, skip=()):
     """The next round's (--select_data names, --batch_ratio shares): query_strategies'
     next_round_selection (the base names halve their shares, the query sets split the other half)
     over the names that are no relabel sets, leaving out the query sets that hold no sample (this
-    one when `query_set_empty`: a round that only re-annotated), then every relabel set (the
-    earlier ones, then this round's when `written`) with the share 0."""
+    one when `query_set_empty`: a round that only re-annotated) and the --select_data names in
+    `skip` (those that select only empty query sets), then every relabel set (the earlier ones, then
+    this round's when `written`) with the share 0."""
     relabels = list(relabel_plan.existing) + ([relabel_plan.name] if written else [])
-    given = [(n, r) for n, r in zip(opt.select_data, opt.batch_ratio) if n not in relabels and r > 0]
+    given = [(n, r) for n, r in zip(opt.select_data, opt.batch_ratio) if n not in relabels and r > 0 and n not in skip]
     empty = empty_query_sets(opt.train_data, query_names)
     queries = [n for n in query_names if n not in empty and n != query_set]
     given = [(n, r) for n, r in given if n not in empty]
