@@ -669,3 +669,37 @@ def test_a_killed_grid_and_a_failed_cell_finish_with_the_same_tables(grid, tmp_p
     assert "5 of 6 rounds finished already" in result.stdout
     for name in ("comparison.csv", "summary.csv", "comparison.md", "summary.md"):
         assert (out / name).read_text() == (grid.out / name).read_text(), name
+
+
+def test_base_from_links_the_finished_round0_models_and_refuses_other_round0_settings(grid, tmp_path, capsys,
+                                                                                       monkeypatch):
+    seen = {}
+
+    def record(out, s):
+        seen.update({seed: experiment.Unit(out, seed, "CE").finished(0) for seed in s["seeds"]})
+        return [], [], []
+
+    monkeypatch.setattr(experiment, "preflight", lambda *a, **k: None)
+    monkeypatch.setattr(experiment, "run_grid", record)
+    monkeypatch.setattr(experiment.comparison, "markdown_text", lambda *a: "")
+    # a third seed has no base model there: it is left to this grid to train
+    out = tmp_path / "more"
+    args = grid.args(out)
+    args[args.index("--seeds") + 1] = "1111,2222,3333"
+    assert experiment.main([*args, "--base_from", str(grid.out)]) == 0
+    assert "round 0 of seeds 1111, 2222 linked from" in capsys.readouterr().out
+    assert seen == {1111: True, 2222: True, 3333: False}
+    for seed in (1111, 2222):
+        link = out / "base" / f"seed{seed}-CE"
+        assert os.path.islink(link) and os.path.realpath(link) == os.path.realpath(grid.out / "base" / link.name)
+    assert not (out / "base" / "seed3333-CE").exists()
+    # round 0 trained with other settings cannot be lent; nothing is made
+    other = tmp_path / "other"
+    args = grid.args(other)
+    args[args.index("--base_iters") + 1] = "3"
+    assert experiment.main([*args, "--base_from", str(grid.out)]) == 2
+    errors = error_lines(capsys)
+    assert len(errors) == 1 and "its round 0 ran with other settings (--base_iters)" in errors[0], errors
+    assert not other.exists()
+    assert experiment.main([*grid.args(other), "--base_from", str(tmp_path)]) == 2
+    assert "no experiment.json there" in error_lines(capsys)[0]

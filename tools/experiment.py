@@ -126,6 +126,9 @@ def get_args_parser():
                                      epilog="\n\n".join(__doc__.split("\n\n")[2:]))
     parser.add_argument("--out", help="output folder of the experiment (required, here or in --grid)")
     parser.add_argument("--grid", help="YAML file with any of the settings below (flags override it)")
+    parser.add_argument("--base_from", metavar="DIR",
+                        help="take the finished round-0 models of another experiment folder whose round-0 "
+                             "settings are the same (linked, not copied) instead of training them again")
     for name, (default, text) in SETTINGS.items():
         shown = f" (default: {default})" if default else ""
         parser.add_argument(f"--{name}", default=None, metavar=name.upper(), help=text + shown)
@@ -911,6 +914,41 @@ def prepare(out, settings):
     return settings
 
 
+# what round 0 depends on: an experiment whose values differ cannot lend its base models
+BASE_SETTINGS = ("base_calibrator", "train_data", "valid_data", "test_data", "select_data", "batch_ratio",
+                 "label_ratio", "base_iters", "val_interval", "batch_size", "arch", "train_args")
+
+
+def check_base_from(source, s):
+    """--base_from's folder (absolute); ConfigError when it holds no experiment or one whose round-0
+    settings differ from `s`."""
+    source = os.path.abspath(source)
+    path = os.path.join(source, EXPERIMENT_FILE)
+    if not os.path.isfile(path):
+        raise ConfigError(f"--base_from {source}: no {EXPERIMENT_FILE} there; name a tools/experiment.py output folder")
+    theirs = upgrade_recorded(read_json(path)["settings"])
+    differ = [f"--{name}" for name in BASE_SETTINGS
+              if _comparable(name, theirs.get(name)) != _comparable(name, s[name])]
+    if differ:
+        raise ConfigError(f"--base_from {source}: its round 0 ran with other settings ({', '.join(differ)}); "
+                          f"give the same ones or train the base models here")
+    return source
+
+
+def link_bases(out, s, source):
+    """Link the finished round-0 models of the experiment in `source` into `out` for every seed of
+    the grid that has none yet; returns the linked seeds."""
+    linked = []
+    for seed in s["seeds"]:
+        mine, lent = Unit(out, seed, s["base_calibrator"]), Unit(source, seed, s["base_calibrator"])
+        if os.path.lexists(mine.path()) or not lent.finished(0):
+            continue
+        os.makedirs(os.path.dirname(mine.path()), exist_ok=True)
+        os.symlink(os.path.realpath(lent.path()), mine.path())
+        linked.append(seed)
+    return linked
+
+
 def _terminate(signum, frame):
     raise KeyboardInterrupt
 
@@ -931,7 +969,13 @@ def main(argv=None):
 def run(argv):
     try:
         out, settings = parse(argv)
+        base_from = get_args_parser().parse_args(argv).base_from
+        if base_from:
+            base_from = check_base_from(base_from, settings)
         settings = prepare(out, settings)
+        if base_from:
+            linked = link_bases(out, settings, base_from)
+            print(f"round 0 of seeds {', '.join(map(str, linked)) or 'none'} linked from {base_from}", flush=True)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
