@@ -507,10 +507,7 @@ def group_by_relpath(identities):
 
 def is_unlabelled(path):
     """Whether the leaf LMDB at path was built without labels (create_lmdb_dataset.py --unlabelled)."""
-    if not os.path.isfile(os.path.join(path, "data.mdb")):
-        return False
-    with shared_env(path).begin(write=False) as txn:
-        return txn.get(UNLABELLED_KEY) is not None
+    return has_key(path, UNLABELLED_KEY)
 
 
 def refuse_unlabelled(root, relpaths, flag=None):
@@ -611,10 +608,7 @@ class RelabelEntry(collections.namedtuple("RelabelEntry", "clean_label noisy_lab
 
 def is_relabel_set(path):
     """Whether the leaf LMDB at path carries a `relabel-meta` key (a relabel set)."""
-    if not os.path.isfile(os.path.join(path, "data.mdb")):
-        return False
-    with shared_env(path).begin(write=False) as txn:
-        return txn.get(RELABEL_META_KEY) is not None
+    return has_key(path, RELABEL_META_KEY)
 
 
 def read_relabel_meta(path):
@@ -1256,12 +1250,17 @@ def put_all(env, items):
             env.set_mapsize(env.info()["map_size"] * 2)
 
 
-def is_query_set(path):
-    """Whether the leaf LMDB at path carries a `query-meta` key (written by data_sampling.py)."""
+def has_key(path, key):
+    """Whether path holds an LMDB with `key` (False for a folder without data.mdb)."""
     if not os.path.isfile(os.path.join(path, "data.mdb")):
         return False
     with shared_env(path).begin(write=False) as txn:
-        return txn.get(QUERY_META_KEY) is not None
+        return txn.get(key) is not None
+
+
+def is_query_set(path):
+    """Whether the leaf LMDB at path carries a `query-meta` key (written by data_sampling.py)."""
+    return has_key(path, QUERY_META_KEY)
 
 
 def is_empty_query_set(path):
