@@ -93,8 +93,13 @@ def _acquire(path, flag, on_busy):
         os.close(fd)
 
 
+def say(text):
+    """Print at once: a waiting run's log may be a pipe, which would hold the line back."""
+    print(text, flush=True)
+
+
 @contextlib.contextmanager
-def exclusive(folder, timeout=0.0, flag="--train_data", announce=print):
+def exclusive(folder, timeout=0.0, flag="--train_data", announce=say):
     """Hold the folder's lock for the block. `timeout`: seconds to wait for another holder
     (0: fail at once, negative: wait without limit); a busy lock after that is a UserError naming
     the holder. The lock file is removed when the block ends."""

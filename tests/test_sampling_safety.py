@@ -166,11 +166,16 @@ def test_a_waiting_sampler_runs_once_the_lock_is_released(work, models):
     train = str(work / "train_data_lmdb")
     with locking.exclusive(train):
         waiting = sampler(work, models.ctc, "--num_query", "5", "--lock_timeout", "-1")
-        time.sleep(6)  # long enough to start, load the model and block on the lock
-        assert waiting.poll() is None and dataset.find_lmdbs(train) == ["CVPR2016", "NIPS2014"]
+        # held until the sampler says it waits (however slowly a loaded machine starts it)
+        before = []
+        for line in waiting.stdout:
+            before.append(line)
+            if "waiting for --train_data" in line:
+                break
+        assert waiting.poll() is None and dataset.find_lmdbs(train) == ["CVPR2016", "NIPS2014"], before
     code, out, err = finish(waiting)
     assert code == 0, err
-    assert "waiting for --train_data" in out and len(query_sets(train)["random_iter_1"][0]) == 5
+    assert len(query_sets(train)["random_iter_1"][0]) == 5
 
 
 def test_a_killed_holder_leaves_the_root_usable(work, models):
