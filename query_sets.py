@@ -80,8 +80,7 @@ def check_out_name(name, leaves, root, flag="--out_name"):
 
 def replaceable_query_set(path):
     """Whether --overwrite may replace `path`: a real (not linked) leaf LMDB that this tool wrote."""
-    return (os.path.isdir(path) and not os.path.islink(path)
-            and os.path.isfile(os.path.join(path, "data.mdb")) and dataset.is_query_set(path))
+    return os.path.isdir(path) and not os.path.islink(path) and dataset.is_query_set(path)
 
 
 def check_output_free(path, overwrite, flag="--out_name"):

@@ -164,11 +164,13 @@ def score_labelled(opt, model, converter, device, names, rank, world_size, distr
 
 def sample_identities(root, relpaths, indices):
     """Each sample's identity: a query set's sample by its origin, any other by where it is."""
-    identities = []
+    identities, query_set = [], {}
     for rel, index in zip(relpaths, indices):
         path = os.path.join(root, rel)
         origin = None
-        if dataset.is_query_set(path):
+        if rel not in query_set:  # one look per dataset, not per sample
+            query_set[rel] = dataset.is_query_set(path)
+        if query_set[rel]:
             with dataset.shared_env(path).begin(write=False) as txn:
                 origin = dataset.read_origin(txn, int(index))
         identities.append(origin or (rel, int(index)))
