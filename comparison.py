@@ -3,14 +3,16 @@
 
 A *record* is one finished round of one active-learning loop, a dict with the keys
 `query, calibrator, noise, seed, round, labelled, accuracy, ece` and optionally `noise_model`,
-`relabel_ratio` and `acquisition` (train.py --noise_model, data_sampling.py --relabel_ratio and
---acquisition; a record without one was made with the default: `substitute`, 0, `topk`): `accuracy`
+`relabel_ratio`, `acquisition` and `sampling_args` (train.py --noise_model, data_sampling.py
+--relabel_ratio and --acquisition, and the experiment's other data_sampling.py flags; a record
+without one was made with the default: `substitute`, 0, `topk`, none): `accuracy`
 in percent and `ece` as a fraction, both from test.py's pooled evaluation ("total") of that round's
 model, `labelled` the number of labelled samples the round trained on. A strategy (a row of the
-tables) is (query, calibrator, noise, noise_model, relabel_ratio, acquisition): `STRATEGY_KEYS`. The
-baseline (random) of a strategy is the random strategy of the same calibrator, noise, noise model
-and relabel ratio, whatever its acquisition (a random ranking is drawn at random however it is
-taken).
+tables) is (query, calibrator, noise, noise_model, relabel_ratio, acquisition, sampling_args):
+`STRATEGY_KEYS`. The baseline (random) of a strategy is the random strategy of the same calibrator,
+noise, noise model and relabel ratio, whatever its acquisition (a random ranking is drawn at random
+however it is taken) and its sampling flags (the one with the same flags when several ran, else
+the first: flags such as --candidates or --calibration do not change a random ranking).
 
 Definitions used throughout:
 - mean and *sample* standard deviation (ddof = 1) over seeds; with a single seed the standard
@@ -31,7 +33,7 @@ import os
 import annotator_noise
 import utils
 
-STRATEGY_KEYS = ("query", "calibrator", "noise", "noise_model", "relabel_ratio", "acquisition")
+STRATEGY_KEYS = ("query", "calibrator", "noise", "noise_model", "relabel_ratio", "acquisition", "sampling_args")
 COMPARISON_COLUMNS = STRATEGY_KEYS + ("round", "labelled", "seeds", "accuracy_mean", "accuracy_std", "ece_mean",
                                       "ece_std")
 SUMMARY_COLUMNS = STRATEGY_KEYS + ("seeds", "final_accuracy_mean", "final_accuracy_std",
@@ -212,12 +214,23 @@ def _strategy(record):
     return (record["query"], record["calibrator"], float(record["noise"]),
             record.get("noise_model") or DEFAULT_NOISE_MODEL,
             DEFAULT_RELABEL_RATIO if relabel_ratio is None else float(relabel_ratio),
-            record.get("acquisition") or DEFAULT_ACQUISITION)
+            record.get("acquisition") or DEFAULT_ACQUISITION, record.get("sampling_args") or "")
 
 
 def _baseline_key(strategy):
-    """What a strategy shares with its baseline: all but the query and the acquisition."""
+    """What a strategy shares with its baseline: all but the query, the acquisition and the
+    sampling flags."""
     return strategy[1:5]
+
+
+def _baseline_of(strategy, candidates):
+    """The value of `candidates` ({baseline strategy: value}) that is `strategy`'s baseline: among
+    the random strategies of its `_baseline_key`, the one with its sampling flags, else the first."""
+    matching = [s for s in candidates if _baseline_key(s) == _baseline_key(strategy)]
+    for candidate in matching:
+        if candidate[6] == strategy[6]:
+            return candidates[candidate]
+    return candidates[matching[0]] if matching else None
 
 
 def aggregate(records):
@@ -276,15 +289,9 @@ def summarize(records, baseline=BASELINE):
     for row in aggregate(records):
         all_curves.setdefault(tuple(row[key] for key in STRATEGY_KEYS), []).append(
             (row["labelled"], row["accuracy_mean"]))
-    mean_curves = {}
-    for strategy, curve in all_curves.items():
-        if strategy[0] == baseline:
-            mean_curves.setdefault(_baseline_key(strategy), curve)
+    mean_curves = {strategy: curve for strategy, curve in all_curves.items() if strategy[0] == baseline}
     groups = _groups(records, _strategy)
-    baseline_groups = {}
-    for strategy, group in groups.items():
-        if strategy[0] == baseline:
-            baseline_groups.setdefault(_baseline_key(strategy), group)
+    baseline_groups = {strategy: group for strategy, group in groups.items() if strategy[0] == baseline}
     rows = []
     for strategy, group in groups.items():
         curves = _curves(group)
@@ -295,7 +302,7 @@ def summarize(records, baseline=BASELINE):
         alc_mean = mean_std([alc([p[1] for p in finished[s]], [p[2] for p in finished[s]]) for s in seeds])[0]
         final_labelled = mean_std([finished[s][-1][1] for s in seeds])[0]
         saved = None
-        curve = mean_curves.get(_baseline_key(strategy))
+        curve = _baseline_of(strategy, mean_curves)
         if curve:
             reach = labels_to_reach([x for x, _ in curve], [y for _, y in curve], final_mean)
             saved = None if reach is None else reach - final_labelled
@@ -306,7 +313,7 @@ def summarize(records, baseline=BASELINE):
             reach = labels_to_reach([x for x, _ in own_curve], [y for _, y in own_curve], random_accuracy)
             saved_at_final = None if reach is None else random_labelled - reach
         baseline_final = {}
-        for seed, points in _curves(baseline_groups.get(_baseline_key(strategy), [])).items():
+        for seed, points in _curves(_baseline_of(strategy, baseline_groups) or []).items():
             for k, _, accuracy in points:
                 if k == final:
                     baseline_final[seed] = accuracy
@@ -451,9 +458,12 @@ def plot_learning_curves(rows, path):
 
 
 def _line_name(r):
-    """A plot line's name: the query, with its acquisition when not topk."""
+    """A plot line's name: the query, with its acquisition when not topk and its sampling flags
+    when there are any."""
     acquisition = r.get("acquisition") or DEFAULT_ACQUISITION
-    return r["query"] if acquisition == DEFAULT_ACQUISITION else f"{r['query']} ({acquisition})"
+    extras = [value for value in (None if acquisition == DEFAULT_ACQUISITION else acquisition,
+                                  r.get("sampling_args") or None) if value]
+    return r["query"] + (f" ({', '.join(extras)})" if extras else "")
 
 
 def plot_noise(summary_rows, path):

@@ -154,7 +154,7 @@ def test_tables_and_plots_are_written(tmp_path):
     with open(tmp_path / "comparison.csv", encoding="utf-8") as f:
         table = list(csv.reader(f))
     assert tuple(table[0]) == comparison.COMPARISON_COLUMNS and len(table) == 1 + len(comparison_rows)
-    assert table[1] == ["random", "CE", "0", "substitute", "0", "topk", "0", "100", "2", "11", "1.414214", "0.011",
+    assert table[1] == ["random", "CE", "0", "substitute", "0", "topk", "", "0", "100", "2", "11", "1.414214", "0.011",
                         "0.001414"]
     with open(tmp_path / "summary.csv", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
@@ -163,9 +163,10 @@ def test_tables_and_plots_are_written(tmp_path):
     assert entropy["final_accuracy_std"] == "" and entropy["diff_vs_random_low"] == ""
     assert [r["noise"] for r in rows] == ["0"] * 4 + ["0.3"] * 4
     markdown = (tmp_path / "summary.md").read_text().splitlines()
-    assert markdown[0].startswith("| query | calibrator | noise | noise_model | relabel_ratio | acquisition | seeds |")
+    assert markdown[0].startswith("| query | calibrator | noise | noise_model | relabel_ratio | acquisition | "
+                                  "sampling_args | seeds |")
     assert len(markdown) == 2 + 8
-    assert "| uncali | CE | 0 | substitute | 0 | topk | 2 | 39 | 1.41 | 24.75 |  | 38 | 11 | -1.71 | 23.71 |" in markdown
+    assert "| uncali | CE | 0 | substitute | 0 | topk |  | 2 | 39 | 1.41 | 24.75 |  | 38 | 11 | -1.71 | 23.71 |" in markdown
     png = b"\x89PNG\r\n\x1a\n"
     assert comparison.plot_learning_curves(comparison_rows, str(tmp_path / "curves.png")) is not None
     assert (tmp_path / "curves.png").read_bytes()[:8] == png
@@ -378,8 +379,8 @@ def test_tables_keep_relabel_ratios_and_acquisitions_apart_against_random_of_the
     # softmax: 1 point up against random (topk, relabel 0): differences 11 and 13, mean 12
     assert by[("uncali", 0.0, "softmax")]["diff_vs_random_mean"] == pytest.approx(12)
     table = comparison.csv_text(comparison.aggregate(records), comparison.COMPARISON_COLUMNS).splitlines()
-    assert table[0].startswith("query,calibrator,noise,noise_model,relabel_ratio,acquisition,round,")
-    assert "uncali,CE,0,substitute,0.25,topk,2,200,2,41," in "\n".join(table)
+    assert table[0].startswith("query,calibrator,noise,noise_model,relabel_ratio,acquisition,sampling_args,round,")
+    assert "uncali,CE,0,substitute,0.25,topk,,2,200,2,41," in "\n".join(table)
 
 
 def test_an_output_folder_with_other_files_is_refused(tiny_data, tmp_path, capsys, no_runs):
@@ -703,3 +704,66 @@ def test_base_from_links_the_finished_round0_models_and_refuses_other_round0_set
     assert not other.exists()
     assert experiment.main([*grid.args(other), "--base_from", str(tmp_path)]) == 2
     assert "no experiment.json there" in error_lines(capsys)[0]
+
+
+def _follow_up(grid, folder, accuracies, **settings):
+    """A follow-up experiment folder as --base_from and a grid with other sampling flags make it:
+    grid.out's base models linked, its uncali cells copied, their round-1 test accuracy set to
+    `accuracies` (seed -> %), experiment.json with `settings` over grid.out's."""
+    record = json.loads((grid.out / "experiment.json").read_text())
+    record["settings"].update(queries=["uncali"], **settings)
+    os.makedirs(folder / "base")
+    (folder / "experiment.json").write_text(json.dumps(record))
+    for seed, accuracy in accuracies.items():
+        os.symlink(os.path.realpath(grid.out / "base" / f"seed{seed}-CE"), folder / "base" / f"seed{seed}-CE")
+        cell = f"uncali-CE-noise0-seed{seed}"
+        shutil.copytree(grid.out / "cells" / cell, folder / "cells" / cell, symlinks=True)
+        path = folder / "cells" / cell / "eval" / "round1" / "results.json"
+        results = json.loads(path.read_text())
+        results["total"]["accuracy"] = accuracy
+        path.write_text(json.dumps(results))
+
+
+def test_combine_compares_follow_up_folders_with_one_random_baseline(grid, tmp_path, capsys):
+    random_final = {seed: json.loads((grid.out / "cells" / f"random-CE-noise0-seed{seed}" / "eval" / "round1"
+                                      / "results.json").read_text())["total"]["accuracy"] for seed in (1111, 2222)}
+    beta = tmp_path / "beta"
+    # paired differences +5 and +7 against random: mean 6, std sqrt(2), standard error 1
+    _follow_up(grid, beta, {1111: random_final[1111] + 5, 2222: random_final[2222] + 7},
+               sampling_args="--acquisition_beta 3")
+    copy = tmp_path / "copy"  # the same cells without flags again: the first folder's are kept
+    _follow_up(grid, copy, {1111: 99.0, 2222: 99.0})
+    out = tmp_path / "all"
+    assert experiment.main(["--combine", f"{grid.out},{beta},{copy}", "--out", str(out)]) == 0
+    assert "| uncali | CE | 0 | substitute | 0 | topk | --acquisition_beta 3 | 2 |" in capsys.readouterr().out
+    rows = {(r["query"], r["sampling_args"]): r for r in read_csv(out / "summary.csv")}
+    assert sorted(rows) == [("random", ""), ("uncali", ""), ("uncali", "--acquisition_beta 3")]
+    own = {r["query"]: r for r in read_csv(grid.out / "summary.csv")}
+    assert rows[("uncali", "")]["final_accuracy_mean"] == own["uncali"]["final_accuracy_mean"]
+    variant = rows[("uncali", "--acquisition_beta 3")]
+    assert float(variant["diff_vs_random_mean"]) == pytest.approx(6)
+    assert float(variant["diff_vs_random_low"]) == pytest.approx(6 - T_975_DF1)
+    assert float(variant["diff_vs_random_high"]) == pytest.approx(6 + T_975_DF1)
+    cells = json.loads((out / "combined.json").read_text())["cells"]
+    assert cells["uncali-CE-noise0-seed1111 --acquisition_beta 3"] == str(beta)
+    assert cells["uncali-CE-noise0-seed1111"] == cells["random-CE-noise0-seed2222"] == str(grid.out)
+    # folders that do not compare: one error line each, nothing written
+    other = tmp_path / "iters"
+    _follow_up(grid, other, {1111: 1.0}, iters=7)
+    unpaired = tmp_path / "unpaired"
+    _follow_up(grid, unpaired, {1111: 1.0})
+    os.unlink(unpaired / "base" / "seed1111-CE")
+    shutil.copytree(grid.out / "base" / "seed1111-CE", unpaired / "base" / "seed1111-CE", symlinks=True)
+    with open(unpaired / "base" / "seed1111-CE" / "models" / "round0" / "best_accuracy.pth", "ab") as f:
+        f.write(b"another model")
+    os.utime(unpaired / "base" / "seed1111-CE" / "eval" / "round0" / "results.json")  # still evaluated after it
+    for folders, extra, message in (
+            (f"{grid.out},{other}", [], "ran with other settings than"),
+            (f"{grid.out},{unpaired}", [], "its round-0 model of seed 1111 is not the one of"),
+            (f"{grid.out},{tmp_path}", [], "no experiment.json there"),
+            (f"{grid.out},{beta}", ["--queries", "random"], "takes --out only (drop --queries)")):
+        target = tmp_path / "refused"
+        assert experiment.main(["--combine", folders, "--out", str(target), *extra]) == 2
+        errors = error_lines(capsys)
+        assert len(errors) == 1 and message in errors[0], errors
+        assert not target.exists()

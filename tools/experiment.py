@@ -6,6 +6,7 @@ with a shared round-0 model per seed, resumable at round granularity, with table
         [--relabel_ratios 0,0.25] [--acquisitions topk,softrank] [--sampling_args "--acquisition_beta 2"] \
         --seeds 1111,2222,3333 [loop settings]
     python tools/experiment.py --grid configs/compare.yaml --out runs/compare
+    python tools/experiment.py --combine runs/compare,runs/power,runs/coreset --out runs/all
 
 A cell is (query strategy, calibrator of the active-learning rounds, annotator noise ratio,
 annotator noise model, re-annotation share of the budget, batch acquisition, seed); each is one loop
@@ -25,6 +26,16 @@ are recorded in <out>/experiment.json (one written before --noise_models, --rela
 --acquisitions or --sampling_args existed means substitute, 0, topk and none); only --rounds (to grow), --workers and the grid's lists (to gain values) may change for
 an existing --out. Exit status: 0 when every cell finished, 1 when a
 cell failed (the others still ran), 2 for bad settings (nothing is run), 130 when interrupted.
+
+--combine DIR,DIR,... runs nothing: it writes the tables and plots of several finished (or
+partly finished) experiment folders together into --out, so that strategies run in follow-up
+folders (another --sampling_args, a grid linked with --base_from) are compared with one random
+baseline: labels saved and paired intervals. The folders must agree on every setting that changes
+what a round means (round 0's, --iters, --num_query/--query_ratio) and hold the same round-0 model
+per seed (linked with --base_from, or identical files); each strategy is named with its folder's
+--sampling_args, and a cell found in several folders (a copied one) is taken from the folder where it
+finished the most rounds. --out gets comparison.csv/.md, summary.csv/.md, the plots and
+combined.json (the folders and which cells came from where).
 
 Layout of --out:
   experiment.json                        the settings (and the grid, as it grew)
@@ -129,6 +140,9 @@ def get_args_parser():
     parser.add_argument("--base_from", metavar="DIR",
                         help="take the finished round-0 models of another experiment folder whose round-0 "
                              "settings are the same (linked, not copied) instead of training them again")
+    parser.add_argument("--combine", metavar="DIR,DIR,...",
+                        help="run nothing: write the tables and plots of these experiment folders together into "
+                             "--out (same round settings and round-0 models; see below)")
     for name, (default, text) in SETTINGS.items():
         shown = f" (default: {default})" if default else ""
         parser.add_argument(f"--{name}", default=None, metavar=name.upper(), help=text + shown)
@@ -739,18 +753,22 @@ def round_record(unit, k):
             "ece": number(total.get("ece"))}
 
 
-def collect_records(bases, cells, s):
-    """One record per finished round of every cell (round 0 from its seed's base model), each
-    cell's rounds from 0 up to its first unfinished one."""
+def cell_records(cell, bases, s):
+    """The records of a cell's finished rounds, from 0 up to its first unfinished one (round 0
+    from its seed's base model), each with the experiment's --sampling_args."""
     records = []
-    for cell in cells:
-        if not bases[cell.seed].finished(0):
-            continue
-        for k in range(s["rounds"] + 1):
-            if not cell.finished(k):
-                break
-            records.append(round_record(cell, k))
+    if not bases[cell.seed].finished(0):
+        return records
+    for k in range(s["rounds"] + 1):
+        if not cell.finished(k):
+            break
+        records.append({**round_record(cell, k), "sampling_args": s.get("sampling_args") or ""})
     return records
+
+
+def collect_records(bases, cells, s):
+    """One record per finished round of every cell (`cell_records`)."""
+    return [record for cell in cells for record in cell_records(cell, bases, s)]
 
 
 def write_reports(out, bases, cells, s):
@@ -949,6 +967,84 @@ def link_bases(out, s, source):
     return linked
 
 
+# what a round means: experiments that differ in one of these do not compare
+ROUND_SETTINGS = BASE_SETTINGS + ("iters", "num_query", "query_ratio")
+
+
+def file_digest(path):
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def combine(out, sources):
+    """--combine: the records of the experiment folders `sources`, checked to compare (same
+    ROUND_SETTINGS, same round-0 model per seed), written as one set of tables and plots in
+    `out`. Returns the summary rows; ConfigError when the folders do not compare."""
+    grids = []
+    for source in sources:
+        path = os.path.join(source, EXPERIMENT_FILE)
+        if not os.path.isfile(path):
+            raise ConfigError(f"--combine {source}: no {EXPERIMENT_FILE} there; name tools/experiment.py output folders")
+        grids.append((source, upgrade_recorded(read_json(path)["settings"])))
+    first, first_settings = grids[0]
+    base_models = {}  # seed -> (folder, digest of its round-0 model)
+    kept = {}  # (cell name, sampling args) -> (folder, records)
+    for source, s in grids:
+        differ = [f"--{name}" for name in ROUND_SETTINGS
+                  if _comparable(name, s.get(name)) != _comparable(name, first_settings.get(name))]
+        if differ:
+            raise ConfigError(f"--combine {source}: ran with other settings than {first} ({', '.join(differ)}); "
+                              f"only folders that differ in their grid and --sampling_args compare")
+        bases, cells = build_units(source, s)
+        for seed, base in bases.items():
+            if not base.finished(0):
+                continue
+            digest = file_digest(base.model(0))
+            if seed in base_models and base_models[seed][1] != digest:
+                raise ConfigError(f"--combine {source}: its round-0 model of seed {seed} is not the one of "
+                                  f"{base_models[seed][0]}, so its cells are not paired with theirs; run it with "
+                                  f"--base_from {base_models[seed][0]}")
+            base_models.setdefault(seed, (source, digest))
+        for cell in cells:
+            records = cell_records(cell, bases, s)
+            key = (cell.name, records[0]["sampling_args"] if records else "")
+            if records and len(records) > len(kept.get(key, (None, []))[1]):
+                kept[key] = (source, records)
+    if out in sources:
+        raise ConfigError(f"--out {out}: is one of the --combine folders; write the combined tables elsewhere")
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ConfigError(f"--out {out}: exists and is not a folder")
+    os.makedirs(out, exist_ok=True)
+    records = [record for _, cell_rows in kept.values() for record in cell_rows]
+    comparison_rows, summary_rows = comparison.write_tables(out, records)
+    comparison.plot_learning_curves(comparison_rows, os.path.join(out, "learning_curves.png"))
+    comparison.plot_noise(summary_rows, os.path.join(out, "noise.png"))
+    record = {"created": datetime.datetime.now().isoformat(timespec="seconds"), "combined": sources,
+              "cells": {f"{name} {args}".strip(): source for (name, args), (source, _) in sorted(kept.items())}}
+    comparison.atomic_write(os.path.join(out, "combined.json"), json.dumps(record, indent=2) + "\n")
+    return summary_rows
+
+
+def run_combine(args):
+    if not args.out or not args.out.strip():
+        raise ConfigError("--out: give the folder for the combined tables")
+    given = [name for name in ("grid", "base_from", *SETTINGS) if getattr(args, name) is not None]
+    if given:
+        raise ConfigError(f"--combine: runs nothing, so it takes --out only (drop --{', --'.join(given)})")
+    sources = [os.path.abspath(item) for item in _list("combine", args.combine)]
+    out = os.path.abspath(args.out)
+    summary = combine(out, sources)
+    print(comparison.markdown_text(summary, comparison.SUMMARY_COLUMNS), end="")
+    print(f"tables: {os.path.join(out, 'comparison.csv')} (.md), {os.path.join(out, 'summary.csv')} (.md); "
+          f"plots: {os.path.join(out, 'learning_curves.png')}", flush=True)
+    return 0
+
+
 def _terminate(signum, frame):
     raise KeyboardInterrupt
 
@@ -967,6 +1063,13 @@ def main(argv=None):
 
 
 def run(argv):
+    args = get_args_parser().parse_args(argv)
+    if args.combine is not None:
+        try:
+            return run_combine(args)
+        except ConfigError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
     try:
         out, settings = parse(argv)
         base_from = get_args_parser().parse_args(argv).base_from
