@@ -384,15 +384,15 @@ def write_markdown(path, rows, columns, decimals=None):
     atomic_write(path, markdown_text(rows, columns, decimals))
 
 
-def write_tables(folder, records, baseline=BASELINE):
-    """`comparison.csv/.md` (`aggregate`) and `summary.csv/.md` (`summarize`) in `folder`, each
-    written atomically. Returns `(comparison_rows, summary_rows)`."""
+def write_tables(folder, records, baseline=BASELINE, suffix=""):
+    """`comparison<suffix>.csv/.md` (`aggregate`) and `summary<suffix>.csv/.md` (`summarize`) in
+    `folder`, each written atomically. Returns `(comparison_rows, summary_rows)`."""
     comparison_rows = aggregate(records)
     summary_rows = summarize(records, baseline)
     for name, rows, columns in (("comparison", comparison_rows, COMPARISON_COLUMNS),
                                 ("summary", summary_rows, SUMMARY_COLUMNS)):
-        write_csv(os.path.join(folder, f"{name}.csv"), rows, columns)
-        write_markdown(os.path.join(folder, f"{name}.md"), rows, columns)
+        write_csv(os.path.join(folder, f"{name}{suffix}.csv"), rows, columns)
+        write_markdown(os.path.join(folder, f"{name}{suffix}.md"), rows, columns)
     return comparison_rows, summary_rows
 
 

@@ -706,10 +706,11 @@ def test_base_from_links_the_finished_round0_models_and_refuses_other_round0_set
     assert "no experiment.json there" in error_lines(capsys)[0]
 
 
-def _follow_up(grid, folder, accuracies, **settings):
+def _follow_up(grid, folder, accuracies, valid=None, **settings):
     """A follow-up experiment folder as --base_from and a grid with other sampling flags make it:
     grid.out's base models linked, its uncali cells copied, their round-1 test accuracy set to
-    `accuracies` (seed -> %), experiment.json with `settings` over grid.out's."""
+    `accuracies` (seed -> %) and validation accuracy to `valid` (seed -> %), experiment.json with
+    `settings` over grid.out's."""
     record = json.loads((grid.out / "experiment.json").read_text())
     record["settings"].update(queries=["uncali"], **settings)
     os.makedirs(folder / "base")
@@ -722,15 +723,23 @@ def _follow_up(grid, folder, accuracies, **settings):
         results = json.loads(path.read_text())
         results["total"]["accuracy"] = accuracy
         path.write_text(json.dumps(results))
+        if valid:
+            path = folder / "cells" / cell / "models" / "round1" / "train_summary.json"
+            trained = json.loads(path.read_text())
+            trained["best"]["accuracy"] = valid[seed]
+            path.write_text(json.dumps(trained))
 
 
 def test_combine_compares_follow_up_folders_with_one_random_baseline(grid, tmp_path, capsys):
     random_final = {seed: json.loads((grid.out / "cells" / f"random-CE-noise0-seed{seed}" / "eval" / "round1"
                                       / "results.json").read_text())["total"]["accuracy"] for seed in (1111, 2222)}
+    random_valid = {seed: json.loads((grid.out / "cells" / f"random-CE-noise0-seed{seed}" / "models" / "round1"
+                                      / "train_summary.json").read_text())["best"]["accuracy"] for seed in (1111, 2222)}
     beta = tmp_path / "beta"
-    # paired differences +5 and +7 against random: mean 6, std sqrt(2), standard error 1
+    # paired differences +5 and +7 against random: mean 6, std sqrt(2), standard error 1; on the
+    # validation data -1 and -3: mean -2
     _follow_up(grid, beta, {1111: random_final[1111] + 5, 2222: random_final[2222] + 7},
-               sampling_args="--acquisition_beta 3")
+               {1111: random_valid[1111] - 1, 2222: random_valid[2222] - 3}, sampling_args="--acquisition_beta 3")
     copy = tmp_path / "copy"  # the same cells without flags again: the first folder's are kept
     _follow_up(grid, copy, {1111: 99.0, 2222: 99.0})
     out = tmp_path / "all"
@@ -744,6 +753,9 @@ def test_combine_compares_follow_up_folders_with_one_random_baseline(grid, tmp_p
     assert float(variant["diff_vs_random_mean"]) == pytest.approx(6)
     assert float(variant["diff_vs_random_low"]) == pytest.approx(6 - T_975_DF1)
     assert float(variant["diff_vs_random_high"]) == pytest.approx(6 + T_975_DF1)
+    on_valid = {(r["query"], r["sampling_args"]): r for r in read_csv(out / "summary_valid.csv")}
+    assert float(on_valid[("uncali", "--acquisition_beta 3")]["diff_vs_random_mean"]) == pytest.approx(-2)
+    assert float(on_valid[("random", "")]["final_accuracy_mean"]) == pytest.approx(statistics.mean(random_valid.values()))
     cells = json.loads((out / "combined.json").read_text())["cells"]
     assert cells["uncali-CE-noise0-seed1111 --acquisition_beta 3"] == str(beta)
     assert cells["uncali-CE-noise0-seed1111"] == cells["random-CE-noise0-seed2222"] == str(grid.out)

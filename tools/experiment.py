@@ -47,6 +47,9 @@ Layout of --out:
                                          sets and <query>_iter_<k>_relabel relabel sets), models/round<k>/, eval/round<k>/, logs/round<k>-
                                          {query,train,test}.log, round_times.json
   comparison.csv/.md, summary.csv/.md, learning_curves.png, noise.png (more than one noise ratio)
+  comparison_valid.csv/.md, summary_valid.csv/.md   the same tables on the validation data (the
+                                         accuracy and ECE train.py kept its checkpoint by): choose
+                                         settings on these, the test tables only report
 """
 import argparse
 import datetime
@@ -746,11 +749,13 @@ def round_record(unit, k):
     def number(value):
         return float("nan") if value is None else float(value)
 
+    best = trained.get("best") or {}  # the validation figures of the checkpoint kept
     return {"query": unit.query, "calibrator": unit.calibrator, "noise": unit.noise,
             "noise_model": unit.noise_model, "relabel_ratio": unit.relabel_ratio, "acquisition": unit.acquisition,
             "seed": unit.seed,
             "round": k, "labelled": trained["labelled_total"], "accuracy": number(total.get("accuracy")),
-            "ece": number(total.get("ece"))}
+            "ece": number(total.get("ece")), "valid_accuracy": number(best.get("accuracy")),
+            "valid_ece": number(best.get("ece"))}
 
 
 def cell_records(cell, bases, s):
@@ -771,12 +776,19 @@ def collect_records(bases, cells, s):
     return [record for cell in cells for record in cell_records(cell, bases, s)]
 
 
-def write_reports(out, bases, cells, s):
-    records = collect_records(bases, cells, s)
+def write_tables_and_plots(out, records):
+    """The test-set tables and plots, and the same tables on the validation data (`*_valid`: the
+    figures to choose settings by; the test sets only report). Returns the test summary rows."""
     comparison_rows, summary_rows = comparison.write_tables(out, records)
+    valid = [{**r, "accuracy": r["valid_accuracy"], "ece": r["valid_ece"]} for r in records]
+    comparison.write_tables(out, valid, suffix="_valid")
     comparison.plot_learning_curves(comparison_rows, os.path.join(out, "learning_curves.png"))
     comparison.plot_noise(summary_rows, os.path.join(out, "noise.png"))
     return summary_rows
+
+
+def write_reports(out, bases, cells, s):
+    return write_tables_and_plots(out, collect_records(bases, cells, s))
 
 
 def duration(seconds):
@@ -1020,10 +1032,7 @@ def combine(out, sources):
     if os.path.exists(out) and not os.path.isdir(out):
         raise ConfigError(f"--out {out}: exists and is not a folder")
     os.makedirs(out, exist_ok=True)
-    records = [record for _, cell_rows in kept.values() for record in cell_rows]
-    comparison_rows, summary_rows = comparison.write_tables(out, records)
-    comparison.plot_learning_curves(comparison_rows, os.path.join(out, "learning_curves.png"))
-    comparison.plot_noise(summary_rows, os.path.join(out, "noise.png"))
+    summary_rows = write_tables_and_plots(out, [record for _, cell_rows in kept.values() for record in cell_rows])
     record = {"created": datetime.datetime.now().isoformat(timespec="seconds"), "combined": sources,
               "cells": {f"{name} {args}".strip(): source for (name, args), (source, _) in sorted(kept.items())}}
     comparison.atomic_write(os.path.join(out, "combined.json"), json.dumps(record, indent=2) + "\n")
