@@ -15,6 +15,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
 from datetime import datetime, timezone
 
@@ -781,7 +782,7 @@ def dry_run(opt, strategy):
         result["num_relabel"], count = relabel.split_budget(count, opt.relabel_ratio, len(labelled))
         result["num_query"] = count
         print(f"dry run: would re-annotate {result['num_relabel']} of {len(labelled)} labelled samples (lowest "
-              f"label quality) into {plan.relabel.path}")
+              f"label quality) into {plan.relabel.path}, policy {opt.relabel_policy}")
     if plan.package:
         print(f"dry run: would export {count} of {scored} pool samples by '{strategy.name}' as an annotation "
               f"package into {plan.package} (the query set {plan.path} is written by import_annotations.py)")
@@ -798,8 +799,10 @@ def main(opt, given=None):
     start = time.time()
     check_inputs(opt)
     given = options.given_option_names(opt, get_args_parser()) if given is None else set(given)
-    if os.path.isfile(opt.saved_model):
-        options.fill_from_saved(opt, given)
+    saved = options.fill_from_saved(opt, given) if os.path.isfile(opt.saved_model) else {}
+    warning = relabel.noise_warning(opt, saved)
+    if warning and int(os.environ.get("RANK", "0")) == 0:  # once per run, not per torchrun rank
+        print(warning, file=sys.stderr)
     options.resolve_options(opt)
     strategy = query_strategies.get_strategy(opt.query)
     acquisition.check(opt.acquisition, opt.acquisition_beta, strategy, opt.candidates)

@@ -18,6 +18,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Subset
 
 import annotator_noise
+import relabel_policies
 import utils
 from utils import UserError
 
@@ -229,6 +230,8 @@ class LmdbDataset(Dataset):
         self.noisy_labels = {}  # LMDB index -> wrong label
         self.noise_kinds = {}  # LMDB index -> kind of error (annotator_noise)
         self.relabelled = {}  # LMDB index -> the clean label of a relabel set that replaced this one's
+        self.confirmed = set()  # LMDB indices a re-annotation agreed with (--relabel_policy agree)
+        self.dropped = set()  # LMDB indices left out: their re-annotation disagreed (agree)
         self.num_corrupted = 0
         self.num_undecodable = 0  # counted in this process only; loaders count skips per batch
         self.filter_counts = collections.Counter()
@@ -302,9 +305,13 @@ class LmdbDataset(Dataset):
         self.num_corrupted = len(self.noisy_labels)
 
     def apply_relabels(self, relabels):
-        """Give the samples that `relabels` (`read_relabels`) re-annotated their new label: the
-        relabel set's clean label, or the re-annotation's own simulated error, which replaces the
-        first annotation's (so noise_records stay the truth of what is trained on)."""
+        """Apply the re-annotations `relabels` (`read_relabels`) of this leaf's samples, each
+        sample's in round order, by each relabel set's policy (relabel_policies), comparing the
+        re-annotation's answer (the relabel set's clean label, or its own simulated error) with the
+        label the sample trains on then. `replace` trains on the answer, whose error replaces the
+        first annotation's (so noise_records stay the truth of what is trained on); `agree` keeps
+        an equal label and drops the sample when they differ: it leaves `indices`, its noise
+        records and its relabelled label, and no later re-annotation brings it back."""
         if not relabels:
             return
         with shared_env(self.root).begin(write=False) as txn:
@@ -318,14 +325,37 @@ class LmdbDataset(Dataset):
                 present = set(self.indices.tolist())
                 hits = {index: relabels[(rel, index)] for rel, index in relabels
                         if rel == self.relpath and index in present}
-        for index, entry in hits.items():
-            self.relabelled[index] = entry.clean_label
-            self.noisy_labels.pop(index, None)
-            self.noise_kinds.pop(index, None)
-            if entry.noisy_label is not None:
-                self.noisy_labels[index] = entry.noisy_label
-                self.noise_kinds[index] = entry.kind
+            raw = {index: txn.get(label_key(index)) for index in hits}
+        for index, entries in hits.items():
+            for entry in entries:
+                answer = entry.clean_label if entry.noisy_label is None else entry.noisy_label
+                decision = relabel_policies.decide(entry.policy, self._trained_label(index, raw[index]), answer)
+                if decision == relabel_policies.KEEP:
+                    self.confirmed.add(index)
+                    continue
+                self.noisy_labels.pop(index, None)
+                self.noise_kinds.pop(index, None)
+                if decision == relabel_policies.DROP:
+                    self.relabelled.pop(index, None)
+                    self.confirmed.discard(index)
+                    self.dropped.add(index)
+                    break
+                self.relabelled[index] = entry.clean_label
+                if entry.noisy_label is not None:
+                    self.noisy_labels[index] = entry.noisy_label
+                    self.noise_kinds[index] = entry.kind
+        if self.dropped:
+            self.indices = self.indices[~np.isin(self.indices, np.fromiter(self.dropped, dtype=np.int64))]
         self.num_corrupted = len(self.noisy_labels)
+
+    def _trained_label(self, index, raw_label):
+        """The label training reads for LMDB `index` (stored label `raw_label`, bytes or None): the
+        simulated error, else a relabel set's label, else the stored one normalised."""
+        if index in self.noisy_labels:
+            return self.noisy_labels[index]
+        if index in self.relabelled:
+            return self.relabelled[index]
+        return self.rules.clean(self.rules.normalise((raw_label or b"").decode("utf-8", errors="replace")))
 
     def noise_records(self):
         """One dict per corrupted label, in index order: `relpath, index` (the sample here),
@@ -370,12 +400,7 @@ class LmdbDataset(Dataset):
         with self._txn() as txn:
             raw_label = txn.get(label_key(index))
             buf = txn.get(image_key(index))
-        if index in self.noisy_labels:
-            label = self.noisy_labels[index]
-        elif index in self.relabelled:
-            label = self.relabelled[index]
-        else:
-            label = self.rules.clean(self.rules.normalise((raw_label or b"").decode("utf-8", errors="replace")))
+        label = self._trained_label(index, raw_label)
         image = decode_image(buf, self.rgb) if buf is not None else None
         if image is None:
             self.num_undecodable += 1
@@ -450,6 +475,10 @@ class SelectedDataset(Dataset):
     @property
     def num_filtered(self):
         return sum(leaf.num_filtered for leaf in self.leaves)
+
+    @property
+    def num_dropped(self):
+        return sum(len(leaf.dropped) for leaf in self.leaves)
 
 
 def find_lmdbs(root):
@@ -526,8 +555,9 @@ def hierarchical_dataset(root, opt, select_data="/", split=None, exclude=None, n
 
     The labelled/unlabelled boundary is taken on the filtered samples before `exclude`, so it
     stays put when queried samples are later excluded from the pool. Relabel sets are never
-    samples: they are left out here, and `relabels` (`read_relabels`) gives re-annotated samples
-    their new labels after the noise."""
+    samples: they are left out here, and `relabels` (`read_relabels`) is applied after the noise
+    (LmdbDataset.apply_relabels): new labels, or samples dropped by a disagreeing `agree`
+    re-annotation, which leave the labelled part without moving the boundary (so never to the pool)."""
     if split not in (None, "labelled", "unlabelled"):
         raise ValueError(f"split must be None, 'labelled' or 'unlabelled', not {split!r}")
     check_noise(noise_ratio, noise_scope, noise_model)
@@ -590,8 +620,10 @@ def describe_leaf(leaf, split, labelled, excluded):
         details.append(f"labelled {labelled}, unlabelled {kept - labelled}")
     if excluded:
         details.append(f"excluded {excluded} already queried")
-    if leaf.relabelled:
-        details.append(f"re-annotated labels {len(leaf.relabelled)}")
+    if leaf.relabelled or leaf.confirmed:
+        details.append(f"re-annotated labels {len(leaf.confirmed.union(leaf.relabelled))}")
+    if leaf.dropped:
+        details.append(f"dropped {len(leaf.dropped)} whose re-annotation disagreed (--relabel_policy agree)")
     if leaf.num_corrupted:
         details.append(f"corrupted labels {leaf.num_corrupted}")
     return f"{text} ({'; '.join(details)})"
@@ -601,9 +633,9 @@ def describe_leaf(leaf, split, labelled, excluded):
 # relabel sets: new labels for samples trained on already (data_sampling.py --relabel_ratio)
 
 
-class RelabelEntry(collections.namedtuple("RelabelEntry", "clean_label noisy_label kind relpath index")):
+class RelabelEntry(collections.namedtuple("RelabelEntry", "clean_label noisy_label kind relpath index policy")):
     """A re-annotation: the relabel set's label, the simulated annotator's error on it (None when
-    it got it right), and where the relabel set holds it."""
+    it got it right), where the relabel set holds it, and the set's policy (relabel_policies)."""
 
 
 def is_relabel_set(path):
@@ -616,6 +648,18 @@ def read_relabel_meta(path):
     with shared_env(path).begin(write=False) as txn:
         raw = txn.get(RELABEL_META_KEY)
     return None if raw is None else json.loads(raw.decode("utf-8"))
+
+
+def relabel_policy(path, meta):
+    """The policy of the relabel set at path (its `relabel-meta` dict `meta`): `policy`, or
+    `replace` for a set written before the policy existed; one this version does not know is a
+    UserError."""
+    policy = (meta or {}).get("policy", relabel_policies.DEFAULT)
+    if policy not in relabel_policies.POLICIES:
+        raise UserError(f"{path}: its relabel-meta names the policy {policy!r}, which this version does not know "
+                        f"(known: {relabel_policies.known()}); leave the relabel set out of --select_data or "
+                        f"update this code")
+    return policy
 
 
 def relabel_noise_seed(seed, round_number):
@@ -633,7 +677,9 @@ def relabel_order(root, relpaths):
 
 
 def read_relabels(root, opt, relpaths, noise_ratio=0.0, noise_model=annotator_noise.DEFAULT_MODEL):
-    """{identity: RelabelEntry} of the relabel sets `relpaths` below root, later rounds winning.
+    """{identity: [RelabelEntry, ...]} of the relabel sets `relpaths` below root: each sample's
+    re-annotations in the order they apply (relabel_order; LmdbDataset.apply_relabels applies them
+    by each set's policy).
 
     A relabel set's labels are the annotator's answers (in simulation the clean labels); with
     `noise_ratio` > 0 the simulated annotator errs again on exactly that share of each set, from
@@ -644,8 +690,10 @@ def read_relabels(root, opt, relpaths, noise_ratio=0.0, noise_model=annotator_no
     relabels = {}
     for rel in relabel_order(root, relpaths):
         leaf = LmdbDataset(os.path.join(root, rel), opt, relpath=rel)
+        meta = read_relabel_meta(leaf.root)
+        policy = relabel_policy(leaf.root, meta)
         if noise_ratio:
-            round_number = (read_relabel_meta(leaf.root) or {}).get("round", rel)
+            round_number = (meta or {}).get("round", rel)
             leaf.add_noise(noise_ratio, relabel_noise_seed(seed, round_number), noise_model)
         with shared_env(leaf.root).begin(write=False) as txn:
             for index in leaf.indices.tolist():
@@ -654,8 +702,9 @@ def read_relabels(root, opt, relpaths, noise_ratio=0.0, noise_model=annotator_no
                     raise UserError(f"{leaf.root}: relabel set sample {index} has no origin key; rebuild it with "
                                     f"data_sampling.py")
                 raw = (txn.get(label_key(index)) or b"").decode("utf-8", errors="replace")
-                relabels[origin] = RelabelEntry(leaf.rules.clean(leaf.rules.normalise(raw)),
-                                                leaf.noisy_labels.get(index), leaf.noise_kinds.get(index), rel, index)
+                relabels.setdefault(origin, []).append(
+                    RelabelEntry(leaf.rules.clean(leaf.rules.normalise(raw)), leaf.noisy_labels.get(index),
+                                 leaf.noise_kinds.get(index), rel, index, policy))
     return relabels
 
 
@@ -680,9 +729,10 @@ def labelled_dataset(root, opt, select_data, noise_ratio=0.0, noise_scope="queri
                      noise_model=annotator_noise.DEFAULT_MODEL, flag="--train_data"):
     """`(data, log)`: every labelled sample of `select_data`, with the labels `train.py --mode al`
     trains on (Batch_Balanced_Dataset): per name, `hierarchical_dataset(split="labelled")` with the
-    selected query sets' origins excluded, the noise applied and the selected relabel sets' labels
-    over it. A sample that two names select is kept once (the first name's). Items are
-    `(image, label, identity)`; UserError when there is none."""
+    selected query sets' origins excluded, the noise applied and the selected relabel sets applied
+    over it (new labels; an `agree` set's disagreeing samples left out). A sample that two names
+    select is kept once (the first name's). Items are `(image, label, identity)`; UserError when
+    there is none."""
     queried = selected_query_origins(root, select_data, flag)
     selected = natsorted({rel for name in select_data for rel in select_leaves(root, [name], flag)})
     relabels = read_relabels(root, opt, relabel_leaves(root, selected), noise_ratio, noise_model)
@@ -809,6 +859,7 @@ class Batch_Balanced_Dataset:
         self.num_samples = {}
         self.batch_sizes = {}
         self.corrupted = {}
+        self.dropped = {}  # per name: samples left out because their re-annotation disagreed
         self.skipped_images = 0
         self.skipped_by_name = collections.Counter()
         self.datasets = {}
@@ -836,7 +887,10 @@ class Batch_Balanced_Dataset:
         relabels = {}
         if relabel_paths and query_sets:
             relabels = read_relabels(root, opt, relabel_paths, noise_ratio, noise_model)
-            lines.append(f"relabel sets (new labels over earlier ones, no batch share): {', '.join(relabel_paths)}")
+            policies = {rel: relabel_policy(os.path.join(root, rel), read_relabel_meta(os.path.join(root, rel)))
+                        for rel in relabel_paths}
+            lines.append("relabel sets (re-annotations of earlier samples, by policy; no batch share): "
+                         + ", ".join(f"{rel} ({policies[rel]})" for rel in relabel_paths))
         query_leaves = {name: [rel for rel in rels if is_query_set(os.path.join(root, rel))]
                         for name, rels in selected.items()}
         for name in names:
@@ -895,11 +949,22 @@ class Batch_Balanced_Dataset:
                 leaf_log += "\n" + note
             lines.append(rule)
             lines.append(leaf_log.rstrip("\n"))
-            unlabelled = sum(leaf.num_total - leaf.num_filtered - len(leaf)
+            # a sample dropped by its re-annotation was labelled: it is counted as dropped, not unlabelled
+            unlabelled = sum(leaf.num_total - leaf.num_filtered - len(leaf) - len(leaf.dropped)
                              for leaf in dataset.leaves if not leaf.is_query)
             lines.append(f"num total samples of {name}: {len(dataset)} labelled (total_data_usage_ratio "
                          f"{opt.total_data_usage_ratio}), {unlabelled} unlabelled, "
-                         f"{dataset.num_filtered} filtered out, {dataset.num_corrupted} corrupted labels")
+                         f"{dataset.num_filtered} filtered out, {dataset.num_corrupted} corrupted labels"
+                         + (f", {dataset.num_dropped} dropped (re-annotation disagreed)" if dataset.num_dropped
+                            else ""))
+            if len(dataset) == 0 and dataset.num_dropped:
+                # re-annotations (agree) left nothing of it: a round's data, not a wrong command
+                skipped_batch += batch
+                self.dropped[name] = dataset.num_dropped
+                self.warnings.append(f"--select_data {name}: every labelled sample of it was dropped (its "
+                                     f"re-annotation disagreed, --relabel_policy agree), so it is skipped and its "
+                                     f"batch share {ratio:g} stays unused")
+                continue
             if len(dataset) == 0:
                 raise UserError(f"--select_data {name}: no labelled sample (after filtering and "
                                 f"--total_data_usage_ratio {opt.total_data_usage_ratio}); raise the ratio or "
@@ -920,6 +985,7 @@ class Batch_Balanced_Dataset:
             self.num_samples[name] = len(dataset)
             self.batch_sizes[name] = batch
             self.corrupted[name] = dataset.num_corrupted
+            self.dropped[name] = dataset.num_dropped
             self.datasets[name] = dataset
             sampler = EpochBatchSampler(len(shard), batch, small, (opt.manualSeed, rank, k))
             # The loader's own generator seeds its workers; without one it would draw from the global
@@ -932,6 +998,10 @@ class Batch_Balanced_Dataset:
             self.samplers.append(sampler)
             self.positions.append([0, 0])
             self.iterators.append(None)  # started on first use, at the position then current
+        self.names = [name for name in self.names if name in self.datasets]
+        if not self.names:
+            raise UserError(f"--select_data {'-'.join(names)}: re-annotations (--relabel_policy agree) dropped every "
+                            f"labelled sample; nothing to train on")
         lines.append(rule)
         total = sum(self.batch_sizes.values())
         lines.append(f"Total_batch_size: {'+'.join(str(b) for b in self.batch_sizes.values())} = {total}")
@@ -970,6 +1040,10 @@ class Batch_Balanced_Dataset:
     @property
     def num_corrupted(self):
         return sum(self.corrupted.values())
+
+    @property
+    def num_dropped(self):
+        return sum(self.dropped.values())
 
     def noise_records(self):
         """`LmdbDataset.noise_records` of every training leaf (a leaf two names select, once), in

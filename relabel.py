@@ -16,13 +16,16 @@ The relabel set. `<query set>_relabel` under --train_data, written with the quer
 same lock and by the same atomic write (published just before it): per sample the image, the
 annotator's label (in simulation the clean label of the source LMDB, the oracle's answer), an
 `origin-%09d` key naming the sample's identity, and a `relabel-meta` key (dataset.RELABEL_META_KEY)
-instead of `query-meta`. Training (dataset.Batch_Balanced_Dataset, dataset.labelled_dataset) gives
-every sample a selected relabel set names the relabel set's label, later rounds winning; a relabel
-set adds no sample. With simulated noise the re-annotation is a fresh draw of the same annotator:
-the same model and ratio, exactly that share of the relabel set, from its own stream
-(dataset.relabel_noise_seed: seed, "relabel", round), so it can be wrong again; the error is applied
-when the set is read, as for a query set, so noise_log.csv holds the clean label and the one
-trained on. The next round's --select_data names every relabel set with the batch share 0."""
+instead of `query-meta`, which records the round's --relabel_policy (relabel_policies; a set
+without one means `replace`). Training (dataset.Batch_Balanced_Dataset, dataset.labelled_dataset)
+applies every selected relabel set to the samples it names, in round order, by its policy:
+`replace` trains on the re-annotation, `agree` keeps an equal label and leaves out a sample whose
+two answers differ; a relabel set adds no sample. With simulated noise the re-annotation is a
+fresh draw of the same annotator: the same model and ratio, exactly that share of the relabel set,
+from its own stream (dataset.relabel_noise_seed: seed, "relabel", round), so it can be wrong again;
+the error is applied when the set is read, as for a query set, so noise_log.csv holds the clean
+label and the one trained on (and no sample `agree` dropped). The next round's --select_data names
+every relabel set with the batch share 0."""
 import math
 import os
 from datetime import datetime, timezone
@@ -33,6 +36,7 @@ import annotator_noise
 import dataset
 import label_quality
 import query_strategies
+import relabel_policies
 import utils
 from evaluation import concatenate_columns, rank_share
 
@@ -46,6 +50,10 @@ def add_args(parser):
                        help="share of the round's budget spent on re-annotating the labelled samples of lowest "
                             "label quality instead of querying new ones: round(f x budget), into the relabel set "
                             "<query set>_relabel (0: none)")
+    group.add_argument("--relabel_policy", default=relabel_policies.DEFAULT,
+                       help="how training combines a re-annotation with the label the sample trains on "
+                            "(recorded in the relabel set): replace (train on the re-annotation) or agree (keep "
+                            "an equal label, leave the sample out of training when the two differ)")
     group.add_argument("--noise_ratio", type=float, default=0.0,
                        help="the simulated annotator noise training uses (train.py --noise_ratio), so that the "
                             "labels judged are those trained on and a re-annotation can err again")
@@ -60,9 +68,30 @@ def add_args(parser):
 def check_args(opt):
     if not (math.isfinite(opt.relabel_ratio) and 0.0 <= opt.relabel_ratio <= 1.0):
         raise utils.UserError(f"--relabel_ratio {opt.relabel_ratio}: give a share of the budget in [0, 1]")
+    if opt.relabel_policy not in relabel_policies.POLICIES:
+        raise utils.UserError(f"--relabel_policy {opt.relabel_policy}: unknown; choose one of "
+                              f"{relabel_policies.known()}")
     if not math.isfinite(opt.noise_ratio):
         raise utils.UserError(f"--noise_ratio {opt.noise_ratio}: must lie between 0 and 1")
     dataset.check_noise(opt.noise_ratio, opt.noise_scope, opt.noise_model)
+
+
+def noise_warning(opt, saved):
+    """The warning line for a round that re-annotates without simulated noise (--noise_ratio 0)
+    while the model's training used some (`saved`: the options saved beside --saved_model), or
+    None: its re-annotations would be simulated as perfect and the labels judged as clean."""
+    try:
+        trained = float(saved.get("noise_ratio") or 0.0)
+    except (TypeError, ValueError):
+        return None
+    if not (opt.relabel_ratio > 0 and opt.noise_ratio == 0 and trained > 0):
+        return None
+    model = saved.get("noise_model") or annotator_noise.DEFAULT_MODEL
+    scope = saved.get("noise_scope") or "queried"
+    return (f"warning: --relabel_ratio {opt.relabel_ratio:g} without --noise_ratio, but the model's training used "
+            f"annotator noise (--noise_ratio {trained:g} --noise_model {model} --noise_scope {scope}, in the options "
+            f"beside --saved_model): the labels are judged as clean and the re-annotations simulated as perfect; "
+            f"pass the training's --noise_ratio {trained:g} --noise_model {model} --noise_scope {scope}")
 
 
 def split_budget(count, ratio, labelled):
@@ -222,7 +251,8 @@ def draw(opt, samples, round_number):
 
 
 def outcome(opt, rows, columns, samples, draws):
-    """Per chosen sample: the label training saw, the new label it will see, the clean label."""
+    """Per chosen sample: the label training saw, the re-annotation's answer (after its simulated
+    error), the clean label."""
     rules = dataset.LabelRules(opt)
     before, after, clean = [], [], []
     for row, (_, label, identity) in zip(rows, samples):
@@ -233,9 +263,21 @@ def outcome(opt, rows, columns, samples, draws):
     return before, after, clean
 
 
+def trained_after(policy, before, after):
+    """Per re-annotated sample, the label training will see by `policy` (relabel_policies), or None
+    when the sample is dropped."""
+    trained = []
+    for old, answer in zip(before, after):
+        decision = relabel_policies.decide(policy, old, answer)
+        trained.append(None if decision == relabel_policies.DROP else old if decision == relabel_policies.KEEP
+                       else answer)
+    return trained
+
+
 def relabel_meta(opt, relabel_plan, query_set, rows, columns):
     return {"name": relabel_plan.name, "query_set": query_set, "round": relabel_plan.round,
             "model": os.path.abspath(opt.saved_model), "relabel_ratio": opt.relabel_ratio,
+            "policy": opt.relabel_policy,
             "num_relabelled": len(rows), "seed": opt.manualSeed, "select_data": "-".join(opt.select_data),
             "total_data_usage_ratio": opt.total_data_usage_ratio,
             "label_quality": [round(float(label_quality.quality(columns["log_quality"][r])), 6) for r in rows],
@@ -247,11 +289,20 @@ def mean_quality(log_q):
 
 
 def summary_part(opt, relabel_plan, rows, columns, before, after, clean):
-    """The `relabel` entry of the round's summary."""
+    """The `relabel` entry of the round's summary: `changed` counts labels the re-annotations change
+    and `dropped` the samples they leave out of training (--relabel_policy agree, where the two
+    answers differ); with noise, `wrong_after` counts the wrong labels still trained on among the
+    re-annotated, `fixed` / `made_wrong` the labels turned right / wrong, `dropped_wrong` /
+    `dropped_right` the wrong / right labels dropped (wrong_before - fixed - dropped_wrong +
+    made_wrong = wrong_after)."""
+    trained = trained_after(opt.relabel_policy, before, after)
+    kept = [(b, t, c) for b, t, c in zip(before, trained, clean) if t is not None]
+    gone = [(b, c) for b, t, c in zip(before, trained, clean) if t is None]
     part = {"relabel_set": relabel_plan.name,
             "path": os.path.abspath(relabel_plan.path) if relabel_plan.path else None,
-            "ratio": opt.relabel_ratio, "labelled": int(len(columns["index"])) if columns else 0,
-            "num_relabelled": len(rows), "changed": int(sum(b != a for b, a in zip(before, after))),
+            "ratio": opt.relabel_ratio, "policy": opt.relabel_policy,
+            "labelled": int(len(columns["index"])) if columns else 0,
+            "num_relabelled": len(rows), "changed": int(sum(b != t for b, t, _ in kept)), "dropped": len(gone),
             "mean_label_quality": {
                 "relabelled": mean_quality(columns["log_quality"][rows]) if rows else None,
                 "labelled": mean_quality(columns["log_quality"]) if columns else None}}
@@ -259,17 +310,26 @@ def summary_part(opt, relabel_plan, rows, columns, before, after, clean):
         part["noise"] = {"ratio": opt.noise_ratio, "scope": opt.noise_scope, "model": opt.noise_model,
                          "seed": dataset.relabel_noise_seed(opt.manualSeed, relabel_plan.round),
                          "wrong_before": int(sum(b != c for b, c in zip(before, clean))),
-                         "wrong_after": int(sum(a != c for a, c in zip(after, clean)))}
+                         "wrong_after": int(sum(t != c for _, t, c in kept)),
+                         "fixed": int(sum(b != c and t == c for b, t, c in kept)),
+                         "made_wrong": int(sum(b == c and t != c for b, t, c in kept)),
+                         "dropped_wrong": int(sum(b != c for b, c in gone)),
+                         "dropped_right": int(sum(b == c for b, c in gone))}
     return part
 
 
 def format_part(part):
-    line = (f"re-annotated {part['num_relabelled']} of {part['labelled']} labelled samples (lowest label quality)"
-            + (f" -> {part['path']}" if part["path"] and part["num_relabelled"] else "")
+    policy = part.get("policy", relabel_policies.DEFAULT)
+    line = (f"re-annotated {part['num_relabelled']} of {part['labelled']} labelled samples (lowest label quality, "
+            f"policy {policy})" + (f" -> {part['path']}" if part["path"] and part["num_relabelled"] else "")
             + f"; {part['changed']} labels changed")
+    if part.get("dropped"):
+        line += f", {part['dropped']} samples dropped (the two answers differ)"
     noise = part.get("noise")
     if noise:
-        line += f"; wrong before {noise['wrong_before']}, after {noise['wrong_after']} (simulated annotator)"
+        line += (f"; wrong before {noise['wrong_before']}, after {noise['wrong_after']} (simulated annotator: "
+                 f"{noise['fixed']} fixed, {noise['made_wrong']} made wrong, {noise['dropped_wrong']} wrong and "
+                 f"{noise['dropped_right']} right dropped)")
     return line
 
 

@@ -33,6 +33,9 @@ usage: scripts/al_loop.sh [--name value ...]      (or the upper-case environment
                           its answers are imported                   (simulated)
   --relabel_ratio F       share of each round's budget spent re-annotating the labelled
                           samples of lowest label quality (data_sampling.py) (0)
+  --relabel_policy P      how training combines a re-annotation with the earlier label:
+                          replace, or agree (keep equal answers, drop a sample whose two
+                          answers differ) (data_sampling.py --relabel_policy) (replace)
   --base_iters N          iterations of round 0                      (2000)
   --iters N               iterations of each later round             (1000)
   --val_interval N        validation interval                        (500)
@@ -87,6 +90,7 @@ NOISE_RATIO=${NOISE_RATIO:-0}
 NOISE_MODEL=${NOISE_MODEL:-substitute}
 ANNOTATOR=${ANNOTATOR:-simulated}
 RELABEL_RATIO=${RELABEL_RATIO:-0}
+RELABEL_POLICY=${RELABEL_POLICY:-replace}
 BASE_ITERS=${BASE_ITERS:-2000}
 ITERS=${ITERS:-1000}
 VAL_INTERVAL=${VAL_INTERVAL:-500}
@@ -108,7 +112,7 @@ while [ $# -gt 0 ]; do
       case "$var" in
         TRAIN_DATA|VALID_DATA|TEST_DATA|SELECT_DATA|POOL_DATA|BATCH_RATIO|LABEL_RATIO|QUERY|BASE_CALIBRATOR|\
         AL_CALIBRATOR|ROUNDS|QUERY_RATIO|NUM_QUERY|POOL_SUBSAMPLE|NOISE_RATIO|NOISE_MODEL|ANNOTATOR|RELABEL_RATIO|\
-        BASE_ITERS|ITERS|VAL_INTERVAL|ARCH|\
+        RELABEL_POLICY|BASE_ITERS|ITERS|VAL_INTERVAL|ARCH|\
         TRAIN_ARGS|BATCH_SIZE|WORKERS|SEED|OUT|PYTHON) printf -v "$var" '%s' "$2" ;;
         *) echo "error: unknown option $1 (see --help)" >&2; exit 2 ;;
       esac
@@ -152,6 +156,9 @@ is_ratio "$RELABEL_RATIO" closed || fail "--relabel_ratio $RELABEL_RATIO: give a
 known=$("$PYTHON" -c 'import annotator_noise; print(", ".join(annotator_noise.NOISE_MODELS))') || \
   fail "cannot read the noise models of annotator_noise.py; run this script from the repository root"
 [[ ", $known, " == *", $NOISE_MODEL, "* ]] || fail "--noise_model $NOISE_MODEL: unknown; choose one of $known"
+known=$("$PYTHON" -c 'import relabel_policies; print(relabel_policies.known())') || \
+  fail "cannot read the relabel policies of relabel_policies.py; run this script from the repository root"
+[[ ", $known, " == *", $RELABEL_POLICY, "* ]] || fail "--relabel_policy $RELABEL_POLICY: unknown; choose one of $known"
 case "$ANNOTATOR" in
   simulated) ;;
   human) "$PYTHON" -c 'import sys; sys.exit(float(sys.argv[1]) != 0)' "$NOISE_RATIO" || \
@@ -219,6 +226,7 @@ settings() {
   [ "$NOISE_MODEL" = substitute ] || printf 'NOISE_MODEL=%s\n' "$NOISE_MODEL"
   [ "$ANNOTATOR" = simulated ] || printf 'ANNOTATOR=%s\n' "$ANNOTATOR"
   [ "$RELABEL_RATIO" = 0 ] || printf 'RELABEL_RATIO=%s\n' "$RELABEL_RATIO"
+  [ "$RELABEL_POLICY" = replace ] || printf 'RELABEL_POLICY=%s\n' "$RELABEL_POLICY"
   [ -z "$POOL_SUBSAMPLE" ] || printf 'POOL_SUBSAMPLE=%s\n' "$POOL_SUBSAMPLE"
   [ -z "$POOL_DATA" ] || printf 'POOL_DATA=%s\n' "$POOL_DATA"
 }
@@ -236,7 +244,8 @@ export_args=()
 [ "$ANNOTATOR" = human ] && export_args=(--export_annotation "$RUN_TRAIN/${QUERY}_iter_1_annotation")
 [ -n "$NUM_QUERY" ] && query_size=(--num_query "$NUM_QUERY")
 # the labels a round judges are those training saw: data_sampling.py gets training's noise flags
-relabel_args=(--relabel_ratio "$RELABEL_RATIO" --noise_ratio "$NOISE_RATIO" --noise_model "$NOISE_MODEL")
+relabel_args=(--relabel_ratio "$RELABEL_RATIO" --relabel_policy "$RELABEL_POLICY" --noise_ratio "$NOISE_RATIO"
+              --noise_model "$NOISE_MODEL")
 [ -n "$POOL_SUBSAMPLE" ] && query_size+=(--pool_subsample "$POOL_SUBSAMPLE")
 
 if [ -f "$SETTINGS_FILE" ]; then

@@ -66,6 +66,7 @@ def test_a_failing_step_stops_the_loop_with_its_message(tiny_data, tmp_path):
     ("--noise_ratio", "nan", "--noise_ratio nan"),
     ("--noise_model", "typo", "--noise_model typo: unknown; choose one of substitute, confusable, edit, mixed"),
     ("--relabel_ratio", "1.5", "--relabel_ratio 1.5: give a share of the budget in [0, 1]"),
+    ("--relabel_policy", "vote", "--relabel_policy vote: unknown; choose one of replace, agree"),
     ("--query", "nosuch", "nosuch"),
     ("--batch_ratio", "0.5-0.3-0.2", "--batch_ratio"),
     ("--al_calibrator", "nonsense", "--calibrator nonsense"),

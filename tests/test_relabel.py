@@ -3,6 +3,7 @@ which labels are re-annotated (the lowest label qualities, each sample once), th
 labels over the earlier ones in training (later sets winning, no batch share), and the simulated
 annotator's fresh draw on them."""
 import os
+import types
 
 import numpy as np
 import pytest
@@ -171,12 +172,13 @@ def test_the_fresh_draw_is_independent_of_the_first_annotation():
     assert 80 < len(set(again) & set(other_round)) < 120
 
 
-def hand_relabel(root, name, round_number, labels):
-    """A relabel set written by hand: {identity: label} with the images of base."""
+def hand_relabel(root, name, round_number, labels, policy=None):
+    """A relabel set written by hand: {identity: label} with the images of base; its meta names
+    `policy` when given (none: as a set written before --relabel_policy)."""
     with dataset.shared_env(os.path.join(root, "base")).begin(write=False) as txn:
         samples = [(txn.get(dataset.image_key(i)), label, (rel, i)) for (rel, i), label in labels.items()]
-    dataset.write_lmdb(os.path.join(root, name), iter(samples), meta={"name": name, "round": round_number},
-                       meta_key=dataset.RELABEL_META_KEY)
+    meta = {"name": name, "round": round_number, **({"policy": policy} if policy else {})}
+    dataset.write_lmdb(os.path.join(root, name), iter(samples), meta=meta, meta_key=dataset.RELABEL_META_KEY)
 
 
 def test_later_relabel_sets_win_and_take_the_share_zero(tmp_path):
@@ -198,6 +200,8 @@ def test_later_relabel_sets_win_and_take_the_share_zero(tmp_path):
     (["--relabel_ratio", "1.5"], "--relabel_ratio 1.5: give a share of the budget in [0, 1]"),
     (["--relabel_ratio", "-0.1"], "--relabel_ratio -0.1: give a share of the budget in [0, 1]"),
     (["--relabel_ratio", "nan"], "--relabel_ratio nan: give a share of the budget in [0, 1]"),
+    (["--relabel_ratio", "0.5", "--relabel_policy", "vote"], "--relabel_policy vote: unknown; choose one of replace, "
+                                                              "agree"),
     (["--select_data", "base-q_iter_1", "--batch_ratio", "1-0"],
      "--batch_ratio: q_iter_1 has the share 0, which only a relabel set may have; give it a positive share"),
 ])
@@ -228,3 +232,120 @@ def test_a_relabel_only_round_leaves_its_empty_query_set_out(round2, tiny):  # n
     assert dataset.read_query_origins(os.path.join(root, "q_iter_3")) == set()
     assert summary3["next_select_data"] == "base-q_iter_1-q_iter_2-q_iter_2_relabel-q_iter_3_relabel"
     assert summary3["next_batch_ratio"] == "0.5-0.25-0.25-0-0"
+
+
+# --relabel_policy agree: an answer equal to the label trained on keeps it, a different one drops the sample
+
+
+def test_agree_keeps_equal_answers_drops_different_ones_and_a_set_without_policy_replaces(tmp_path):
+    root = str(tmp_path / "data")
+    write_base(root)
+    # round 2 (agree): base 1 and 11 answered as stored (WORDS[0], WORDS[10]); base 2 and 10 (q_iter_1's
+    # second sample) answered otherwise. Round 3 (no policy in its meta: replace) relabels base 3 and
+    # the dropped base 2, which stays out
+    hand_relabel(root, "agree2", 2, {("base", 1): "021", ("base", 2): "zzz", ("base", 10): "999",
+                                     ("base", 11): "5277"}, policy="agree")
+    hand_relabel(root, "late3", 3, {("base", 3): "333", ("base", 2): "444"})
+    opt = build_opt(**CTC_ARCH, train_data=root, total_data_usage_ratio=USAGE, manualSeed=SEED)
+    relabels = dataset.read_relabels(root, opt, ["late3", "agree2"])
+    assert [(e.policy, e.clean_label) for e in relabels[("base", 2)]] == [("agree", "zzz"), ("replace", "444")]
+    labels, balanced = training_view(root, "base-q_iter_1-agree2-late3", "0.5-0.5-0-0", noise=0.0)
+    # base 1-8 and q_iter_1 (base 9-16) less base 2 and base 10
+    assert len(labels) == 14 and ("base", 2) not in labels and ("base", 10) not in labels
+    assert labels[("base", 1)] == "021" and labels[("base", 11)] == "5277" and labels[("base", 3)] == "333"
+    assert all(label == WORDS[i - 1] for (_, i), label in labels.items() if i != 3)
+    assert balanced.dropped == {"base": 1, "q_iter_1": 1} and balanced.num_dropped == 2
+    assert balanced.log_text.count("dropped 1 whose re-annotation disagreed") == 2
+    assert "agree2 (agree), late3 (replace)" in balanced.log_text
+    # what relabel selection and find_label_errors.py read: the same 14 (q_iter_1 2 is base 10)
+    data, _ = dataset.labelled_dataset(root, opt, ["base", "q_iter_1", "agree2", "late3"])
+    assert sorted(identity for _, _, identity in data) == \
+        [("base", i) for i in (1, 3, 4, 5, 6, 7, 8)] + [("q_iter_1", i) for i in (1, 3, 4, 5, 6, 7, 8)]
+    # a query set all of whose samples are dropped is skipped with a warning, its share unused
+    hand_relabel(root, "agree5", 5, {("base", i): "7" for i in range(9, 17)}, policy="agree")
+    labels, balanced = training_view(root, "base-q_iter_1-agree5", "0.5-0.5-0", noise=0.0)
+    assert balanced.names == ["base"] and len(labels) == 8 and balanced.dropped == {"base": 0, "q_iter_1": 8}
+    assert any("q_iter_1: every labelled sample of it was dropped" in w for w in balanced.warnings)
+    hand_relabel(root, "vote4", 4, {("base", 4): "415"}, policy="vote")
+    with pytest.raises(utils.UserError, match="vote4: its relabel-meta names the policy 'vote'"):
+        training_view(root, "base-q_iter_1-vote4", "0.5-0.5-0", noise=0.0)
+
+
+def test_agree_compares_with_the_noisy_label_trained_on(tmp_path):
+    root = str(tmp_path / "data")
+    write_base(root)
+    before, balanced = training_view(root, "base-q_iter_1", "0.5-0.5")
+    wrong = sorted(i for i, label in before.items() if label != WORDS[i[1] - 1])
+    assert len(wrong) == WRONG and len(balanced.noise_records()) == WRONG
+    # one-sample sets: the 25% re-annotator errs on round(0.25 x 1) = 0 of each, so the answers are as
+    # planted: the first wrong label repeated (kept, still wrong), the clean label of the second (dropped)
+    repeated, corrected = wrong[0], wrong[1]
+    hand_relabel(root, "agree2", 2, {repeated: before[repeated]}, policy="agree")
+    hand_relabel(root, "agree3", 3, {corrected: WORDS[corrected[1] - 1]}, policy="agree")
+    after, balanced = training_view(root, "base-q_iter_1-agree2-agree3", "0.5-0.5-0-0")
+    assert after == {i: label for i, label in before.items() if i != corrected}
+    # noise_log.csv: the kept error with its clean label, the dropped one gone
+    records = {(r["origin_relpath"], r["origin_index"]) if r["origin_relpath"] else (r["relpath"], r["index"]): r
+               for r in balanced.noise_records()}
+    assert set(records) == set(wrong) - {corrected}
+    assert records[repeated]["clean_label"] == WORDS[repeated[1] - 1]
+    assert records[repeated]["noisy_label"] == before[repeated]
+
+
+def test_an_agree_round_drops_every_label_whose_two_answers_differ(tiny, tmp_path):  # noqa: F811
+    root = str(tmp_path / "data")
+    write_base(root)
+    before, _ = training_view(root, "base-q_iter_1", "0.5-0.5")
+    wrong = {identity for identity, label in before.items() if label != WORDS[identity[1] - 1]}
+    summary = run_sampling(sampling_args(root, tiny.ctc, "--num_query", "8", "--relabel_ratio", "0.5",
+                                         "--relabel_policy", "agree", "--out_name", "q_iter_2", *NOISE))
+    rows, meta = relabel_set(os.path.join(root, "q_iter_2_relabel"))
+    assert meta["policy"] == "agree" and {origin for origin, _ in rows} == wrong  # as with replace
+    # the answers: 3 clean labels and round(0.25 x 4) = 1 fresh error, each unlike the wrong label trained on
+    redrawn = annotator_noise.noisy_labels(rows, 0.25, CHARSET, dataset.relabel_noise_seed(SEED, 2), 25)
+    answers = {origin: redrawn[origin].label if origin in redrawn else clean for origin, clean in rows}
+    assert len(redrawn) == 1 and all(answers[origin] != before[origin] for origin in wrong)
+    part = summary["relabel"]
+    assert part["policy"] == "agree" and part["dropped"] == 4 and part["changed"] == 0
+    assert {k: part["noise"][k] for k in ("wrong_before", "wrong_after", "fixed", "made_wrong", "dropped_wrong",
+                                          "dropped_right")} == {"wrong_before": 4, "wrong_after": 0, "fixed": 0,
+                                                                "made_wrong": 0, "dropped_wrong": 4,
+                                                                "dropped_right": 0}
+    after, balanced = training_view(root, summary["next_select_data"], summary["next_batch_ratio"])
+    # the 16 labelled samples less the 4 dropped, plus the 4 new ones; every kept label as before
+    assert len(after) == 16 and not wrong & set(after) and balanced.num_dropped == 4
+    assert balanced.dropped == {"base": 2, "q_iter_1": 2, "q_iter_2": 0}
+    assert all(after[i] == label for i, label in before.items() if i not in wrong)
+    # base: 24 less the 6 kept and the 2 dropped = 16 unlabelled (the 4 of base 9-12 in q_iter_1 included)
+    assert "num total samples of base: 6 labelled (total_data_usage_ratio 0.5), 16 unlabelled" in balanced.log_text
+    # noise_log.csv: only the one wrong label of q_iter_2's 4 new ones
+    assert [r["relpath"] for r in balanced.noise_records()] == ["q_iter_2"]
+    # the next round: the dropped are no labelled samples to judge, and the pool stays base 17-24 less
+    # q_iter_2's 4 (a dropped sample never returns to it)
+    opt = build_opt(**CTC_ARCH, train_data=root, total_data_usage_ratio=USAGE, manualSeed=SEED)
+    labelled, _ = dataset.labelled_dataset(root, opt, summary["next_select_data"].split("-"), noise_ratio=0.25,
+                                           noise_scope="all")
+    assert len(labelled) == 16
+    result = run_sampling(sampling_args(root, tiny.ctc, "--dry_run", "--num_query", "2", "--out_name", "q_iter_3",
+                                        *NOISE))
+    assert result["pool_size"] == 4
+
+
+def test_re_annotating_without_the_noise_training_used_warns(tmp_path, capsys):
+    root = str(tmp_path / "data")
+    write_base(root)
+    model = tmp_path / "noisy" / "best_accuracy.pth"
+    model.parent.mkdir()
+    model.write_bytes(b"")  # a dry run loads no model; the options beside it are what counts
+    options.save_opt_yaml(types.SimpleNamespace(**CTC_ARCH, noise_ratio=0.3, noise_model="edit", noise_scope="all"),
+                          str(model.parent / "opt.yaml"))
+    for extra, warned in ((["--relabel_ratio", "0.5"], True),
+                          (["--relabel_ratio", "0.5", "--noise_ratio", "0.3", "--noise_model", "edit"], False),
+                          ([], False)):
+        run_sampling(sampling_args(root, str(model), "--dry_run", "--num_query", "4", *extra))
+        warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+        assert warnings == ([
+            "warning: --relabel_ratio 0.5 without --noise_ratio, but the model's training used annotator noise "
+            "(--noise_ratio 0.3 --noise_model edit --noise_scope all, in the options beside --saved_model): the "
+            "labels are judged as clean and the re-annotations simulated as perfect; pass the training's "
+            "--noise_ratio 0.3 --noise_model edit --noise_scope all"] if warned else []), extra
