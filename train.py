@@ -353,33 +353,36 @@ def clear_earlier_run(save_dir):
           file=sys.stderr)
 
 
-class StopOnSigint:
-    """Ctrl-C (SIGINT) only asks the training loop to stop: the loop finishes the current step and
-    saves last.pth between two steps. Stopping inside a step would save half of it (BatchNorm
-    statistics updated by a forward pass whose optimizer step never ran). A second Ctrl-C raises
+class StopOnSignal:
+    """Ctrl-C (SIGINT) and SIGTERM (what `kill`, SLURM and other schedulers send ahead of a job's
+    time limit) only ask the training loop to stop: the loop finishes the current step and saves
+    last.pth between two steps. Stopping inside a step would save half of it (BatchNorm statistics
+    updated by a forward pass whose optimizer step never ran). A second signal raises
     KeyboardInterrupt, which stops at once without saving."""
 
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
     def __init__(self):
-        self.requested = False
-        self.installed = False
-        self.previous = None
+        self.requested = None  # the name of the first signal received
+        self.previous = {}
 
     def handle(self, signum, frame):
         if self.requested:
             raise KeyboardInterrupt
-        self.requested = True
+        self.requested = signal.Signals(signum).name
 
     def __enter__(self):
-        try:
-            self.previous = signal.signal(signal.SIGINT, self.handle)
-            self.installed = True
-        except ValueError:  # not the main thread: signals cannot be caught there
-            pass
+        for signum in self.SIGNALS:
+            try:
+                self.previous[signum] = signal.signal(signum, self.handle)
+            except ValueError:  # not the main thread: signals cannot be caught there
+                break
         return self
 
     def __exit__(self, *exc):
-        if self.installed:
-            signal.signal(signal.SIGINT, self.previous if self.previous is not None else signal.default_int_handler)
+        for signum, previous in self.previous.items():
+            fallback = signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL
+            signal.signal(signum, previous if previous is not None else fallback)
         return False
 
 
@@ -616,7 +619,7 @@ def main(opt):
         # last: everything above (model construction, loader set-up) may draw random numbers
         set_rng_state(checkpoint["rng"])
     try:
-        with StopOnSigint() as interrupt:
+        with StopOnSignal() as interrupt:
             while iteration < opt.num_iter:
                 factor = learning_rate_factor(iteration, opt)
                 for group, base_lr in zip(optimizer.param_groups, base_lrs):
@@ -634,15 +637,15 @@ def main(opt):
                     stop = utils.broadcast_flag(stop) if distributed else stop
                     if stop:
                         break
-                # rank 0's Ctrl-C decides, so that every process stops after the same step
-                if utils.broadcast_flag(interrupt.requested) if distributed else interrupt.requested:
+                # rank 0's signal decides, so that every process stops after the same step
+                if utils.broadcast_flag(bool(interrupt.requested)) if distributed else interrupt.requested:
                     if not saved:
                         save_last(iteration)
                     progress_bar.close()
                     if is_main:
-                        print(f"\ninterrupted: stopped after iteration {iteration} with "
+                        print(f"\ninterrupted ({interrupt.requested or 'by rank 0'}): stopped after iteration {iteration} with "
                               f"{os.path.join(save_dir, 'last.pth')} saved; continue with --resume", file=sys.stderr)
-                    sys.exit(130)
+                    sys.exit(143 if interrupt.requested == "SIGTERM" else 130)  # 128 + the signal's number
     except KeyboardInterrupt:
         progress_bar.close()
         if is_main:

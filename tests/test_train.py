@@ -172,7 +172,8 @@ def test_resume_continues_where_last_left_off(tiny_data, tmp_path):
     assert iterations == [1, 2, 4]
 
 
-def test_ctrl_c_saves_last_and_exits_cleanly(tiny_data, tmp_path):
+@pytest.mark.parametrize("signum, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_ctrl_c_or_sigterm_saves_last_and_exits_cleanly(tiny_data, tmp_path, signum, status):
     proc = subprocess.Popen([sys.executable, os.path.join(REPO_ROOT, "train.py"), "--train_data", tiny_data.train,
                              "--valid_data", tiny_data.valid, "--select_data", "CVPR2016-NIPS2014",
                              "--batch_ratio", "0.5-0.5", *SMALL_ARCH, "--batch_size", "8", "--workers", "0",
@@ -184,10 +185,10 @@ def test_ctrl_c_saves_last_and_exits_cleanly(tiny_data, tmp_path):
     while not metrics.exists() and time.time() < deadline:
         time.sleep(0.2)
     time.sleep(0.5)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signum)
     out, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130
-    assert "Traceback" not in err and "--resume" in err
+    assert proc.returncode == status
+    assert "Traceback" not in err and "--resume" in err and f"interrupted ({signal.Signals(signum).name})" in err
     state = torch.load(tmp_path / "run" / "last.pth", weights_only=False)
     assert state["iteration"] >= 1
 
