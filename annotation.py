@@ -28,6 +28,7 @@ from datetime import datetime, timezone
 
 from PIL import Image
 
+import atomic_io
 import dataset
 import query_sets
 import query_strategies
@@ -167,7 +168,7 @@ def record_pending(train_data, round_name=None, folder=None, imported=None):
         pending[round_name] = os.path.abspath(folder)
     path = os.path.join(train_data, PENDING)
     if pending:
-        utils.atomic_write_text(path, json.dumps(pending, indent=1, ensure_ascii=False) + "\n")
+        atomic_io.atomic_write_text(path, json.dumps(pending, indent=1, ensure_ascii=False) + "\n")
     elif os.path.lexists(path):
         os.remove(path)
 
@@ -227,7 +228,7 @@ def write_package(folder, records, manifest, overwrite, query_path):
     folder = os.path.abspath(folder)
     parent, package_name = os.path.dirname(folder), os.path.basename(folder)
     os.makedirs(parent, exist_ok=True)
-    staged = utils.make_temp_dir(parent, package_name)
+    staged = atomic_io.make_temp_dir(parent, package_name)
     try:
         os.makedirs(os.path.join(staged, "images"))
         taken, images, tasks = set(), [], []
@@ -267,7 +268,7 @@ def write_package(folder, records, manifest, overwrite, query_path):
     except BaseException as err:
         shutil.rmtree(staged, ignore_errors=True)
         if isinstance(err, OSError):
-            utils.blame_output(err, folder)
+            atomic_io.blame_output(err, folder)
         raise
     record_pending(manifest["train_data"], manifest["round"], folder)
     return manifest

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import atomic_io
 import utils
 
 # How `--temperature auto` is fitted; test.py also accepts "both" (token and word, compared).
@@ -361,5 +362,5 @@ def reliability_diagram(confidence, correct, path, bins=15, title=""):
                f"Brier {metrics['brier']:.4f}  n={metrics['n']}")
     axes.set_title(f"{title}\n{summary}" if title else summary, fontsize=9)
     figure.tight_layout()
-    with utils.atomic_path(path) as tmp:
+    with atomic_io.atomic_path(path) as tmp:
         figure.savefig(tmp, format="png")

@@ -31,7 +31,7 @@ import math
 import os
 
 import annotator_noise
-import utils
+import atomic_io
 
 STRATEGY_KEYS = ("query", "calibrator", "noise", "noise_model", "relabel_ratio", "acquisition", "sampling_args")
 COMPARISON_COLUMNS = STRATEGY_KEYS + ("round", "labelled", "seeds", "accuracy_mean", "accuracy_std", "ece_mean",
@@ -351,7 +351,7 @@ def format_value(value, decimals=6):
 def atomic_write(path, text):
     """Write `text` under a temporary name in `path`'s folder, then rename it onto `path`, so
     readers see the old file or the new one, never a part."""
-    with utils.atomic_path(path) as tmp:
+    with atomic_io.atomic_path(path) as tmp:
         with open(tmp, "w", encoding="utf-8", newline="") as f:
             f.write(text)
 
@@ -401,7 +401,7 @@ def write_tables(folder, records, baseline=BASELINE, suffix=""):
 
 
 def _save_figure(fig, path):
-    with utils.atomic_path(path) as tmp:
+    with atomic_io.atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
 
 

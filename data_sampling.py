@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 import acquisition
 import annotation
+import atomic_io
 import calibration
 import coreset
 import dataset
@@ -395,7 +396,7 @@ def stage_images(folder, samples, query_set):
     set is written."""
     parent = os.path.dirname(os.path.abspath(folder))
     os.makedirs(parent, exist_ok=True)
-    staged = utils.make_temp_dir(parent, os.path.basename(os.path.abspath(folder)))
+    staged = atomic_io.make_temp_dir(parent, os.path.basename(os.path.abspath(folder)))
     try:
         os.makedirs(os.path.join(staged, "images"))
         count = 0

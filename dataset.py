@@ -18,8 +18,8 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Subset
 
 import annotator_noise
+import atomic_io
 import relabel_policies
-import utils
 from utils import UserError
 
 NUM_SAMPLES_KEY = b"num-samples"
@@ -1232,9 +1232,9 @@ def write_lmdb(output_path, samples, meta=None, overwrite=False, extra_files=Non
     check_output(output_path, overwrite)
     parent = os.path.dirname(output_path)
     try:
-        tmp = utils.make_temp_dir(parent, os.path.basename(output_path))
+        tmp = atomic_io.make_temp_dir(parent, os.path.basename(output_path))
     except OSError as err:
-        raise utils.blame_output(err, output_path)
+        raise atomic_io.blame_output(err, output_path)
     try:
         count = write_into(tmp, samples, meta, name=output_path, extra_keys=extra_keys, meta_key=meta_key)
         for file_name, text in (extra_files or {}).items():
@@ -1244,7 +1244,7 @@ def write_lmdb(output_path, samples, meta=None, overwrite=False, extra_files=Non
     except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(err, OSError):
-            utils.blame_output(err, output_path)
+            atomic_io.blame_output(err, output_path)
         raise
     return count
 
@@ -1267,7 +1267,7 @@ def replace_dir(src, dst):
     if os.path.isdir(dst):
         forget_env(dst)
         # A folder cannot be renamed onto a non-empty one: move the old one aside first.
-        trash = utils.make_temp_dir(os.path.dirname(dst), os.path.basename(dst), suffix=".old")
+        trash = atomic_io.make_temp_dir(os.path.dirname(dst), os.path.basename(dst), suffix=".old")
         os.replace(dst, os.path.join(trash, "old"))
         os.replace(src, dst)
         shutil.rmtree(trash, ignore_errors=True)

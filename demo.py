@@ -13,6 +13,7 @@ import os
 
 import torch
 
+import atomic_io
 import calibration
 import options
 import utils
@@ -57,7 +58,7 @@ def predict(model, loader, converter, opt, device, temperature):
 
 
 def write_csv(path, rows, skipped):
-    with utils.atomic_path(path) as tmp:
+    with atomic_io.atomic_path(path) as tmp:
         with open(tmp, "w", newline="", encoding="utf-8") as f:
             writer = csv.writer(f)
             writer.writerow(["file", "prediction", "confidence", "status"])

@@ -31,6 +31,7 @@ import torch
 import torch.utils.data
 
 import annotator_noise
+import atomic_io
 import dataset
 import evaluation
 import label_quality
@@ -174,7 +175,7 @@ def number(x):
 def write_csv(path, rows, noisy):
     header = ["rank", "relpath", "index", "origin", "given_label", "reading", "label_quality", "log_quality",
               "reading_confidence", "issue"] + (["clean_label", "corrupted"] if noisy else [])
-    with utils.atomic_path(path) as tmp:
+    with atomic_io.atomic_path(path) as tmp:
         with open(tmp, "w", encoding="utf-8", newline="") as f:
             writer = csv.writer(f)
             writer.writerow(header)
@@ -265,7 +266,7 @@ def finish(opt, columns, labelled, start, world_size):
     csv_path = os.path.join(opt.out, CSV_NAME)
     write_csv(csv_path, rows, noisy=opt.noise_ratio > 0)
     summary = make_summary(opt, rows, labelled, time.time() - start, world_size, csv_path)
-    utils.atomic_write_text(os.path.join(opt.out, SUMMARY_NAME), json.dumps(summary, indent=2) + "\n")
+    atomic_io.atomic_write_text(os.path.join(opt.out, SUMMARY_NAME), json.dumps(summary, indent=2) + "\n")
     print(format_report(summary, rows, opt.show))
     print(f"written: {csv_path}, {os.path.join(opt.out, SUMMARY_NAME)}")
     return summary

@@ -15,11 +15,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import atomic_io
 from modules.feature_extraction import build_feature_extraction
 from modules.prediction import build_prediction
 from modules.sequence_modeling import build_sequence_modeling
 from modules.transformation import build_transformation
-from utils import UserError, atomic_torch_save
+from utils import UserError
 
 PREFIX = "module."
 CONTAINER_KEYS = ("model", "state_dict", "model_state_dict")
@@ -99,7 +100,7 @@ def state_dict_for_saving(model):
 
 def save_weights(model, path):
     """Write `state_dict_for_saving(model)` to `path` atomically."""
-    atomic_torch_save(state_dict_for_saving(model), path)
+    atomic_io.atomic_torch_save(state_dict_for_saving(model), path)
 
 
 @dataclasses.dataclass

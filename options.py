@@ -12,6 +12,7 @@ import sys
 import torch
 import yaml
 
+import atomic_io
 from utils import UserError
 
 DEFAULT_CHARACTER = "0123456789abcdefghijklmnopqrstuvwxyz"
@@ -482,6 +483,4 @@ def set_threads(opt):
 
 
 def save_opt_yaml(opt, path):
-    from utils import atomic_write_text
-
-    atomic_write_text(path, yaml.safe_dump(dict(sorted(vars(opt).items())), sort_keys=False, allow_unicode=True))
+    atomic_io.atomic_write_text(path, yaml.safe_dump(dict(sorted(vars(opt).items())), sort_keys=False, allow_unicode=True))

@@ -16,6 +16,7 @@ import re
 
 import torch
 
+import atomic_io
 import calibration
 import options
 import utils
@@ -254,7 +255,7 @@ def write_json(path, opt, temperature, method, results, total, mean, absent, dia
         "mean_over_sets": {k: finite_or_none(v) for k, v in mean.items()},
         "absent": absent,
     }
-    utils.atomic_write_text(path, json.dumps(report, indent=2) + "\n")
+    atomic_io.atomic_write_text(path, json.dumps(report, indent=2) + "\n")
 
 
 def main(opt):

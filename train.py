@@ -28,6 +28,7 @@ import torch.utils.data
 from tqdm import tqdm
 
 import annotator_noise
+import atomic_io
 import calibration
 import calibrators
 import options
@@ -334,7 +335,7 @@ def truncate_metrics(path, iteration):
         if isinstance(record, dict) and record.get("iteration", 0) <= iteration:
             kept.append(line)
     if len(kept) != len(lines):
-        utils.atomic_write_text(path, "".join(line + "\n" for line in kept))
+        atomic_io.atomic_write_text(path, "".join(line + "\n" for line in kept))
     return len(lines) - len(kept)
 
 
@@ -548,7 +549,7 @@ def main(opt):
                           f"noise_log.csv)")
         if opt.noise_ratio > 0:
             # the truth behind every corrupted label, for any tool to score itself against
-            utils.atomic_write_text(os.path.join(save_dir, "noise_log.csv"),
+            atomic_io.atomic_write_text(os.path.join(save_dir, "noise_log.csv"),
                                     noise_log_text(train_dataset.noise_records()))
 
     start_time = time.time()
@@ -561,7 +562,7 @@ def main(opt):
         data_states = utils.all_gather_object(train_dataset.state_dict())
         if not is_main:
             return
-        utils.atomic_torch_save({
+        atomic_io.atomic_torch_save({
             "model": state_dict_for_saving(model), "optimizer": optimizer.state_dict(),
             "scaler": scaler.state_dict() if use_scaler else None, "iteration": iteration, "best": best,
             "stale_validations": stale_validations, "rng": rng_state(), "opt": vars(opt), "data": data_states,
@@ -657,7 +658,7 @@ def main(opt):
     if is_main:
         log_train.log(f"finished at iteration {iteration}: best accuracy {best['accuracy']:.2f}%, "
                       f"best ECE {best['ece']:.4f}; models in {save_dir}")
-        utils.atomic_write_text(os.path.join(save_dir, "train_summary.json"), dump_json({
+        atomic_io.atomic_write_text(os.path.join(save_dir, "train_summary.json"), dump_json({
             "iterations": iteration, "best": best, "seconds": elapsed(),
             "labelled_samples": dict(train_dataset.num_samples),
             "labelled_total": sum(train_dataset.num_samples.values()),

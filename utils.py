@@ -1,19 +1,12 @@
-"""Shared helpers: user errors, atomic writes, label converters, decoding, logging, devices and
-distributed runs (simulated annotators live in annotator_noise.py; temperature scaling and the
-calibration metrics in calibration.py)."""
+"""Shared helpers: user errors, label converters, decoding, logging, devices and distributed runs
+(atomic writes and temporaries live in atomic_io.py; simulated annotators in annotator_noise.py;
+temperature scaling and the calibration metrics in calibration.py)."""
 import contextlib
 import errno
 import functools
-import hashlib
 import os
 import random
-import re
-import secrets
-import shutil
-import socket
-import stat
 import sys
-import time
 
 import lmdb
 import numpy as np
@@ -70,172 +63,6 @@ def exit_on_user_error(main):
         sys.exit(2)
 
     return wrapper
-
-
-# ---------------------------------------------------------------------------------------------
-# Temporary files and folders, atomic writes
-# ---------------------------------------------------------------------------------------------
-
-# A temporary's name carries its creator's pid and host, so that a later run can tell the ones a
-# killed run left (the pid is gone) from those a running writer still needs. Only names of this
-# exact form are ever removed.
-TEMP_NAME = re.compile(r"^\.(?P<name>.+)\.(?P<pid>[0-9]+)\.(?P<host>[0-9a-f]{8})\.[0-9a-f]{8}\.(?:tmp|old)$")
-MAX_TEMP_STEM = 200  # bytes of the output's name kept: the temporary's name stays under 255 bytes
-
-
-def host_tag():
-    return hashlib.blake2b(socket.gethostname().encode("utf-8"), digest_size=4).hexdigest()
-
-
-def temp_name(name, suffix=".tmp"):
-    """`.<name>.<pid>.<host tag>.<random>.tmp` (or `.old`): hidden, so that dataset.find_lmdbs skips it."""
-    stem = name.encode("utf-8", "surrogateescape")[:MAX_TEMP_STEM].decode("utf-8", "ignore")
-    return f".{stem}.{os.getpid()}.{host_tag()}.{secrets.token_hex(4)}{suffix}"
-
-
-def _create_temp(parent, name, suffix, create):
-    os.makedirs(parent, exist_ok=True)
-    remove_stale_temporaries(parent)
-    while True:
-        path = os.path.join(parent, temp_name(name, suffix))
-        try:
-            create(path)
-            return path
-        except FileExistsError:
-            continue
-
-
-def make_temp_file(parent, name, suffix=".tmp"):
-    """Create an empty hidden temporary file in `parent` for an output called `name`; returns its
-    path. Its mode is 0666 less the umask, as for any new file (tempfile.mkstemp makes 0600, which
-    the rename would carry to the output). Stale temporaries in `parent` are removed first."""
-    def create(path):
-        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666))
-
-    return _create_temp(parent, name, suffix, create)
-
-
-def make_temp_dir(parent, name, suffix=".tmp"):
-    """As `make_temp_file`, a folder (mode 0777 less the umask; tempfile.mkdtemp makes 0700)."""
-    return _create_temp(parent, name, suffix, lambda path: os.mkdir(path, 0o777))
-
-
-def pid_alive(pid):
-    """Whether a process with this id exists on this host (one of another user counts)."""
-    if pid <= 0:
-        return True  # 0 and negative ids address process groups: never taken as a dead writer
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (OSError, OverflowError):  # not ours to signal, or no pid at all: undecidable, so alive
-        return True
-    return True
-
-
-def process_start_time():
-    """This process's start, in seconds since the epoch (from /proc; else when utils was imported)."""
-    try:
-        with open("/proc/self/stat", encoding="ascii") as f:
-            ticks = int(f.read().rsplit(")", 1)[1].split()[19])
-        with open("/proc/stat", encoding="ascii") as f:
-            boot = next(int(line.split()[1]) for line in f if line.startswith("btime "))
-        return boot + ticks / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError, StopIteration):
-        return _IMPORTED_AT
-
-
-_IMPORTED_AT = time.time()
-
-
-def remove_stale_temporaries(folder):
-    """Remove the temporaries (`temp_name`) in `folder` that a run killed mid-write left behind:
-    made on this host by a process that no longer exists, and before this process started (a pid
-    can look dead from another pid namespace). Returns the removed paths; errors are ignored (a
-    folder we cannot clean still gets its proper error when written to)."""
-    try:
-        entries = os.listdir(folder)
-    except OSError:
-        return []
-    removed = []
-    started = None
-    host = host_tag()
-    for entry in entries:
-        match = TEMP_NAME.match(entry)
-        if not match or match["host"] != host or pid_alive(int(match["pid"])):
-            continue
-        path = os.path.join(folder, entry)
-        try:
-            info = os.lstat(path)
-        except OSError:
-            continue
-        started = process_start_time() if started is None else started
-        if info.st_mtime >= started:
-            continue
-        try:
-            if stat.S_ISDIR(info.st_mode):
-                shutil.rmtree(path)
-            else:
-                os.remove(path)
-        except OSError:
-            continue
-        removed.append(path)
-    return removed
-
-
-def blame_output(err, path):
-    """Make an OSError of a full or read-only disk that names no file, or a file whose path holds
-    one of our temporaries, name `path` instead: the output the user asked for."""
-    if err.errno not in DISK_FULL | NOT_WRITABLE:
-        return err
-    named = os.fsdecode(err.filename) if isinstance(err.filename, (str, bytes, os.PathLike)) else None
-    if named is None or any(TEMP_NAME.match(part) for part in named.split(os.sep)):
-        err.filename, err.filename2 = os.fspath(path), None
-    return err
-
-
-@contextlib.contextmanager
-def atomic_path(path):
-    """Yield a temporary sibling path (`make_temp_file`); rename it onto `path` only if the block
-    succeeds. A full or read-only disk's OSError names `path` (`blame_output`)."""
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path)) or "."
-    tmp = None
-    try:
-        tmp = make_temp_file(directory, os.path.basename(path))
-        yield tmp
-        os.replace(tmp, path)
-    except OSError as err:
-        blame_output(err, path)
-        raise
-    finally:
-        if tmp is not None:
-            with contextlib.suppress(OSError):
-                os.remove(tmp)
-
-
-def append_text(path, text):
-    """Append UTF-8 `text` to the file at path (made when missing). A full disk's OSError, which
-    names no file, names path (`blame_output`)."""
-    try:
-        with open(path, "a", encoding="utf-8") as f:
-            f.write(text)
-    except OSError as err:
-        raise blame_output(err, path)
-
-
-def atomic_torch_save(obj, path):
-    with atomic_path(path) as tmp:
-        # through a Python file, so that a full disk is an OSError (torch.save to a path raises a
-        # RuntimeError that names no errno)
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-
-
-def atomic_write_text(path, text):
-    with atomic_path(path) as tmp:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -504,7 +331,11 @@ class Logger:
                 self.file.write(text + "\n")
                 self.file.flush()
             except OSError as err:
-                raise blame_output(err, self.path)
+                # imported here: atomic_io imports utils (DISK_FULL, NOT_WRITABLE), so a top-level
+                # import would be a cycle
+                import atomic_io
+
+                raise atomic_io.blame_output(err, self.path)
 
     __call__ = log
 

@@ -11,8 +11,8 @@ import torch
 from PIL import Image
 
 import annotator_noise
+import atomic_io
 import dataset
-import utils
 from tools import make_synth_lmdb as synth
 from utils import UserError
 
@@ -567,7 +567,7 @@ def test_write_lmdb_removes_what_a_killed_writer_left(tmp_path):
     if os.path.exists("/proc/sys/kernel/pid_max"):
         with open("/proc/sys/kernel/pid_max", encoding="ascii") as f:
             dead = max(dead, int(f.read()) + 1)
-    stale = tmp_path / f".random_iter_1.{dead}.{utils.host_tag()}.0123abcd.tmp"
+    stale = tmp_path / f".random_iter_1.{dead}.{atomic_io.host_tag()}.0123abcd.tmp"
     stale.mkdir()
     (stale / "data.mdb").write_bytes(b"\0" * 4096)
     os.utime(stale, (1e9, 1e9))

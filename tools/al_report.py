@@ -13,6 +13,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import atomic_io  # noqa: E402
 import utils  # noqa: E402
 
 
@@ -93,10 +94,10 @@ def write_tables(run, rows):
     writer.writeheader()
     for row in rows:
         writer.writerow({c: cell(row.get(c)) for c in columns})
-    utils.atomic_write_text(os.path.join(run, "rounds.csv"), buffer.getvalue())
+    atomic_io.atomic_write_text(os.path.join(run, "rounds.csv"), buffer.getvalue())
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(cell(row.get(c)) for c in columns) + " |" for row in rows]
-    utils.atomic_write_text(os.path.join(run, "rounds.md"), "\n".join(lines) + "\n")
+    atomic_io.atomic_write_text(os.path.join(run, "rounds.md"), "\n".join(lines) + "\n")
 
 
 def read_csv_rows(path):
@@ -127,7 +128,7 @@ def plot_learning_curves(root):
         ax.legend(title="query strategy")
     fig.tight_layout()
     path = os.path.join(root, "learning_curve.png")
-    with utils.atomic_path(path) as tmp:
+    with atomic_io.atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
     plt.close(fig)
     return path

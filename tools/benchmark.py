@@ -49,6 +49,7 @@ sys.path.insert(0, REPO)
 import numpy as np  # noqa: E402  (the repo root is on sys.path only from here)
 import torch  # noqa: E402
 
+import atomic_io  # noqa: E402
 import calibrators  # noqa: E402
 import dataset  # noqa: E402
 import options  # noqa: E402
@@ -738,7 +739,7 @@ def build_large_pool(root, size, source):
     path = os.path.join(root, POOL_NAME)
     if os.path.lexists(path):
         shutil.rmtree(path)
-    tmp = utils.make_temp_dir(root, POOL_NAME)
+    tmp = atomic_io.make_temp_dir(root, POOL_NAME)
     try:
         images = [image for image, _ in source]
         labels = [label.encode("utf-8") for _, label in source]
@@ -1145,7 +1146,7 @@ def main(args):
     results["checks"] = make_checks(results)
     results["elapsed_s"] = time.perf_counter() - started
     results["self_maxrss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / MIB
-    utils.atomic_write_text(args.output, json.dumps(results, indent=2) + "\n")
+    atomic_io.atomic_write_text(args.output, json.dumps(results, indent=2) + "\n")
     print(format_table(results))
     print(f"results: {args.output}")
     return results

@@ -26,7 +26,8 @@ from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import dataset  # noqa: E402  (the repo root is on sys.path only from here)
+import atomic_io  # noqa: E402  (the repo root is on sys.path only from here)
+import dataset  # noqa: E402
 import options  # noqa: E402
 import utils  # noqa: E402
 
@@ -422,7 +423,7 @@ def main(argv=None):
         info["sets"][rel] = {"num": count, "style": style, "seed": [opt.seed, k],
                              "fonts": [os.path.basename(f) for f in fonts]}
     if info["sets"]:
-        utils.atomic_write_text(os.path.join(opt.out, "synth_info.json"), json.dumps(info, indent=1) + "\n")
+        atomic_io.atomic_write_text(os.path.join(opt.out, "synth_info.json"), json.dumps(info, indent=1) + "\n")
     print(f"done in {time.time() - started:.1f}s")
 
 
