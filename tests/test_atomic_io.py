@@ -37,7 +37,6 @@ def test_a_failed_write_names_the_output_not_its_temporary(tmp_path, monkeypatch
     assert os.listdir(tmp_path / "out") == []
 
 
-
 # ------------------------------------------------------------------------------ temporaries
 
 @pytest.fixture
