@@ -815,6 +815,7 @@ def main(opt, given=None):
     if opt.dry_run:
         return dry_run(opt, strategy)
     rank, world_size, local_rank, distributed = utils.init_distributed()
+    completed = False
     try:
         device = utils.select_device(opt.device, local_rank)
         opt.amp = utils.effective_amp(opt.amp, device)
@@ -828,12 +829,11 @@ def main(opt, given=None):
                                                      plan, rank, world_size, distributed)
             labelled = relabel.score_labelled(opt, model, converter, device, relabel_names(plan), rank, world_size,
                                               distributed) if opt.relabel_ratio > 0 else None
-            if rank != 0:
-                return None
-            return write_round(opt, strategy, plan, columns, pool, temperature, start, labelled)
+            result = write_round(opt, strategy, plan, columns, pool, temperature, start, labelled) if rank == 0 else None
+        completed = True
+        return result
     finally:
-        if distributed:
-            torch.distributed.destroy_process_group()
+        utils.end_distributed(completed)
 
 
 if __name__ == "__main__":

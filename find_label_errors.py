@@ -27,8 +27,6 @@ import time
 from datetime import datetime, timezone
 
 import numpy as np
-import torch
-import torch.utils.data
 
 import annotator_noise
 import atomic_io
@@ -285,6 +283,7 @@ def main(opt, given=None):
         opt.batch_ratio = "-".join("1" for name in opt.select_data.split("-") if name) or "1"
     options.resolve_options(opt)
     rank, world_size, local_rank, distributed = utils.init_distributed()
+    completed = False
     try:
         device = utils.select_device(opt.device, local_rank)
         opt.amp = utils.effective_amp(opt.amp, device)
@@ -297,16 +296,19 @@ def main(opt, given=None):
                   + (f", {world_size} processes" if world_size > 1 else ""))
         columns = score_shard(model, evaluation.rank_share(data, rank, world_size), converter, opt, device, rank)
         parts = utils.all_gather_object(columns) if distributed else [columns]
-        if rank != 0:
-            return None
-        columns = evaluation.concatenate_columns(parts)
-        if len(columns["index"]) == 0:
-            raise utils.UserError(f"none of the {len(data)} labelled images of --select_data "
-                                  f"{'-'.join(opt.select_data)} decodes; nothing to score")
-        return finish(opt, columns, len(data), start, world_size)
+        result = finish_on_rank_0(opt, parts, len(data), start, world_size) if rank == 0 else None
+        completed = True
+        return result
     finally:
-        if distributed:
-            torch.distributed.destroy_process_group()
+        utils.end_distributed(completed)
+
+
+def finish_on_rank_0(opt, parts, count, start, world_size):
+    columns = evaluation.concatenate_columns(parts)
+    if len(columns["index"]) == 0:
+        raise utils.UserError(f"none of the {count} labelled images of --select_data "
+                              f"{'-'.join(opt.select_data)} decodes; nothing to score")
+    return finish(opt, columns, count, start, world_size)
 
 
 if __name__ == "__main__":

@@ -416,11 +416,30 @@ def describe_plan(opt, save_dir, train_dataset, valid_set, start_iter, world_siz
     return "\n".join(lines)
 
 
+class StoppedTogether(SystemExit):
+    """An interrupt every rank acts on after the same step (rank 0's signal is broadcast), so the
+    ranks can still wait for each other before leaving the process group."""
+
+
 def main(opt):
     options.resolve_options(opt)
     check_train_options(opt)
     check_data_paths(opt)
     rank, world_size, local_rank, distributed = utils.init_distributed()
+    completed = False
+    try:
+        save_dir = train(opt, rank, world_size, local_rank, distributed)
+        completed = True
+        return save_dir
+    except StoppedTogether:
+        completed = True
+        raise
+    finally:
+        utils.end_distributed(completed)
+
+
+def train(opt, rank, world_size, local_rank, distributed):
+    """Train on this process's share of the data; the save folder (None for --dry_run)."""
     is_main = rank == 0
     device = utils.select_device(opt.device, local_rank)
     opt.amp = utils.effective_amp(opt.amp, device)
@@ -518,8 +537,6 @@ def main(opt):
     if opt.dry_run:
         if is_main:
             print(describe_plan(opt, save_dir, train_dataset, valid_set, start_iter, world_size, n_params))
-        if distributed:
-            torch.distributed.destroy_process_group()
         return None
 
     train_model = model
@@ -646,7 +663,7 @@ def main(opt):
                     if is_main:
                         print(f"\ninterrupted ({interrupt.requested or 'by rank 0'}): stopped after iteration {iteration} with "
                               f"{os.path.join(save_dir, 'last.pth')} saved; continue with --resume", file=sys.stderr)
-                    sys.exit(143 if interrupt.requested == "SIGTERM" else 130)  # 128 + the signal's number
+                    raise StoppedTogether(143 if interrupt.requested == "SIGTERM" else 130)  # 128 + the signal's number
     except KeyboardInterrupt:
         progress_bar.close()
         if is_main:
@@ -664,8 +681,6 @@ def main(opt):
             "labelled_total": sum(train_dataset.num_samples.values()),
             "corrupted_labels": train_dataset.num_corrupted, "select_data": opt.select_data,
             "batch_ratio": opt.batch_ratio, "mode": opt.mode, "calibrator": opt.calibrator}, indent=2))
-    if distributed:
-        torch.distributed.destroy_process_group()
     return save_dir
 
 

@@ -488,6 +488,18 @@ def barrier():
         dist.barrier()
 
 
+def end_distributed(completed=True):
+    """Leave the process group, if one was joined. After a completed run every rank first waits
+    for the others, so that none tears its connections down (or exits) while another still
+    writes or talks to it; after a failure the group is destroyed at once, since the other
+    ranks may never reach the barrier."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if completed and dist.get_world_size() > 1:
+        dist.barrier()
+    dist.destroy_process_group()
+
+
 def all_gather_object(obj):
     """A list of `obj` from every process, in rank order (`[obj]` without a process group)."""
     if not _distributed():

@@ -779,3 +779,31 @@ def test_combine_compares_follow_up_folders_with_one_random_baseline(grid, tmp_p
         errors = error_lines(capsys)
         assert len(errors) == 1 and message in errors[0], errors
         assert not target.exists()
+
+
+@pytest.mark.slow
+def test_fresh_rounds_train_from_random_weights_and_do_not_combine_with_warm_ones(grid, tmp_path, capsys):
+    out = tmp_path / "fresh"
+    args = grid.args(out)
+    args[args.index("--queries") + 1] = "random"
+    args[args.index("--seeds") + 1] = "1111"
+    result = run_tool([*args, "--al_start", "fresh", "--base_from", str(grid.out)])
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    cell = out / "cells" / "random-CE-noise0-seed1111"
+    query_log = (cell / "logs" / "round1-query.log").read_text()
+    train_log = (cell / "logs" / "round1-train.log").read_text()
+    # the round is still picked with the round-0 model (linked from grid.out), but trained from
+    # random weights on every label
+    assert f"--saved_model {out}/base/seed1111-CE/models/round0/best_accuracy.pth" in query_log
+    command = next(line for line in train_log.splitlines() if line.startswith("=== ") and " $ " in line)
+    assert "--saved_model" not in command and "--mode al" in command
+    assert "without --saved_model starts from random weights" in train_log
+    recorded = json.loads((out / "experiment.json").read_text())["settings"]
+    assert recorded["al_start"] == "fresh"
+    # a fresh round is another kind of round: its folder does not combine with warm ones
+    target = tmp_path / "refused"
+    assert experiment.main(["--combine", f"{grid.out},{out}", "--out", str(target)]) == 2
+    errors = error_lines(capsys)
+    assert len(errors) == 1 and "(--al_start)" in errors[0], errors
+    assert experiment.main([*args, "--al_start", "cold"]) == 2
+    assert "--al_start cold: choose from warm, fresh" in error_lines(capsys)[0]

@@ -95,6 +95,8 @@ SETTINGS = {
     "num_query": ("", "or a fixed number queried per round (overrides --query_ratio)"),
     "base_iters": ("2000", "iterations of round 0"),
     "iters": ("1000", "iterations of each later round"),
+    "al_start": ("warm", "what each later round trains from: warm (the previous round's model, as the original "
+                         "does) or fresh (random weights, on every label so far; give --iters about --base_iters)"),
     "val_interval": ("500", "validation interval"),
     "batch_size": ("192", "batch size"),
     "workers": (str(options.default_workers()), "data-loading workers; default: the smaller of 4 and the cores "
@@ -109,6 +111,7 @@ GRID = ("queries", "calibrators", "noise", "noise_models", "relabel_ratios", "ac
 DEFAULT_NOISE_MODEL = "substitute"  # train.py's default
 DEFAULT_RELABEL_RATIO = 0.0  # data_sampling.py's defaults
 DEFAULT_ACQUISITION = "topk"
+AL_STARTS = ("warm", "fresh")
 # data_sampling.py flags the grid sets per cell, which --sampling_args may not give
 CELL_SAMPLING_FLAGS = ("--relabel_ratio", "--acquisition", "--query", "--noise_ratio", "--noise_model",
                        "--noise_scope", "--out_name", "--train_data", "--saved_model", "--select_data",
@@ -287,6 +290,9 @@ def resolve_settings(raw):
     for name in ("base_iters", "iters", "val_interval", "batch_size"):
         s[name] = _int(name, raw[name], 1, "a whole number of at least 1")
     s["workers"] = _int("workers", raw["workers"], 0, "a whole number (0: load in the main process)")
+    s["al_start"] = raw["al_start"].strip()
+    if s["al_start"] not in AL_STARTS:
+        raise ConfigError(f"--al_start {raw['al_start']}: choose from {', '.join(AL_STARTS)}")
     s["label_ratio"] = _ratio("label_ratio", raw["label_ratio"])
     if raw["num_query"].strip():
         s["num_query"] = _int("num_query", raw["num_query"], 1, "a whole number of at least 1")
@@ -350,11 +356,12 @@ def _comparable(name, value):
 
 def upgrade_recorded(recorded):
     """experiment.json's settings as this version reads them: one written before --noise_models,
-    --relabel_ratios, --acquisitions or --sampling_args existed ran every cell with the defaults."""
+    --relabel_ratios, --acquisitions, --sampling_args or --al_start existed ran every cell with the
+    defaults."""
     return {**recorded, "noise_models": recorded.get("noise_models") or [DEFAULT_NOISE_MODEL],
             "relabel_ratios": recorded.get("relabel_ratios") or [DEFAULT_RELABEL_RATIO],
             "acquisitions": recorded.get("acquisitions") or [DEFAULT_ACQUISITION],
-            "sampling_args": recorded.get("sampling_args") or ""}
+            "sampling_args": recorded.get("sampling_args") or "", "al_start": recorded.get("al_start") or "warm"}
 
 
 def merge_with_recorded(out, recorded, settings):
@@ -733,9 +740,10 @@ def run_round(unit, k, s):
             if not run_logged(command, unit.log(k, "query")):
                 raise StepFailed("query", unit.log(k, "query"))
         picked = read_json(summary)
+        warm_start = ["--saved_model", previous] if s["al_start"] == "warm" else []
         train_round(unit, k, s, ["--select_data", picked["next_select_data"], "--batch_ratio",
-                                 picked["next_batch_ratio"], "--saved_model", previous, "--calibrator",
-                                 unit.calibrator, "--mode", "al", "--num_iter", str(s["iters"]),
+                                 picked["next_batch_ratio"], *warm_start, "--calibrator", unit.calibrator,
+                                 "--mode", "al", "--num_iter", str(s["iters"]),
                                  "--valInterval", str(s["val_interval"]), "--query_iter",
                                  os.path.basename(unit.query_set(k)), "--noise_ratio", repr(unit.noise),
                                  "--noise_model", unit.noise_model])
@@ -980,7 +988,7 @@ def link_bases(out, s, source):
 
 
 # what a round means: experiments that differ in one of these do not compare
-ROUND_SETTINGS = BASE_SETTINGS + ("iters", "num_query", "query_ratio")
+ROUND_SETTINGS = BASE_SETTINGS + ("iters", "al_start", "num_query", "query_ratio")
 
 
 def file_digest(path):
