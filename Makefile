@@ -40,13 +40,15 @@ clean-data:
 
 # `make compare`: the preset grid of tools/experiment.py (strategies against random, CE against
 # boost_soft under annotator noise), sized in configs/compare.yaml's comments for at most 90 minutes
-# on a 2-core CPU with both cores (README, "Comparing strategies"). Running it again continues the
-# same folder; COMPARE_ARGS adds or overrides flags (e.g. COMPARE_ARGS="--rounds 2").
+# on a 2-core CPU with both cores (README, "Comparing strategies"): COMPARE_JOBS rounds at once, one
+# thread each. Running it again continues the same folder; COMPARE_ARGS adds or overrides flags
+# (e.g. COMPARE_ARGS="--rounds 2").
 COMPARE_OUT ?= runs/compare
 COMPARE_GRID ?= configs/compare.yaml
+COMPARE_JOBS ?= 2
 COMPARE_ARGS ?=
 
 .PHONY: compare
 compare: $(STAMP) data
-	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(PY) tools/experiment.py --grid $(COMPARE_GRID) --out $(COMPARE_OUT) \
-		$(COMPARE_ARGS)
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) tools/experiment.py --grid $(COMPARE_GRID) --out $(COMPARE_OUT) \
+		--jobs $(COMPARE_JOBS) $(COMPARE_ARGS)

@@ -2,6 +2,7 @@
 (checks, and end to end on tiny data: two strategies x two seeds x one round)."""
 import csv
 import fcntl
+import functools
 import json
 import math
 import os
@@ -10,6 +11,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import threading
 import time
 import types
 
@@ -405,10 +407,11 @@ def run_tool(args, **kwargs):
 
 @pytest.fixture(scope="module")
 def grid(tiny_data, tmp_path_factory):
-    """One finished grid: random and uncali x CE x noise 0 x seeds 1111, 2222 x one round."""
+    """One finished grid: random and uncali x CE x noise 0 x seeds 1111, 2222 x one round, two rounds
+    at a time (the tests that run it again run one at a time, and must find the same tables)."""
     out = tmp_path_factory.mktemp("grid") / "exp"
     start = time.time()
-    result = run_tool(base_args(tiny_data, out))
+    result = run_tool([*base_args(tiny_data, out), "--jobs", "2"])
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return types.SimpleNamespace(out=out, result=result, seconds=time.time() - start,
                                  args=lambda o: base_args(tiny_data, o))
@@ -443,8 +446,15 @@ def test_the_grid_writes_one_row_per_round_with_both_seeds(grid):
     assert (grid.out / "learning_curves.png").read_bytes()[:4] == b"\x89PNG"
     assert not (grid.out / "noise.png").exists()  # one noise ratio
     progress = [line for line in grid.result.stdout.splitlines() if line.startswith("[")]
-    assert len(progress) == 6 and progress[0].startswith("[1/6] base seed1111-CE round 0: test accuracy ")
-    assert progress[-1].startswith("[6/6] cell uncali-CE-noise0-seed2222 round 1: test accuracy ")
+    # two at a time, so in the order they finished; a cell's round after its seed's base model
+    assert [line.split("]")[0] for line in progress] == [f"[{n}/6" for n in range(1, 7)]
+    finished = [line.split("] ")[1].split(":")[0] for line in progress]
+    assert sorted(finished) == ["base seed1111-CE round 0", "base seed2222-CE round 0"] + [
+        f"cell {cell} round 1" for cell in CELLS]
+    for cell in CELLS:
+        seed = cell.rsplit("seed", 1)[1]
+        assert finished.index(f"base seed{seed}-CE round 0") < finished.index(f"cell {cell} round 1")
+    assert all(": test accuracy " in line for line in progress)
     assert all("elapsed" in line for line in progress) and progress[-1].endswith("done")
     assert all("left" in line for line in progress[:-1])
     settings = json.loads((grid.out / "experiment.json").read_text())["settings"]
@@ -676,7 +686,7 @@ def test_base_from_links_the_finished_round0_models_and_refuses_other_round0_set
                                                                                        monkeypatch):
     seen = {}
 
-    def record(out, s):
+    def record(out, s, jobs):
         seen.update({seed: experiment.Unit(out, seed, "CE").finished(0) for seed in s["seeds"]})
         return [], [], []
 
@@ -807,3 +817,116 @@ def test_fresh_rounds_train_from_random_weights_and_do_not_combine_with_warm_one
     assert len(errors) == 1 and "(--al_start)" in errors[0], errors
     assert experiment.main([*args, "--al_start", "cold"]) == 2
     assert "--al_start cold: choose from warm, fresh" in error_lines(capsys)[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# tools/experiment.py --jobs: the scheduler, with stand-in rounds
+
+
+def scheduler_settings(rounds=2):
+    return {"seeds": [1111, 2222], "base_calibrator": "CE", "queries": ["random", "uncali"], "calibrators": ["CE"],
+            "noise": [0.0], "noise_models": ["substitute"], "relabel_ratios": [0.0], "acquisitions": ["topk"],
+            "rounds": rounds}
+
+
+@pytest.fixture
+def stand_in_rounds(monkeypatch):
+    """run_round replaced by one that takes `seconds`, writes the files that mark a round finished and
+    logs (label, round, start, end); `fail` names units whose round fails."""
+    state = types.SimpleNamespace(log=[], fail=set(), seconds=0.15, lock=threading.Lock())
+
+    def run_round(unit, k, s):
+        start = time.monotonic()
+        time.sleep(state.seconds)
+        if unit.name in state.fail:
+            raise experiment.StepFailed("train", unit.log(k, "train"))
+        os.makedirs(unit.model_dir(k), exist_ok=True)
+        with open(os.path.join(unit.model_dir(k), "train_summary.json"), "w") as f:
+            f.write("{}")
+        with open(unit.model(k), "w") as f:
+            f.write("model")
+        os.makedirs(os.path.dirname(unit.results(k)), exist_ok=True)
+        with open(unit.results(k), "w") as f:
+            json.dump({"total": {"accuracy": 10.0, "ece": 0.1}}, f)
+        with state.lock:
+            state.log.append((unit.name, k, start, time.monotonic()))
+
+    monkeypatch.setattr(experiment, "run_round", run_round)
+    monkeypatch.setattr(experiment, "write_reports", lambda *args: [])
+    return state
+
+
+def test_one_job_keeps_the_work_order_and_two_jobs_run_two_rounds_at_once(tmp_path, stand_in_rounds, capsys):
+    s = scheduler_settings()
+    bases = ["seed1111-CE", "seed2222-CE"]
+    cells = ["random-CE-noise0-seed1111", "random-CE-noise0-seed2222", "uncali-CE-noise0-seed1111",
+             "uncali-CE-noise0-seed2222"]
+    failed, _, _ = experiment.run_grid(str(tmp_path / "one"), s, jobs=1)
+    assert failed == []
+    assert [(name, k) for name, k, _, _ in stand_in_rounds.log] == (
+        [(b, 0) for b in bases] + [(c, 1) for c in cells] + [(c, 2) for c in cells])
+    assert "[10/10]" in capsys.readouterr().out
+
+    stand_in_rounds.log.clear()
+    failed, _, _ = experiment.run_grid(str(tmp_path / "two"), s, jobs=2)
+    assert failed == []
+    log = stand_in_rounds.log
+    assert len(log) == 10
+    spans = {(name, k): (start, end) for name, k, start, end in log}
+    # never more than two at once, and two at once at some point
+    events = sorted([(start, 1) for _, _, start, _ in log] + [(end, -1) for _, _, _, end in log])
+    in_flight, most = 0, 0
+    for _, change in events:
+        in_flight += change
+        most = max(most, in_flight)
+    assert most == 2
+    # each round after the one it continues: round 1 after the seed's base model, round 2 after round 1
+    for cell in cells:
+        seed = cell.rsplit("seed", 1)[1]
+        assert spans[(cell, 1)][0] >= spans[(f"seed{seed}-CE", 0)][1]
+        assert spans[(cell, 2)][0] >= spans[(cell, 1)][1]
+    # running it again finds everything finished and runs nothing
+    log.clear()
+    assert experiment.run_grid(str(tmp_path / "two"), s, jobs=2)[0] == []
+    assert log == []
+
+
+def test_a_failed_base_model_fails_its_cells_and_the_other_seed_goes_on(tmp_path, stand_in_rounds, capsys):
+    stand_in_rounds.fail = {"seed2222-CE"}
+    failed, _, _ = experiment.run_grid(str(tmp_path / "exp"), scheduler_settings(), jobs=2)
+    assert failed == ["random-CE-noise0-seed2222", "uncali-CE-noise0-seed2222"]
+    assert sorted((name, k) for name, k, _, _ in stand_in_rounds.log) == [
+        ("random-CE-noise0-seed1111", 1), ("random-CE-noise0-seed1111", 2),
+        ("seed1111-CE", 0), ("uncali-CE-noise0-seed1111", 1), ("uncali-CE-noise0-seed1111", 2)]
+    err = capsys.readouterr().err
+    assert "base seed2222-CE failed in round 0" in err
+    assert "cell uncali-CE-noise0-seed2222 failed in round 0: see" in err
+
+
+def test_an_interrupt_stops_every_running_child_and_starts_no_other(tmp_path, monkeypatch):
+    monkeypatch.setattr(experiment, "stop_child", functools.partial(experiment.stop_child, grace=0.2))
+    started = []
+
+    def run_round(unit, k, s):  # a child that would run for a minute
+        started.append(unit.name)
+        experiment.run_logged([sys.executable, "-c", "import time; time.sleep(60)"], unit.log(k, "train"))
+
+    monkeypatch.setattr(experiment, "run_round", run_round)
+    monkeypatch.setattr(experiment, "write_reports", lambda *args: [])
+
+    def interrupt_when_both_run():
+        deadline = time.time() + 30
+        while len(experiment.CHILDREN.running) < 2 and time.time() < deadline:
+            time.sleep(0.02)
+        os.kill(os.getpid(), signal.SIGINT)  # as Ctrl-C reaches the tool's main thread
+
+    threading.Thread(target=interrupt_when_both_run, daemon=True).start()
+    start = time.time()
+    with pytest.raises(KeyboardInterrupt):
+        experiment.run_grid(str(tmp_path / "exp"), scheduler_settings(), jobs=2)
+    assert time.time() - start < 20
+    assert sorted(started) == ["seed1111-CE", "seed2222-CE"]  # no cell started after the interrupt
+    assert experiment.CHILDREN.running == set()
+    for seed in (1111, 2222):
+        log = (tmp_path / "exp" / "base" / f"seed{seed}-CE" / "logs" / "round0-train.log").read_text()
+        assert log.splitlines()[-1].startswith("=== interrupted (exit status ")

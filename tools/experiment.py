@@ -20,7 +20,10 @@ comma-separated string); flags given on the command line override it, relative p
 to the current folder.
 
 Work order: every base model first, then round 1 of every cell, round 2 of every cell, and so on;
-the tables and plots in --out are rewritten after every finished round. Running the same command
+the tables and plots in --out are rewritten after every finished round. --jobs N runs N rounds at
+once in that order, each as soon as what it starts from is done (a cell's round 1 waits for its
+seed's base model, round k for its round k-1): N = the cores, with one thread per child (the
+children get OMP_NUM_THREADS=1 unless it is set), fills a CPU; every job uses the same GPUs. Running the same command
 again skips finished rounds and continues a killed one (a training from its last.pth). Settings
 are recorded in <out>/experiment.json (one written before --noise_models, --relabel_ratios,
 --acquisitions or --sampling_args existed means substitute, 0, topk and none); only --rounds (to grow), --workers and the grid's lists (to gain values) may change for
@@ -64,7 +67,9 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from concurrent import futures
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -146,6 +151,9 @@ def get_args_parser():
     parser.add_argument("--base_from", metavar="DIR",
                         help="take the finished round-0 models of another experiment folder whose round-0 "
                              "settings are the same (linked, not copied) instead of training them again")
+    parser.add_argument("--jobs", metavar="N", default="1",
+                        help="rounds run at once, each in its own child processes (default: 1); results "
+                             "do not depend on it")
     parser.add_argument("--combine", metavar="DIR,DIR,...",
                         help="run nothing: write the tables and plots of these experiment folders together into "
                              "--out (same round settings and round-0 models; see below)")
@@ -443,21 +451,66 @@ def stop_child(process, grace=5):
             continue
 
 
+class Children:
+    """The children the rounds in flight run, so that an interrupt of the main thread can stop them
+    all at once; once stopping, no new child starts."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.running = set()
+        self.stopping = False
+
+    def start(self, command, f):
+        with self.lock:
+            if self.stopping:
+                raise KeyboardInterrupt
+            process = subprocess.Popen(command, cwd=REPO, env=child_env(), stdout=f, stderr=subprocess.STDOUT,
+                                       stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent(os.getpid()))
+            self.running.add(process)
+            return process
+
+    def reset(self):
+        with self.lock:
+            self.stopping = False
+
+    def finished(self, process):
+        with self.lock:
+            self.running.discard(process)
+            return self.stopping
+
+    def stop_all(self):
+        """Stop every running child, all within the same grace period (stop_child's)."""
+        with self.lock:
+            self.stopping = True
+            processes = list(self.running)
+        stoppers = [threading.Thread(target=stop_child, args=(process,)) for process in processes]
+        for stopper in stoppers:
+            stopper.start()
+        for stopper in stoppers:
+            stopper.join()
+
+
+CHILDREN = Children()
+
+
 def run_logged(command, log):
     """Run `command` (cwd = the repository) with stdout and stderr appended to `log`; True when it
-    exits 0. Ctrl-C stops the child and propagates."""
+    exits 0. Ctrl-C stops the child and propagates; so does CHILDREN.stop_all() from another thread."""
     os.makedirs(os.path.dirname(log), exist_ok=True)
     with open(log, "a", encoding="utf-8") as f:
         f.write(f"=== {datetime.datetime.now().isoformat(timespec='seconds')} $ {shlex.join(command)}\n")
         f.flush()
-        process = subprocess.Popen(command, cwd=REPO, env=child_env(), stdout=f, stderr=subprocess.STDOUT,
-                                   stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent(os.getpid()))
+        process = CHILDREN.start(command, f)
         try:
             code = process.wait()
         except BaseException:
             stop_child(process)
+            CHILDREN.finished(process)
             f.write(f"=== interrupted (exit status {process.returncode})\n")
             raise
+        if CHILDREN.finished(process):
+            f.write(f"=== interrupted (exit status {code})\n")
+            raise KeyboardInterrupt
         f.write(f"=== exit status {code}\n")
     return code == 0
 
@@ -811,10 +864,10 @@ def duration(seconds):
 class Progress:
     """Counts finished rounds and estimates the time left: the mean recorded seconds of a base
     round times the base rounds left, plus the mean of an active-learning round (of every round
-    while none has been timed) times the active-learning rounds left."""
+    while none has been timed) times the active-learning rounds left, divided by the jobs."""
 
-    def __init__(self, bases, cells, s):
-        self.start = time.time()
+    def __init__(self, bases, cells, s, jobs=1):
+        self.start, self.jobs = time.time(), jobs
         self.total = len(bases) + len(cells) * s["rounds"]
         self.base_times = [t for unit in bases.values() for t in unit.times().values()]
         self.al_times = [t for unit in cells for t in unit.times().values()]
@@ -827,7 +880,8 @@ class Progress:
             return None
         per_al = self.al_times or timed
         per_base = self.base_times or timed
-        return base_left * sum(per_base) / len(per_base) + al_left * sum(per_al) / len(per_al)
+        serial = base_left * sum(per_base) / len(per_base) + al_left * sum(per_al) / len(per_al)
+        return serial / min(self.jobs, max(base_left + al_left, 1))
 
     def finished(self, unit, k, seconds, base_left, al_left):
         (self.base_times if unit.base is None else self.al_times).append(seconds)
@@ -852,46 +906,77 @@ def report_failure(unit, k, step_failed):
     sys.stderr.flush()
 
 
-def run_grid(out, s):
-    """Every base model, then the cells round by round; returns the names of the failed cells."""
+def run_grid(out, s, jobs=1):
+    """Every base model, then the cells round by round, `jobs` rounds at once: each starts as soon
+    as the round it continues is done. Returns the names of the failed cells, the summary rows and
+    the cells."""
     bases, cells = build_units(out, s)
-    progress = Progress(bases, cells, s)
+    CHILDREN.reset()
+    progress = Progress(bases, cells, s, jobs)
     failed = {}  # unit name -> (round, log of the failed step)
+    reporting = threading.Lock()  # the progress lines, the tables and `failed` are shared by the jobs
     if progress.done:
         print(f"continuing {out}: {progress.done} of {progress.total} rounds finished already", flush=True)
 
-    def rounds_left(k_now):
-        base_left = sum(1 for u in bases.values() if u.name not in failed and not u.finished(0))
-        al_left = sum(1 for c in cells if c.name not in failed for k in range(max(1, k_now), s["rounds"] + 1)
-                      if not c.finished(k))
-        return base_left, al_left
+    order = [(base, 0) for base in bases.values()] + [(cell, k) for k in range(1, s["rounds"] + 1) for cell in cells]
+    # counted when reported, not when its files appear: a job may finish while another reports
+    reported = {(unit.name, k) for unit, k in order if unit.finished(k)}
+
+    def rounds_left():
+        left = [k for unit, k in order if (unit.name, k) not in reported and unit.name not in failed]
+        return left.count(0), len(left) - left.count(0)
 
     def attempt(unit, k):
-        if unit.finished(k):
-            return False
         start = time.time()
         try:
             run_round(unit, k, s)
         except StepFailed as err:
-            failed[unit.name] = (k, err.log)
-            report_failure(unit, k, err)
-            return False
+            with reporting:
+                failed[unit.name] = (k, err.log)
+                report_failure(unit, k, err)
+            return
         seconds = time.time() - start
-        unit.record_time(k, seconds)
-        progress.finished(unit, k, seconds, *rounds_left(k))
-        return True
-
-    for base in bases.values():
-        if attempt(base, 0):
+        with reporting:
+            unit.record_time(k, seconds)
+            reported.add((unit.name, k))
+            progress.finished(unit, k, seconds, *rounds_left())
             write_reports(out, bases, cells, s)
-    for cell in cells:
-        if cell.base.name in failed:
-            failed[cell.name] = failed[cell.base.name]
-            print(f"cell {cell.name} failed in round 0: see {failed[cell.base.name][1]}", file=sys.stderr, flush=True)
-    for k in range(1, s["rounds"] + 1):
-        for cell in cells:
-            if cell.name not in failed and attempt(cell, k):
-                write_reports(out, bases, cells, s)
+
+    def continues(unit, k):
+        """The unit and round that round k of `unit` starts from (None for a base model)."""
+        return None if k == 0 else (unit.base, 0) if k == 1 else (unit, k - 1)
+
+    pending = [(unit, k) for unit, k in order if (unit.name, k) not in reported]
+    running = {}
+    with futures.ThreadPoolExecutor(max_workers=jobs) as pool:
+        try:
+            while pending or running:
+                with reporting:
+                    for unit, k in list(pending):
+                        before = continues(unit, k)
+                        if unit.name in failed or (before is not None and before[0].name in failed):
+                            pending.remove((unit, k))
+                            if unit.name not in failed:  # its base model failed
+                                failed[unit.name] = failed[before[0].name]
+                                print(f"cell {unit.name} failed in round 0: see {failed[unit.name][1]}",
+                                      file=sys.stderr, flush=True)
+                while len(running) < jobs:
+                    ready = next(((unit, k) for unit, k in pending
+                                  if continues(unit, k) is None or continues(unit, k)[0].finished(continues(unit, k)[1])),
+                                 None)
+                    if ready is None:
+                        break
+                    pending.remove(ready)
+                    running[pool.submit(attempt, *ready)] = ready
+                if not running:
+                    break  # what is left waits for a round that did not finish
+                done, _ = futures.wait(running, return_when=futures.FIRST_COMPLETED)
+                for future in done:
+                    del running[future]
+                    future.result()
+        except BaseException:
+            CHILDREN.stop_all()  # the jobs' steps then stop too, and the pool is waited for
+            raise
     summary = write_reports(out, bases, cells, s)
     return [cell.name for cell in cells if cell.name in failed], summary, cells
 
@@ -1089,7 +1174,8 @@ def run(argv):
             return 2
     try:
         out, settings = parse(argv)
-        base_from = get_args_parser().parse_args(argv).base_from
+        jobs = _int("jobs", args.jobs, 1, "a whole number of rounds to run at once (1 or more)")
+        base_from = args.base_from
         if base_from:
             base_from = check_base_from(base_from, settings)
         settings = prepare(out, settings)
@@ -1113,7 +1199,7 @@ def run(argv):
           + f" x {len(settings['seeds'])} seeds, {settings['rounds']} rounds "
           f"after round 0", flush=True)
     try:
-        failed, summary, cells = run_grid(out, settings)
+        failed, summary, cells = run_grid(out, settings, jobs)
     except KeyboardInterrupt:
         print("\ninterrupted; run the same command again to continue (finished rounds are kept, a killed "
               "training resumes from its last.pth)", file=sys.stderr)
