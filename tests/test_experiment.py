@@ -920,10 +920,15 @@ def test_an_interrupt_stops_every_running_child_and_starts_no_other(tmp_path, mo
             time.sleep(0.02)
         os.kill(os.getpid(), signal.SIGINT)  # as Ctrl-C reaches the tool's main thread
 
-    threading.Thread(target=interrupt_when_both_run, daemon=True).start()
-    start = time.time()
-    with pytest.raises(KeyboardInterrupt):
-        experiment.run_grid(str(tmp_path / "exp"), scheduler_settings(), jobs=2)
+    # Python's own Ctrl-C handler, also where this runs with SIGINT ignored (started with & from a script)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        threading.Thread(target=interrupt_when_both_run, daemon=True).start()
+        start = time.time()
+        with pytest.raises(KeyboardInterrupt):
+            experiment.run_grid(str(tmp_path / "exp"), scheduler_settings(), jobs=2)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert time.time() - start < 20
     assert sorted(started) == ["seed1111-CE", "seed2222-CE"]  # no cell started after the interrupt
     assert experiment.CHILDREN.running == set()
