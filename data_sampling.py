@@ -814,9 +814,7 @@ def main(opt, given=None):
     calibration.check_level(opt.calibration, strategy.needs)
     if opt.dry_run:
         return dry_run(opt, strategy)
-    rank, world_size, local_rank, distributed = utils.init_distributed()
-    completed = False
-    try:
+    with utils.distributed_session() as (rank, world_size, local_rank, distributed):
         device = utils.select_device(opt.device, local_rank)
         opt.amp = utils.effective_amp(opt.amp, device)
         utils.set_seed(opt.manualSeed)
@@ -829,11 +827,9 @@ def main(opt, given=None):
                                                      plan, rank, world_size, distributed)
             labelled = relabel.score_labelled(opt, model, converter, device, relabel_names(plan), rank, world_size,
                                               distributed) if opt.relabel_ratio > 0 else None
-            result = write_round(opt, strategy, plan, columns, pool, temperature, start, labelled) if rank == 0 else None
-        completed = True
-        return result
-    finally:
-        utils.end_distributed(completed)
+            if rank != 0:
+                return None
+            return write_round(opt, strategy, plan, columns, pool, temperature, start, labelled)
 
 
 if __name__ == "__main__":

@@ -282,9 +282,7 @@ def main(opt, given=None):
         # unused here (no batches are mixed): one share per name satisfies resolve_options
         opt.batch_ratio = "-".join("1" for name in opt.select_data.split("-") if name) or "1"
     options.resolve_options(opt)
-    rank, world_size, local_rank, distributed = utils.init_distributed()
-    completed = False
-    try:
+    with utils.distributed_session() as (rank, world_size, local_rank, distributed):
         device = utils.select_device(opt.device, local_rank)
         opt.amp = utils.effective_amp(opt.amp, device)
         utils.set_seed(opt.manualSeed)
@@ -296,19 +294,13 @@ def main(opt, given=None):
                   + (f", {world_size} processes" if world_size > 1 else ""))
         columns = score_shard(model, evaluation.rank_share(data, rank, world_size), converter, opt, device, rank)
         parts = utils.all_gather_object(columns) if distributed else [columns]
-        result = finish_on_rank_0(opt, parts, len(data), start, world_size) if rank == 0 else None
-        completed = True
-        return result
-    finally:
-        utils.end_distributed(completed)
-
-
-def finish_on_rank_0(opt, parts, count, start, world_size):
-    columns = evaluation.concatenate_columns(parts)
-    if len(columns["index"]) == 0:
-        raise utils.UserError(f"none of the {count} labelled images of --select_data "
-                              f"{'-'.join(opt.select_data)} decodes; nothing to score")
-    return finish(opt, columns, count, start, world_size)
+        if rank != 0:
+            return None
+        columns = evaluation.concatenate_columns(parts)
+        if len(columns["index"]) == 0:
+            raise utils.UserError(f"none of the {len(data)} labelled images of --select_data "
+                                  f"{'-'.join(opt.select_data)} decodes; nothing to score")
+        return finish(opt, columns, len(data), start, world_size)
 
 
 if __name__ == "__main__":

@@ -425,17 +425,8 @@ def main(opt):
     options.resolve_options(opt)
     check_train_options(opt)
     check_data_paths(opt)
-    rank, world_size, local_rank, distributed = utils.init_distributed()
-    completed = False
-    try:
-        save_dir = train(opt, rank, world_size, local_rank, distributed)
-        completed = True
-        return save_dir
-    except StoppedTogether:
-        completed = True
-        raise
-    finally:
-        utils.end_distributed(completed)
+    with utils.distributed_session(completes=StoppedTogether) as (rank, world_size, local_rank, distributed):
+        return train(opt, rank, world_size, local_rank, distributed)
 
 
 def train(opt, rank, world_size, local_rank, distributed):

@@ -488,6 +488,23 @@ def barrier():
         dist.barrier()
 
 
+@contextlib.contextmanager
+def distributed_session(completes=()):
+    """init_distributed()'s `(rank, world_size, local_rank, distributed)` for the with-block, and the
+    process group left on the way out: together (end_distributed) when the block finished or raised
+    one of `completes` (an exit every rank takes after the same step), at once after anything else."""
+    session = init_distributed()
+    completed = False
+    try:
+        yield session
+        completed = True
+    except completes:
+        completed = True
+        raise
+    finally:
+        end_distributed(completed)
+
+
 def end_distributed(completed=True):
     """Leave the process group, if one was joined. After a completed run every rank first waits
     for the others, so that none tears its connections down (or exits) while another still

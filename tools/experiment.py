@@ -946,6 +946,10 @@ def run_grid(out, s, jobs=1):
         """The unit and round that round k of `unit` starts from (None for a base model)."""
         return None if k == 0 else (unit.base, 0) if k == 1 else (unit, k - 1)
 
+    def can_start(unit, k):
+        before = continues(unit, k)
+        return before is None or before[0].finished(before[1])
+
     pending = [(unit, k) for unit, k in order if (unit.name, k) not in reported]
     running = {}
     with futures.ThreadPoolExecutor(max_workers=jobs) as pool:
@@ -961,9 +965,7 @@ def run_grid(out, s, jobs=1):
                                 print(f"cell {unit.name} failed in round 0: see {failed[unit.name][1]}",
                                       file=sys.stderr, flush=True)
                 while len(running) < jobs:
-                    ready = next(((unit, k) for unit, k in pending
-                                  if continues(unit, k) is None or continues(unit, k)[0].finished(continues(unit, k)[1])),
-                                 None)
+                    ready = next((task for task in pending if can_start(*task)), None)
                     if ready is None:
                         break
                     pending.remove(ready)
