@@ -15,7 +15,12 @@
 export or a `file,label` CSV), checks them against the manifest and writes the query set.
 Answers that are empty or `###` mark an image as unreadable: it is kept out of training and
 recorded in the query set (`unreadable-%09d`, dataset.read_unreadable_origins) so that later
-pools leave it out too."""
+pools leave it out too.
+
+With `--relabel_ratio` the package also holds labelled samples chosen for a second look (their
+manifest entries have the kind `relabel` and the label trained on). They are answered like the
+others, and their answers become the round's relabel set (relabel.py), which training applies by
+the round's --relabel_policy; an unreadable second answer takes the sample out of training."""
 import csv
 import hashlib
 import io
@@ -32,6 +37,7 @@ import atomic_io
 import dataset
 import query_sets
 import query_strategies
+import relabel_policies
 import utils
 
 MARKER = "package.json"
@@ -42,6 +48,8 @@ FROM_NAME, TO_NAME = "transcription", "image"  # the control and object names of
 IMAGE_EXTENSIONS = {"JPEG": "jpg", "PNG": "png", "BMP": "bmp", "GIF": "gif", "TIFF": "tif", "WEBP": "webp"}
 MAX_STEM = 120  # characters of a file name's origin part: names stay well under 255 bytes
 ANSWER_FORMATS = {"gt": "gt.txt lines", "label_studio": "a Label Studio JSON export", "csv": "file,label CSV"}
+QUERY, RELABEL = "query", "relabel"  # an image's kind: a new sample, or a labelled one looked at again
+OUTCOMES = ("confirmed", "changed", "unreadable")  # of a second look, against the label trained on
 LABEL_CONFIG = """<View>
   <Image name="image" value="$image"/>
   <Header value="Type the word exactly as written; leave it empty or type ### when it cannot be read"/>
@@ -186,7 +194,7 @@ def task(record, package_name, model_version):
         result.append({"id": "reading", "from_name": FROM_NAME, "to_name": TO_NAME, "type": "textarea",
                        "value": {"text": [record["reading"]]}})
     return {"data": {"image": f"/data/local-files/?d={package_name}/{record['file']}", "file": record["file"],
-                     "origin": f"{record['origin'][0]}:{record['origin'][1]}"},
+                     "origin": f"{record['origin'][0]}:{record['origin'][1]}", "kind": record["kind"]},
             "predictions": [{"model_version": model_version, "score": record["confidence"], "result": result}]}
 
 
@@ -194,8 +202,11 @@ def readme_text(manifest, package_name):
     charset = manifest["charset"]
     case = ("upper and lower case are the same word (answers are compared in lower case)" if charset["lowercase"]
             else "upper and lower case differ")
+    second = sum(1 for image in manifest["images"] if image["kind"] == RELABEL)
+    again = (f"\n{second} of them were labelled before and are asked again, because the model doubts their\n"
+             f"label (predictions.csv marks them `relabel`); transcribe them like the others.\n") if second else ""
     return f"""Annotation package {manifest['round']}: {len(manifest['images'])} word images to transcribe.
-
+{again}
 Each line of gt.txt is `images/<file><TAB><text>`. The text is what the model read; correct it
 so that it says exactly what the image shows. Do not change the file names or the tab, and
 keep one line per image.
@@ -224,7 +235,8 @@ Bringing the answers back:
 
 def write_package(folder, records, manifest, overwrite, query_path):
     """Write the package atomically (built in a hidden sibling, renamed into place); `records` are
-    dicts with image, origin, path, reading, confidence, score. Returns the manifest written."""
+    dicts with image, origin, path, reading, confidence, score, and for a second look at a labelled
+    sample the kind RELABEL and the label trained on. Returns the manifest written."""
     folder = os.path.abspath(folder)
     parent, package_name = os.path.dirname(folder), os.path.basename(folder)
     os.makedirs(parent, exist_ok=True)
@@ -240,7 +252,10 @@ def write_package(folder, records, manifest, overwrite, query_path):
                 f.write(record["image"])
             entry = {"file": name, "origin": [relpath, int(index)], "path": record["path"],
                      "sha256": hashlib.sha256(record["image"]).hexdigest(), "reading": record["reading"],
-                     "confidence": round(float(record["confidence"]), 6), "score": round(float(record["score"]), 6)}
+                     "confidence": round(float(record["confidence"]), 6), "score": round(float(record["score"]), 6),
+                     "kind": record.get("kind", QUERY)}
+            if entry["kind"] == RELABEL:
+                entry["label"] = record["label"]
             images.append(entry)
             tasks.append(task(entry, package_name, model_version))
         manifest = dict(manifest, images=images)
@@ -248,10 +263,10 @@ def write_package(folder, records, manifest, overwrite, query_path):
             f.writelines(f"{e['file']}\t{e['reading']}\n" for e in images)
         with open(os.path.join(staged, "predictions.csv"), "w", encoding="utf-8", newline="") as f:
             writer = csv.writer(f, lineterminator="\n")
-            writer.writerow(["file", "origin", "path", "reading", "confidence", "score"])
+            writer.writerow(["file", "origin", "path", "reading", "confidence", "score", "kind", "label"])
             for e in images:
                 writer.writerow([e["file"], f"{e['origin'][0]}:{e['origin'][1]}", e["path"] or "", e["reading"],
-                                 e["confidence"], e["score"]])
+                                 e["confidence"], e["score"], e["kind"], e.get("label", "")])
         texts = {"tasks.json": json.dumps(tasks, indent=1, ensure_ascii=False) + "\n",
                  "label_config.xml": LABEL_CONFIG, "README.txt": readme_text(manifest, package_name),
                  MARKER: json.dumps(manifest, indent=1, ensure_ascii=False) + "\n"}
@@ -308,6 +323,19 @@ class Package:
             self.by_file = {image["file"]: image for image in self.images}
             for image in self.images:
                 image["origin"] = (str(image["origin"][0]), int(image["origin"][1]))
+                image.setdefault("kind", QUERY)  # packages written before re-annotation could be exported
+                if image["kind"] not in (QUERY, RELABEL):
+                    raise ValueError(f"{image['file']} has the kind {image['kind']!r}")
+                if image["kind"] == RELABEL:
+                    image["label"] = str(image["label"])
+            # {"name", "policy", "meta"} when the round re-annotates (data_sampling.py --relabel_ratio)
+            self.relabel = manifest.get("relabel")
+            if self.of_kind(RELABEL):
+                self.relabel = {"name": str(self.relabel["name"]), "policy": str(self.relabel["policy"]),
+                                "meta": dict(self.relabel["meta"])}
+                if self.relabel["policy"] not in relabel_policies.POLICIES:
+                    raise ValueError(f"the relabel policy {self.relabel['policy']!r} is unknown "
+                                     f"(known: {relabel_policies.known()})")
         except (KeyError, TypeError, ValueError, IndexError, AttributeError) as err:
             raise utils.UserError(f"{path}: not a manifest this version reads ({type(err).__name__}: {err}); "
                                   f"export the package again") from None
@@ -315,6 +343,9 @@ class Package:
 
     def normalise(self, label):
         return label.lower() if self.charset["lowercase"] else label
+
+    def of_kind(self, kind):
+        return [image for image in self.images if image["kind"] == kind]
 
 
 class Answer:
@@ -453,15 +484,22 @@ def read_answers(package, path, fmt):
 
 class Judged:
     """Per exported image (export order): `label` (None when unreadable) and `status`
-    (unchanged / changed / unreadable); counts of each and of unknown characters."""
+    (unchanged / changed / unreadable, against the model's reading); counts of each and of unknown
+    characters."""
 
     def __init__(self, package, decisions, unknown):
         self.package = package
         self.decisions = decisions  # [(image dict, label or None, status)]
-        self.unknown = unknown  # [(where, label, characters)]
+        self.unknown = unknown  # [(where, label, characters, file)]
         self.counts = {s: sum(1 for _, _, st in decisions if st == s) for s in ("unchanged", "changed", "unreadable")}
         self.too_long = sum(1 for _, label, _ in decisions
                             if label is not None and len(label) > package.charset["batch_max_length"])
+
+    def of_kind(self, kind):
+        """The answers to the images of one kind (QUERY or RELABEL) alone."""
+        files = {image["file"] for image in self.package.of_kind(kind)}
+        return Judged(self.package, [d for d in self.decisions if d[0]["file"] in files],
+                      [u for u in self.unknown if u[3] in files])
 
 
 def judge(package, answers, source, allow_unknown=False):
@@ -497,7 +535,7 @@ def judge(package, answers, source, allow_unknown=False):
                                       f"({''.join(outside)!r}); correct it, write {UNREADABLE_MARK} for an unreadable "
                                       f"image, or pass --allow_unknown_characters to keep it (training's label filter "
                                       f"then leaves it out)")
-            unknown.append((answer.where, label, "".join(outside)))
+            unknown.append((answer.where, label, "".join(outside), image["file"]))
         status = "unchanged" if package.normalise(label) == package.normalise(image["reading"]) else "changed"
         decisions.append((image, label, status))
     return Judged(package, decisions, unknown)
@@ -509,7 +547,7 @@ def judge(package, answers, source, allow_unknown=False):
 
 def check_origins(package, root, replaced):
     """The datasets the images came from are under root, each holds the very image exported (by
-    its hash), and no image was queried since the export (by another round or import)."""
+    its hash), and no new image was queried since the export (by another round or import)."""
     for relpath in sorted({image["origin"][0] for image in package.images}):
         if not os.path.isfile(os.path.join(root, relpath, "data.mdb")):
             raise utils.UserError(f"--train_data {root}: no dataset {relpath}, which the package's images come "
@@ -520,21 +558,26 @@ def check_origins(package, root, replaced):
             relpath, index = image["origin"]
             raise utils.UserError(f"--train_data {root}: sample {index} of {relpath} is not the image exported as "
                                   f"{image['file']}; give the root the package was drawn from ({package.train_data})")
-    taken = dataset.read_query_origins(root, skip={replaced} if replaced else ()) & set(identities)
+    new = {image["origin"] for image in package.of_kind(QUERY)}
+    taken = dataset.read_query_origins(root, skip={replaced} if replaced else ()) & new
     if taken:
         relpath, index = sorted(taken)[0]
         raise utils.UserError(f"{len(taken)} of the package's images were queried since it was exported (e.g. "
                               f"sample {index} of {relpath}); nothing was written")
 
 
-def next_selection(package, root, name, trainable):
+def next_selection(package, root, name, trainable, relabel_set=None):
     """`(select_data, batch_ratio)` strings for the next `train.py --mode al`: the sampling
     round's selection without the unlabelled names and those of empty query sets (nothing of them
     trains), plus every query set under root that holds a sample, the new one last (left out when it
-    holds no trainable sample)."""
+    holds no trainable sample), then every relabel set under root with the share 0 (`relabel_set`,
+    the one this import writes, last)."""
     selection = package.selection
     leaves = query_sets.list_leaf_lmdbs(root)
+    relabels = [rel.rsplit("/", 1)[-1] for rel in dataset.relabel_order(root, dataset.relabel_leaves(root, leaves))]
+    relabels = [n for n in relabels if n != relabel_set] + ([relabel_set] if relabel_set else [])
     drop = set(selection.get("unlabelled") or []) | query_sets.empty_names(selection["select_data"], leaves, root)
+    drop |= set(relabels)
     kept = [(n, float(r)) for n, r in zip(selection["select_data"], selection["batch_ratio"]) if n not in drop]
     names = [n for n, _ in kept]
     others = [n for n in query_sets.query_set_names(names, leaves, root) if n != name]
@@ -543,27 +586,68 @@ def next_selection(package, root, name, trainable):
     if trainable:
         others.append(name)
     if not others:  # nothing queried to train on: the base selection as it was
-        return query_strategies.format_selection(names, ratios) if names else ("", "")
-    chosen, shares = query_strategies.next_round_selection(names, ratios, others[:-1], others[-1])
-    return query_strategies.format_selection(chosen, shares)
+        chosen, shares = names, ratios
+    else:
+        chosen, shares = query_strategies.next_round_selection(names, ratios, others[:-1], others[-1])
+    if not chosen:
+        return "", ""
+    return query_strategies.format_selection(list(chosen) + relabels, list(shares) + [0.0] * len(relabels))
 
 
 def import_meta(package, judged, name, answers_path, fmt):
+    """The query set's `query-meta`; `judged` holds the answers to the new images (QUERY)."""
     meta = dict(package.query_meta)
     trainable = [image for image, label, _ in judged.decisions if label is not None]
     meta.update({
         "name": name, "num_picked": len(trainable), "scores": [image["score"] for image in trainable],
-        "annotation": {"package": os.path.abspath(package.folder), "answers": os.path.abspath(answers_path),
-                       "format": fmt, **judged.counts, "unknown_characters": len(judged.unknown),
-                       "imported": datetime.now(timezone.utc).isoformat(timespec="seconds")},
+        "annotation": answers_record(package, judged, answers_path, fmt),
     })
     return meta
 
 
-def import_summary(package, judged, name, path, root, answers_path, fmt):
+def answers_record(package, judged, answers_path, fmt):
+    return {"package": os.path.abspath(package.folder), "answers": os.path.abspath(answers_path), "format": fmt,
+            **judged.counts, "unknown_characters": len(judged.unknown),
+            "imported": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+
+
+def second_looks(package, judged):
+    """Per answer to a second look (RELABEL): `confirmed` (the label trained on, again), `changed`
+    (another label) or `unreadable`, comparing as training does (case folded when it folds)."""
+    outcomes = []
+    for image, label, _ in judged.decisions:
+        if label is None:
+            outcomes.append("unreadable")
+        else:
+            same = package.normalise(label) == package.normalise(image["label"])
+            outcomes.append("confirmed" if same else "changed")
+    return outcomes
+
+
+def relabel_summary(package, judged, path):
+    """The import summary's `relabel` entry: the relabel set, its policy and what the second looks
+    did. `dropped` counts the samples that leave training: unreadable, and with the policy `agree`
+    also those whose two answers differ."""
+    outcomes = second_looks(package, judged)
+    counts = {kind: outcomes.count(kind) for kind in OUTCOMES}
+    policy = package.relabel["policy"]
+    differing = relabel_policies.decide(policy, "first answer", "second answer")  # what the policy does then
+    return {"relabel_set": os.path.basename(path), "path": os.path.abspath(path), "policy": policy,
+            "num_relabelled": len(outcomes), **counts,
+            "dropped": counts["unreadable"] + (counts["changed"] if differing == relabel_policies.DROP else 0),
+            "changes": [{"file": image["file"], "label": image["label"], "answer": label}
+                        for (image, label, _), outcome in zip(judged.decisions, outcomes) if outcome == "changed"]}
+
+
+def import_summary(package, judged, name, path, root, answers_path, fmt, relabel_path=None):
+    """The summary of an import; `judged` holds every answer, `relabel_path` is where the relabel
+    set goes when the package asked for second looks."""
+    relabelled = judged.of_kind(RELABEL)
+    judged = judged.of_kind(QUERY)
     trainable = judged.counts["unchanged"] + judged.counts["changed"]
-    select_data, batch_ratio = next_selection(package, root, name, trainable)
-    return {
+    select_data, batch_ratio = next_selection(package, root, name, trainable,
+                                              os.path.basename(relabel_path) if relabel_path else None)
+    summary = {
         "query_set": name, "path": os.path.abspath(path), "package": os.path.abspath(package.folder),
         "answers": os.path.abspath(answers_path), "format": fmt, "strategy": package.query_meta.get("strategy"),
         "num_answers": len(judged.decisions), "num_picked": trainable, **judged.counts,
@@ -574,6 +658,9 @@ def import_summary(package, judged, name, path, root, answers_path, fmt):
                     for image, label, status in judged.decisions if status == "changed"],
         "next_select_data": select_data, "next_batch_ratio": batch_ratio,
     }
+    if relabel_path:
+        summary["relabel"] = relabel_summary(package, relabelled, relabel_path)
+    return summary
 
 
 def format_import_summary(summary):
@@ -585,13 +672,43 @@ def format_import_summary(summary):
              f"  {summary['num_picked']} samples to train on; {summary['unknown_characters']} with characters "
              f"outside the charset, {summary['too_long']} longer than --batch_max_length (training's filter drops "
              f"both)"]
+    part = summary.get("relabel")
+    if part:
+        lines.append(f"second looks: {part['num_relabelled']} labelled samples -> {part['path']} (policy "
+                     f"{part['policy']}): {part['confirmed']} confirmed, {part['changed']} changed, "
+                     f"{part['unreadable']} unreadable; {part['dropped']} leave training")
     if summary["next_select_data"]:
         lines.append(f"next round: train.py --mode al --select_data {summary['next_select_data']} "
                      f"--batch_ratio {summary['next_batch_ratio']}")
-    if not summary["num_picked"]:
+    if summary["num_answers"] and not summary["num_picked"]:
         lines.append("warning: no answer is readable, so the query set holds no sample to train on; it only keeps "
                      "these images out of later pools (no next round's selection names it; train.py skips it)")
     return "\n".join(lines)
+
+
+def unreadable_keys(origins):
+    """The `unreadable-%09d` keys and their count, as a query set or relabel set stores them."""
+    extra = {dataset.unreadable_key(k): f"{rel}\t{index}".encode("utf-8") for k, (rel, index) in enumerate(origins, 1)}
+    extra[dataset.NUM_UNREADABLE_KEY] = str(len(origins)).encode()
+    return extra
+
+
+def write_relabel_set(path, judged, root, package, query_set, answers_path, fmt, replace):
+    """The relabel set of the second looks (`judged`: the RELABEL answers): each readable answer
+    with the image's bytes and its identity as origin, the unreadable ones as `unreadable-%09d`
+    origins (dataset.read_relabels drops those samples), and the `relabel-meta` that the export
+    recorded, completed by the import; one atomic write."""
+    answered = [(image, label) for image, label, _ in judged.decisions if label is not None]
+    unreadable = [image["origin"] for image, label, _ in judged.decisions if label is None]
+    images = read_images(root, [image["origin"] for image, _ in answered])
+    samples = ((data, label, image["origin"]) for (image, label), (data, _) in zip(answered, images))
+    record = answers_record(package, judged, answers_path, fmt)
+    outcomes = second_looks(package, judged)
+    record.update({kind: outcomes.count(kind) for kind in OUTCOMES})
+    meta = dict(package.relabel["meta"], name=os.path.basename(path), query_set=query_set,
+                num_relabelled=len(judged.decisions), annotation=record)
+    return dataset.write_lmdb(path, samples, meta=meta, overwrite=replace, extra_keys=unreadable_keys(unreadable),
+                              meta_key=dataset.RELABEL_META_KEY)
 
 
 def write_query_set(path, judged, root, meta, summary, replace):
@@ -602,8 +719,5 @@ def write_query_set(path, judged, root, meta, summary, replace):
     unreadable = [image["origin"] for image, label, _ in judged.decisions if label is None]
     images = read_images(root, [image["origin"] for image, _ in trainable])
     samples = ((data, label, image["origin"]) for (image, label), (data, _) in zip(trainable, images))
-    extra = {dataset.unreadable_key(k): f"{rel}\t{index}".encode("utf-8")
-             for k, (rel, index) in enumerate(unreadable, 1)}
-    extra[dataset.NUM_UNREADABLE_KEY] = str(len(unreadable)).encode()
-    return dataset.write_lmdb(path, samples, meta=meta, overwrite=replace, extra_keys=extra,
+    return dataset.write_lmdb(path, samples, meta=meta, overwrite=replace, extra_keys=unreadable_keys(unreadable),
                               extra_files={"summary.json": json.dumps(summary, indent=2, ensure_ascii=False) + "\n"})

@@ -11,6 +11,7 @@ Runs as `python data_sampling.py` or under `torchrun`: the pool is sharded acros
 gathers the per-sample records, picks and writes (the same picks as one process)."""
 import argparse
 import contextlib
+import itertools
 import json
 import math
 import os
@@ -30,6 +31,7 @@ import atomic_io
 import calibration
 import coreset
 import dataset
+import label_quality
 import locking
 import options
 import query_strategies
@@ -100,7 +102,8 @@ def get_args_parser():
                             "set (images, gt.txt pre-filled with the model's readings, predictions.csv, Label "
                             "Studio tasks.json, README.txt, package.json); import_annotations.py turns the answers "
                             "into the query set. Always done for a pool with an unlabelled LMDB, by default into "
-                            "<train_data>/<query set name>_annotation")
+                            "<train_data>/<query set name>_annotation. With --relabel_ratio the package also asks for "
+                            "second looks at labelled samples, whose answers become the relabel set")
     group.add_argument("--lock_timeout", type=float, default=0.0,
                        help="another sampler holding the lock on --train_data: wait this many seconds for it "
                             "(0: fail at once, -1: wait without limit)")
@@ -584,9 +587,6 @@ def package_plan(opt, plan):
     folder = opt.export_annotation or (f"{plan.path}_annotation" if unlabelled else None)
     if folder is None:
         return None, unlabelled
-    if opt.relabel_ratio > 0:
-        raise utils.UserError(f"--relabel_ratio {opt.relabel_ratio:g} with an annotation package ({folder}): "
-                              f"re-annotation is simulated only so far; use --relabel_ratio 0")
     if opt.save_images:
         raise utils.UserError(f"--save_images with an annotation package ({folder}): the package holds the images "
                               f"already and no query set is written; drop --save_images")
@@ -603,8 +603,10 @@ def plan_relabel(opt, name, leaves):
 
 
 def relabel_names(plan):
-    """The names whose labelled samples --relabel_ratio judges (relabel.labelled_names)."""
-    return relabel.labelled_names(plan.pool_names + plan.query_names, plan.relabel, plan.replaced)
+    """The names whose labelled samples --relabel_ratio judges (relabel.labelled_names): not the
+    --pool_data names nor the unlabelled LMDBs, which are never trained on."""
+    trained = [n for n in plan.pool_names if n not in plan.whole and n not in plan.unlabelled]
+    return relabel.labelled_names(trained + plan.query_names, plan.relabel, plan.replaced)
 
 
 def queried_before(opt, plan):
@@ -661,7 +663,8 @@ def write_round(opt, strategy, plan, columns, pool, temperature, start, labelled
     picked, scores = pick(columns, strategy, opt, count, plan.name)
     identities = [(columns["relpath"][i], int(columns["index"][i])) for i in picked]
     if plan.package:
-        return export_round(opt, strategy, plan, columns, picked, scores, identities, pool, temperature, start)
+        return export_round(opt, strategy, plan, columns, picked, scores, identities, pool, temperature, start,
+                            relabelling, labelled)
     staged = stage_images(opt.save_images, read_raw_samples(opt.train_data, identities), plan.name) \
         if opt.save_images else None
     try:
@@ -688,15 +691,22 @@ def write_round(opt, strategy, plan, columns, pool, temperature, start, labelled
     return summary
 
 
-def export_round(opt, strategy, plan, columns, picked, scores, identities, pool, temperature, start):
+def export_round(opt, strategy, plan, columns, picked, scores, identities, pool, temperature, start,
+                 relabelling=None, labelled=None):
     """Write the annotation package of the picked samples instead of the query set: the images,
-    the model's readings, confidences and scores, and what import_annotations.py needs."""
+    the model's readings, confidences and scores, and what import_annotations.py needs; with
+    --relabel_ratio also the labelled samples chosen for a second look (`relabelling`, rows of the
+    label-quality columns `labelled`), which import_annotations.py turns into the relabel set."""
     images = annotation.read_images(opt.train_data, identities)
-    records = ({"image": data, "path": path, "origin": identity, "reading": columns["prediction"][i],
-                "confidence": columns["confidence"][i], "score": scores[i]}
-               for i, identity, (data, path) in zip(picked, identities, images))
+    records = itertools.chain(
+        ({"image": data, "path": path, "origin": identity, "reading": columns["prediction"][i],
+          "confidence": columns["confidence"][i], "score": scores[i]}
+         for i, identity, (data, path) in zip(picked, identities, images)),
+        relabel_records(opt, relabelling, labelled))
     summary = make_summary(opt, plan.name, plan.path, columns, picked, pool, temperature,
                            time.time() - start, plan.query_names, skip=plan.empty)
+    if relabelling:
+        summary["relabel"] = relabelling["summary"]
     for key in ("path", "next_select_data", "next_batch_ratio"):  # import_annotations.py decides these
         summary.pop(key)
     if plan.unlabelled:  # pool "labels" are empty strings: no accuracy to report
@@ -712,6 +722,9 @@ def export_round(opt, strategy, plan, columns, picked, scores, identities, pool,
         "selection": {"select_data": list(opt.select_data), "batch_ratio": [float(r) for r in opt.batch_ratio],
                       "unlabelled": list(plan.unlabelled), "pool_data": list(plan.whole)},
         "query_meta": query_meta(opt, strategy, plan.name, pool, scores[picked], temperature),
+        "relabel": relabelling and {
+            "name": plan.relabel.name, "policy": opt.relabel_policy,
+            "meta": relabel.relabel_meta(opt, plan.relabel, plan.name, relabelling["rows"], labelled)},
         "summary": summary,
     }
     check_still_free(opt, plan, identities)
@@ -720,12 +733,27 @@ def export_round(opt, strategy, plan, columns, picked, scores, identities, pool,
     return summary
 
 
+def relabel_records(opt, relabelling, labelled):
+    """The package records of the labelled samples chosen for a second look: the image (read where
+    its identity points), the model's reading pre-filled as for a new sample (not the label trained
+    on, so that the second answer is the transcriber's own), the label trained on and its quality."""
+    if not relabelling:
+        return
+    rows, identities = relabelling["rows"], relabelling["identities"]
+    for row, identity, (data, path) in zip(rows, identities, annotation.read_images(opt.train_data, identities)):
+        yield {"image": data, "path": path, "origin": identity, "reading": labelled["reading"][row],
+               "confidence": float(label_quality.quality(labelled["reading_log_prob"][row])),
+               "score": float(label_quality.quality(labelled["log_quality"][row])),
+               "kind": annotation.RELABEL, "label": labelled["label"][row]}
+
+
 def format_export_summary(summary):
     conf = summary["mean_confidence"]
     return "\n".join([
         f"exported {summary['num_picked']} of {summary['scored']} pool samples by '{summary['strategy']}' for "
         f"annotation -> {summary['package']}" + (f" ({summary['unreadable']} unreadable skipped)"
                                                  if summary["unreadable"] else ""),
+    ] + (["  " + relabel.format_part(summary["relabel"])] if summary.get("relabel") else []) + [
         f"  mean confidence: picked {conf['picked']:.4f}  pool {conf['pool']:.4f}",
         f"  no query set is written yet: correct {summary['package']}/gt.txt (or label its tasks.json in Label "
         f"Studio), then",
@@ -742,6 +770,9 @@ def relabel_round(opt, plan, labelled, count):
     identities = relabel.sample_identities(opt.train_data, labelled["relpath"], labelled["index"])
     wanted, _ = relabel.split_budget(count, opt.relabel_ratio, len(set(identities)))
     rows = relabel.choose(labelled, wanted, identities)
+    if plan.package:  # the transcribers answer; import_annotations.py writes the relabel set
+        return {"rows": rows, "identities": [identities[row] for row in rows],
+                "summary": relabel.pending_part(opt, plan.relabel, rows, labelled)}
     samples = relabel.read_sources(opt.train_data, rows, labelled, identities)
     draws = relabel.draw(opt, samples, plan.relabel.round)
     before, after, clean = relabel.outcome(opt, rows, labelled, samples, draws)
@@ -782,8 +813,9 @@ def dry_run(opt, strategy):
         labelled, _ = relabel.labelled_data(opt, relabel_names(plan))
         result["num_relabel"], count = relabel.split_budget(count, opt.relabel_ratio, len(labelled))
         result["num_query"] = count
+        where = "in the package" if plan.package else f"into {plan.relabel.path}"
         print(f"dry run: would re-annotate {result['num_relabel']} of {len(labelled)} labelled samples (lowest "
-              f"label quality) into {plan.relabel.path}, policy {opt.relabel_policy}")
+              f"label quality) {where}, policy {opt.relabel_policy}")
     if plan.package:
         print(f"dry run: would export {count} of {scored} pool samples by '{strategy.name}' as an annotation "
               f"package into {plan.package} (the query set {plan.path} is written by import_annotations.py)")

@@ -328,8 +328,11 @@ class LmdbDataset(Dataset):
             raw = {index: txn.get(label_key(index)) for index in hits}
         for index, entries in hits.items():
             for entry in entries:
-                answer = entry.clean_label if entry.noisy_label is None else entry.noisy_label
-                decision = relabel_policies.decide(entry.policy, self._trained_label(index, raw[index]), answer)
+                if entry.clean_label is None:  # the annotator found the image unreadable: no label to trust
+                    decision = relabel_policies.DROP
+                else:
+                    answer = entry.clean_label if entry.noisy_label is None else entry.noisy_label
+                    decision = relabel_policies.decide(entry.policy, self._trained_label(index, raw[index]), answer)
                 if decision == relabel_policies.KEEP:
                     self.confirmed.add(index)
                     continue
@@ -634,8 +637,10 @@ def describe_leaf(leaf, split, labelled, excluded):
 
 
 class RelabelEntry(collections.namedtuple("RelabelEntry", "clean_label noisy_label kind relpath index policy")):
-    """A re-annotation: the relabel set's label, the simulated annotator's error on it (None when
-    it got it right), where the relabel set holds it, and the set's policy (relabel_policies)."""
+    """A re-annotation: the relabel set's label (None when a human annotator found the image
+    unreadable: the sample leaves training, whatever the policy), the simulated annotator's error
+    on it (None when it got it right), where the relabel set holds it (index None for an unreadable
+    answer) and the set's policy (relabel_policies)."""
 
 
 def is_relabel_set(path):
@@ -685,7 +690,8 @@ def read_relabels(root, opt, relpaths, noise_ratio=0.0, noise_model=annotator_no
     `noise_ratio` > 0 the simulated annotator errs again on exactly that share of each set, from
     `relabel_noise_seed` of the set's round, with the same noise model, whatever --noise_scope
     (a re-annotation is always an annotation of the loop). Labels the filters reject are dropped
-    (the earlier label stays)."""
+    (the earlier label stays). The origins a relabel set records as unreadable (a human answer
+    left empty or ###, import_annotations.py) take their samples out of training."""
     seed = getattr(opt, "manualSeed", 0)
     relabels = {}
     for rel in relabel_order(root, relpaths):
@@ -705,6 +711,8 @@ def read_relabels(root, opt, relpaths, noise_ratio=0.0, noise_model=annotator_no
                 relabels.setdefault(origin, []).append(
                     RelabelEntry(leaf.rules.clean(leaf.rules.normalise(raw)), leaf.noisy_labels.get(index),
                                  leaf.noise_kinds.get(index), rel, index, policy))
+            for origin in read_unreadable_origins(txn):  # import_annotations.py: answered empty or ###
+                relabels.setdefault(origin, []).append(RelabelEntry(None, None, None, rel, None, policy))
     return relabels
 
 

@@ -7,13 +7,17 @@ query set the next training round reads.
 The answers are the package's corrected gt.txt (the default), a Label Studio JSON export or a
 `file,label` CSV. Every exported image must be answered exactly once; an empty or `###` answer
 marks it unreadable (kept out of training, never queried again). Nothing is written unless every
-check passes; the query set appears atomically, with `query-meta` and a summary.json."""
+check passes; the query set appears atomically, with `query-meta` and a summary.json. A package
+exported with --relabel_ratio also holds second looks at labelled samples: their answers become the
+relabel set `<name>_relabel` (written just before the query set), which the next round's selection
+names with the share 0."""
 import argparse
 import math
 import os
 
 import annotation
 import locking
+import relabel
 import utils
 from query_sets import check_out_name, check_output_free, list_leaf_lmdbs
 
@@ -35,7 +39,8 @@ def get_args_parser():
                         help="keep answers with characters outside the model's charset (reported; training's label "
                              "filter leaves them out) instead of refusing the import")
     parser.add_argument("--overwrite", action="store_true",
-                        help="replace an existing query set of that name (never a base dataset or another folder)")
+                        help="replace an existing query set of that name, and its relabel set (never a base dataset "
+                             "or another folder)")
     parser.add_argument("--lock_timeout", type=float, default=0.0,
                         help="another writer holding the lock on --train_data: wait this many seconds for it "
                              "(0: fail at once, -1: wait without limit)")
@@ -53,7 +58,7 @@ def main(opt):
     answers_path, fmt = annotation.locate_answers(opt.package, opt.answers)
     answers = annotation.read_answers(package, answers_path, fmt)
     judged = annotation.judge(package, answers, answers_path, allow_unknown=opt.allow_unknown_characters)
-    for where, label, outside in judged.unknown:
+    for where, label, outside, _ in judged.unknown:
         print(f"warning: {where}: {label!r} holds characters outside the charset ({outside!r}); kept, but "
               f"training's label filter leaves it out")
     with locking.exclusive(opt.train_data, opt.lock_timeout):
@@ -63,14 +68,25 @@ def main(opt):
         path = os.path.join(opt.train_data, name)
         check_output_free(path, opt.overwrite, flag="--name")
         replaced = name if os.path.lexists(path) else None
+        relabel_path = None
+        if package.of_kind(annotation.RELABEL):
+            relabel_name = relabel.relabel_name(name)
+            check_out_name(relabel_name, leaves, opt.train_data, flag="--name")
+            relabel_path = os.path.join(opt.train_data, relabel_name)
+            relabel.check_free(relabel_path, opt.train_data, opt.overwrite, flag="--name")
         annotation.check_origins(package, opt.train_data, replaced)
-        summary = annotation.import_summary(package, judged, name, path, opt.train_data, answers_path, fmt)
+        summary = annotation.import_summary(package, judged, name, path, opt.train_data, answers_path, fmt,
+                                            relabel_path)
         if opt.dry_run:
             print("dry run: nothing written")
             print(annotation.format_import_summary(summary))
             return summary
-        meta = annotation.import_meta(package, judged, name, answers_path, fmt)
-        annotation.write_query_set(path, judged, opt.train_data, meta, summary, replace=replaced is not None)
+        queried = judged.of_kind(annotation.QUERY)
+        if relabel_path:  # first: an import stopped before its query set leaves an orphan the rerun replaces
+            annotation.write_relabel_set(relabel_path, judged.of_kind(annotation.RELABEL), opt.train_data, package,
+                                         name, answers_path, fmt, replace=os.path.lexists(relabel_path))
+        meta = annotation.import_meta(package, queried, name, answers_path, fmt)
+        annotation.write_query_set(path, queried, opt.train_data, meta, summary, replace=replaced is not None)
         annotation.record_pending(opt.train_data, imported=opt.package)
     print(annotation.format_import_summary(summary))
     return summary

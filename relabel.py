@@ -25,7 +25,11 @@ fresh draw of the same annotator: the same model and ratio, exactly that share o
 from its own stream (dataset.relabel_noise_seed: seed, "relabel", round), so it can be wrong again;
 the error is applied when the set is read, as for a query set, so noise_log.csv holds the clean
 label and the one trained on (and no sample `agree` dropped). The next round's --select_data names
-every relabel set with the batch share 0."""
+every relabel set with the batch share 0.
+
+With an annotation package (--export_annotation) the chosen samples go into the package instead
+(data_sampling.relabel_records, `pending_part`), and import_annotations.py writes the relabel set
+from the transcribers' answers (annotation.write_relabel_set)."""
 import math
 import os
 from datetime import datetime, timezone
@@ -147,14 +151,20 @@ def plan(opt, query_set, leaves, round_number, check_name):
                                   f"re-annotating (--relabel_ratio 0); remove it, or give --relabel_ratio")
         return RelabelPlan(None, None, False, round_number, existing)
     check_name(name)
-    if replaced:
-        replaceable = (os.path.isdir(path) and not os.path.islink(path) and dataset.is_relabel_set(path))
-        if not replaceable:
-            raise utils.UserError(f"{path} already exists and is not a relabel set written by data_sampling.py; "
-                                  f"choose another --out_name")
-        if not (opt.overwrite or orphaned(path, root)):
-            raise utils.UserError(f"{path} already exists; choose another --out_name or pass --overwrite")
+    check_free(path, root, opt.overwrite)
     return RelabelPlan(name, path, replaced, round_number, existing)
+
+
+def check_free(path, root, overwrite, flag="--out_name"):
+    """A relabel set may be written at path: nothing is there, or a relabel set that --overwrite
+    or its orphaning (its query set never appeared) lets this round replace."""
+    if not os.path.lexists(path):
+        return
+    if not (os.path.isdir(path) and not os.path.islink(path) and dataset.is_relabel_set(path)):
+        raise utils.UserError(f"{path} already exists and is not a relabel set written by data_sampling.py or "
+                              f"import_annotations.py; choose another {flag}")
+    if not (overwrite or orphaned(path, root)):
+        raise utils.UserError(f"{path} already exists; choose another {flag} or pass --overwrite")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -318,8 +328,21 @@ def summary_part(opt, relabel_plan, rows, columns, before, after, clean):
     return part
 
 
+def pending_part(opt, relabel_plan, rows, columns):
+    """The `relabel` entry of a round that exports its re-annotations to human annotators
+    (an annotation package): what was chosen; import_annotations.py counts what the answers changed."""
+    return {"relabel_set": relabel_plan.name, "path": None, "ratio": opt.relabel_ratio, "policy": opt.relabel_policy,
+            "labelled": int(len(columns["index"])), "num_relabelled": len(rows), "exported": True,
+            "mean_label_quality": {"relabelled": mean_quality(columns["log_quality"][rows]) if rows else None,
+                                   "labelled": mean_quality(columns["log_quality"])}}
+
+
 def format_part(part):
     policy = part.get("policy", relabel_policies.DEFAULT)
+    if part.get("exported"):
+        return (f"exported {part['num_relabelled']} of {part['labelled']} labelled samples (lowest label quality) "
+                f"for a second look, policy {policy}; import_annotations.py writes their relabel set "
+                f"{part['relabel_set']}")
     line = (f"re-annotated {part['num_relabelled']} of {part['labelled']} labelled samples (lowest label quality, "
             f"policy {policy})" + (f" -> {part['path']}" if part["path"] and part["num_relabelled"] else "")
             + f"; {part['changed']} labels changed")

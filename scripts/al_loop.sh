@@ -63,7 +63,8 @@ With --annotator human, round k >= 1 runs data_sampling.py --export_annotation i
 DIR/<query>/train_data/<query>_iter_<k>_annotation and stops (exit 0), printing the
 import_annotations.py command that turns the transcribers' answers into the query set and the
 command that continues the loop (this one again); run again before the import, it prints the same
-and stops.
+and stops. With --relabel_ratio the package also asks for a second look at the labelled samples
+of lowest label quality, and the import writes their answers into the relabel set.
 
 Every setting is checked (train.py and data_sampling.py --dry_run included) before the first
 command. Running the same command again continues the run: finished steps (a round's query set,
@@ -162,9 +163,7 @@ known=$("$PYTHON" -c 'import relabel_policies; print(relabel_policies.known())')
 case "$ANNOTATOR" in
   simulated) ;;
   human) "$PYTHON" -c 'import sys; sys.exit(float(sys.argv[1]) != 0)' "$NOISE_RATIO" || \
-           fail "--noise_ratio $NOISE_RATIO: simulated annotator noise has no place with --annotator human; drop it"
-         "$PYTHON" -c 'import sys; sys.exit(float(sys.argv[1]) != 0)' "$RELABEL_RATIO" || \
-           fail "--relabel_ratio $RELABEL_RATIO: re-annotation is simulated only; use it without --annotator human" ;;
+           fail "--noise_ratio $NOISE_RATIO: simulated annotator noise has no place with --annotator human; drop it" ;;
   *) fail "--annotator $ANNOTATOR: unknown; choose simulated or human" ;;
 esac
 if [ -n "$NUM_QUERY" ]; then
@@ -362,7 +361,8 @@ for round in $(seq 0 "$ROUNDS"); do
       else
         run_step "$PYTHON" data_sampling.py --train_data "$RUN_TRAIN" "${COMMON[@]}" --select_data "$SELECT_DATA" \
           --batch_ratio "$BATCH_RATIO" --saved_model "$previous" --query "$QUERY" "${query_size[@]}" \
-          --out_name "${QUERY}_iter_${round}" "${pool_args[@]}" --export_annotation "$package" --mode al
+          "${relabel_args[@]}" --out_name "${QUERY}_iter_${round}" "${pool_args[@]}" --export_annotation "$package" \
+          --mode al
       fi
       wait_for_annotators "$package"
     else

@@ -461,7 +461,7 @@ LOOP_SETTINGS = {"TRAIN_DATA": None, "VALID_DATA": None, "TEST_DATA": None, "SEL
                  "BATCH_RATIO": "0.5-0.5", "LABEL_RATIO": "0.5", "QUERY": "random", "BASE_CALIBRATOR": "CE",
                  "AL_CALIBRATOR": "boost_soft", "QUERY_RATIO": "0.01", "NUM_QUERY": "15", "NOISE_RATIO": "0",
                  "BASE_ITERS": "2", "ITERS": "2", "VAL_INTERVAL": "1", "ARCH": ARCH, "TRAIN_ARGS": "",
-                 "BATCH_SIZE": "8", "SEED": "1111", "ANNOTATOR": "human", "POOL_DATA": "Crops"}
+                 "BATCH_SIZE": "8", "SEED": "1111", "ANNOTATOR": "human", "RELABEL_RATIO": "0.2", "POOL_DATA": "Crops"}
 LOOP_ARCH = dict(CTC_ARCH, SequenceModeling="BiLSTM", output_channel=32, hidden_size=16)  # test_al_loop's ARCH
 
 
@@ -518,21 +518,25 @@ def run_until_training(argv):
 
 def test_the_human_loop_stops_for_the_answers_and_continues_after_the_import(loop_data, tmp_path, capsys):
     run = finished_round_0(loop_data, tmp_path)
-    first = run_loop(loop_data, tmp_path, "--annotator", "human", "--pool_data", "Crops")
+    first = run_loop(loop_data, tmp_path, "--annotator", "human", "--pool_data", "Crops", "--relabel_ratio", "0.2")
     assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-3000:]
     assert "round 0: trained already" in first.stdout  # the prepared round counts as finished
     # the pool: the unlabelled half of the base sets (111 - 55 and 115 - 57 after the label filter)
-    # and the 8 unlabelled crops
-    assert "exported 15 of 122 pool samples" in first.stdout
+    # and the 8 unlabelled crops; of the budget of 15, round(0.2 x 15) = 3 go to second looks at the
+    # labelled half (55 + 57 labels)
+    assert "exported 12 of 122 pool samples" in first.stdout
+    assert "exported 3 of 112 labelled samples (lowest label quality) for a second look" in first.stdout
     package = run / "train_data" / "random_iter_1_annotation"
     assert (package / "package.json").is_file() and not (run / "train_data" / "random_iter_1").exists()
-    assert len(manifest(package)["images"]) == 15 and not (run / "models" / "round1").exists()
+    kinds = [image["kind"] for image in manifest(package)["images"]]
+    assert kinds == ["query"] * 12 + ["relabel"] * 3 and not (run / "models" / "round1").exists()
     assert "round 1 waits for its annotators" in first.stdout
     import_argv = printed_command(first.stdout, "import the answers")
     assert import_argv == [sys.executable, "import_annotations.py", "--package", str(package),
                            "--train_data", str(run / "train_data")]
     continue_argv = printed_command(first.stdout, "continue the loop")
-    assert continue_argv[-4:] == ["--annotator", "human", "--pool_data", "Crops"] and "--out" in continue_argv
+    assert continue_argv[-6:] == ["--annotator", "human", "--pool_data", "Crops", "--relabel_ratio", "0.2"]
+    assert "--out" in continue_argv
 
     # again before the import: nothing is drawn again, the same instructions
     stamp = (package / "package.json").stat().st_mtime_ns
@@ -543,18 +547,19 @@ def test_the_human_loop_stops_for_the_answers_and_continues_after_the_import(loo
     assert printed_command(again.stdout, "import the answers") == import_argv
     assert (package / "package.json").stat().st_mtime_ns == stamp
 
-    # the transcriber keeps the model's readings but marks the first image unreadable
+    # the transcriber keeps the model's readings but marks the first image (a new one) unreadable
     gt = (package / "gt.txt").read_text().splitlines()
     gt[0] = gt[0].split("\t")[0] + "\t###"
     (package / "gt.txt").write_text("\n".join(gt) + "\n")
     result = run_import(*import_argv[2:])
     capsys.readouterr()
-    assert (result["num_picked"], result["unreadable"]) == (14, 1)
+    assert (result["num_picked"], result["unreadable"], result["relabel"]["num_relabelled"]) == (11, 1, 3)
 
     # after the import the same command goes on with round 1, training on the imported set
     done = run_until_training(continue_argv)
     assert "round 1: queried already" in done and "waits for its annotators" not in done
-    assert "--select_data CVPR2016-NIPS2014-random_iter_1 --batch_ratio 0.25-0.25-0.5" in done.splitlines()[-1]
+    assert ("--select_data CVPR2016-NIPS2014-random_iter_1-random_iter_1_relabel --batch_ratio 0.25-0.25-0.5-0"
+            in done.splitlines()[-1])
 
 
 @pytest.mark.parametrize("extra, message", [
