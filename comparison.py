@@ -39,11 +39,19 @@ COMPARISON_COLUMNS = STRATEGY_KEYS + ("round", "labelled", "seeds", "accuracy_me
 SUMMARY_COLUMNS = STRATEGY_KEYS + ("seeds", "final_accuracy_mean", "final_accuracy_std",
                    "alc_mean", "labels_saved_vs_random", "labels_saved_at_random_final", "diff_vs_random_mean",
                    "diff_vs_random_low", "diff_vs_random_high")
+PAIR_COLUMNS = ("axis", "value", "reference", "query", "calibrator", "noise", "noise_model", "relabel_ratio",
+                "acquisition", "sampling_args", "round", "seeds", "accuracy_diff_mean", "accuracy_diff_low",
+                "accuracy_diff_high", "ece_diff_mean", "ece_diff_low", "ece_diff_high")
+# The value of each strategy key that a pair is measured against when one of the two holds it
+# (the original's choices and the tools' defaults); otherwise the value that appeared first.
+REFERENCE_VALUES = {"query": "random", "calibrator": "CE", "noise": 0.0, "noise_model": None,
+                    "relabel_ratio": 0.0, "acquisition": "topk", "sampling_args": ""}
 # Decimals shown in the markdown tables (the csv files keep six).
 MARKDOWN_DECIMALS = {"labelled": 0, "accuracy_mean": 2, "accuracy_std": 2, "ece_mean": 4, "ece_std": 4,
                      "final_accuracy_mean": 2, "final_accuracy_std": 2, "alc_mean": 2,
                      "labels_saved_vs_random": 0, "labels_saved_at_random_final": 0, "diff_vs_random_mean": 2, "diff_vs_random_low": 2,
-                     "diff_vs_random_high": 2}
+                     "diff_vs_random_high": 2, "accuracy_diff_mean": 2, "accuracy_diff_low": 2,
+                     "accuracy_diff_high": 2, "ece_diff_mean": 4, "ece_diff_low": 4, "ece_diff_high": 4}
 BASELINE = "random"
 DEFAULT_NOISE_MODEL = annotator_noise.DEFAULT_MODEL
 DEFAULT_RELABEL_RATIO = 0.0  # data_sampling.py's defaults
@@ -327,6 +335,47 @@ def summarize(records, baseline=BASELINE):
     return rows
 
 
+def _reference_first(axis, a, b):
+    """`(other, reference)` of two strategies that differ only in `axis` (a STRATEGY_KEYS name;
+    `a` appeared first): the reference holds the axis' REFERENCE_VALUES entry (the default noise
+    model for `noise_model`), else it is `a`."""
+    position = STRATEGY_KEYS.index(axis)
+    reference = DEFAULT_NOISE_MODEL if axis == "noise_model" else REFERENCE_VALUES[axis]
+    return (a, b) if b[position] == reference else (b, a)
+
+
+def pairs(records):
+    """Paired comparisons of every two strategies that differ in exactly one strategy key (the
+    `axis`): per round both reached, the per-seed differences `value - reference` of accuracy and
+    of ECE over the seeds both finished, with 95% Student-t intervals (`paired_difference`; empty
+    for one seed). One row per (pair, round): PAIR_COLUMNS, where `value` and `reference` are the
+    two values of the axis (the reference by REFERENCE_VALUES) and the strategy columns hold the
+    values the two share (the axis' column holds the value compared). Pairs come in the order
+    their strategies first appear, rounds in increasing order."""
+    groups = _groups(records, _strategy)
+    runs = {strategy: {(int(r["round"]), r["seed"]): r for r in group} for strategy, group in groups.items()}
+    strategies = list(groups)
+    rows = []
+    for i, first in enumerate(strategies):
+        for second in strategies[i + 1:]:
+            differing = [k for k, (x, y) in enumerate(zip(first, second)) if x != y]
+            if len(differing) != 1:
+                continue
+            axis = STRATEGY_KEYS[differing[0]]
+            other, reference = _reference_first(axis, first, second)
+            shared = runs[other].keys() & runs[reference].keys()
+            for k in sorted({k for k, _ in shared}):
+                seeds = sorted(seed for kk, seed in shared if kk == k)
+                row = {**dict(zip(STRATEGY_KEYS, other)), "axis": axis, "value": other[differing[0]],
+                       "reference": reference[differing[0]], "round": k, "seeds": len(seeds)}
+                for metric in ("accuracy", "ece"):
+                    diff = paired_difference([runs[other][k, s][metric] for s in seeds],
+                                             [runs[reference][k, s][metric] for s in seeds])
+                    row.update(zip((f"{metric}_diff_mean", f"{metric}_diff_low", f"{metric}_diff_high"), diff))
+                rows.append(row)
+    return rows
+
+
 def format_value(value, decimals=6):
     """A table cell: '' for None or NaN, integers (and integral floats) without decimals, other
     floats rounded to `decimals` with trailing zeros dropped (noise 0.3 -> '0.3')."""
@@ -385,12 +434,14 @@ def write_markdown(path, rows, columns, decimals=None):
 
 
 def write_tables(folder, records, baseline=BASELINE, suffix=""):
-    """`comparison<suffix>.csv/.md` (`aggregate`) and `summary<suffix>.csv/.md` (`summarize`) in
-    `folder`, each written atomically. Returns `(comparison_rows, summary_rows)`."""
+    """`comparison<suffix>.csv/.md` (`aggregate`), `summary<suffix>.csv/.md` (`summarize`) and
+    `pairs<suffix>.csv/.md` (`pairs`) in `folder`, each written atomically. Returns
+    `(comparison_rows, summary_rows)`."""
     comparison_rows = aggregate(records)
     summary_rows = summarize(records, baseline)
     for name, rows, columns in (("comparison", comparison_rows, COMPARISON_COLUMNS),
-                                ("summary", summary_rows, SUMMARY_COLUMNS)):
+                                ("summary", summary_rows, SUMMARY_COLUMNS),
+                                ("pairs", pairs(records), PAIR_COLUMNS)):
         write_csv(os.path.join(folder, f"{name}{suffix}.csv"), rows, columns)
         write_markdown(os.path.join(folder, f"{name}{suffix}.md"), rows, columns)
     return comparison_rows, summary_rows

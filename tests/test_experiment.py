@@ -143,6 +143,43 @@ def test_summarize_by_hand():
     assert entropy["labels_saved_vs_random"] is None
 
 
+def test_pairs_compare_strategies_that_differ_in_one_setting_by_hand():
+    # uncali and random under CE at noise 0, and uncali under boost_soft at noise 0.3 and 0; the two
+    # noisy boost_soft loops differ from the rest in two settings or in one
+    curves = {("random", 1): [10, 20], ("random", 2): [12, 18], ("uncali", 1): [10, 25], ("uncali", 2): [12, 24]}
+    records = (make_records(curves, labelled=(100, 150)) +
+               make_records({k: v for k, v in curves.items() if k[0] == "uncali"}, labelled=(100, 150),
+                            calibrator="boost_soft", noise=0.3) +
+               make_records({("uncali", 1): [10, 26], ("uncali", 2): [12, 23], ("uncali", 3): [9, 30]},
+                            labelled=(100, 150), calibrator="boost_soft"))
+    rows = comparison.pairs(records)
+    found = {(r["axis"], r["calibrator"], r["noise"], r["round"]): r for r in rows}
+    # round 0 and round 1 of each pair; random/uncali under boost_soft at 0.3 is no pair (no random there),
+    # nor is CE-0 against boost_soft-0.3 (two settings)
+    assert sorted(found) == sorted((axis, cal, noise, k) for axis, cal, noise in
+                                   (("query", "CE", 0.0), ("calibrator", "boost_soft", 0.0),
+                                    ("noise", "boost_soft", 0.3)) for k in (0, 1))
+    # uncali - random, round 1: differences 5 and 6 (mean 5.5, std sqrt(0.5), se 0.5); ECE is accuracy/1000
+    query = found["query", "CE", 0.0, 1]
+    assert (query["query"], query["value"], query["reference"], query["seeds"]) == ("uncali", "uncali", "random", 2)
+    assert query["accuracy_diff_mean"] == pytest.approx(5.5)
+    assert query["accuracy_diff_low"] == pytest.approx(5.5 - 0.5 * T_975_DF1)
+    assert query["accuracy_diff_high"] == pytest.approx(5.5 + 0.5 * T_975_DF1)
+    assert query["ece_diff_mean"] == pytest.approx(0.0055)
+    # boost_soft - CE (the reference), seeds 1 and 2 only (CE has no seed 3): 26-25, 23-24
+    calibrator = found["calibrator", "boost_soft", 0.0, 1]
+    assert (calibrator["value"], calibrator["reference"], calibrator["seeds"]) == ("boost_soft", "CE", 2)
+    assert calibrator["accuracy_diff_mean"] == pytest.approx(0)
+    assert calibrator["accuracy_diff_high"] == pytest.approx(T_975_DF1 * 1.0)  # std sqrt(2), se 1
+    # noise 0.3 against noise 0 under boost_soft: 25-26, 24-23
+    noise = found["noise", "boost_soft", 0.3, 1]
+    assert (noise["value"], noise["reference"], noise["accuracy_diff_mean"]) == (0.3, 0.0, pytest.approx(0))
+    # round 0 is the shared base model: no difference, and one seed gives no interval
+    assert found["query", "CE", 0.0, 0]["accuracy_diff_mean"] == 0
+    one = comparison.pairs([r for r in records if r["seed"] == 1])
+    assert all(r["seeds"] == 1 and r["accuracy_diff_low"] is None for r in one)
+
+
 def test_summarize_without_random_leaves_the_vs_random_columns_empty():
     rows = comparison.summarize(make_records({k: v for k, v in CURVES.items() if k[0] != "random"}))
     for row in rows:
@@ -168,6 +205,12 @@ def test_tables_and_plots_are_written(tmp_path):
     assert markdown[0].startswith("| query | calibrator | noise | noise_model | relabel_ratio | acquisition | "
                                   "sampling_args | seeds |")
     assert len(markdown) == 2 + 8
+    # pairs: per noise ratio the 6 pairs of the 4 queries, and per query the two noise ratios, 3 rounds each
+    # (entropy's round 2 has seed 1 alone)
+    with open(tmp_path / "pairs.csv", encoding="utf-8") as f:
+        pair_rows = list(csv.DictReader(f))
+    assert tuple(pair_rows[0]) == comparison.PAIR_COLUMNS and len(pair_rows) == (2 * 6 + 4) * 3
+    assert (tmp_path / "pairs.md").read_text().startswith("| axis | value | reference |")
     assert "| uncali | CE | 0 | substitute | 0 | topk |  | 2 | 39 | 1.41 | 24.75 |  | 38 | 11 | -1.71 | 23.71 |" in markdown
     png = b"\x89PNG\r\n\x1a\n"
     assert comparison.plot_learning_curves(comparison_rows, str(tmp_path / "curves.png")) is not None
@@ -678,7 +721,7 @@ def test_a_killed_grid_and_a_failed_cell_finish_with_the_same_tables(grid, tmp_p
     result = run_tool(grid.args(out))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "5 of 6 rounds finished already" in result.stdout
-    for name in ("comparison.csv", "summary.csv", "comparison.md", "summary.md"):
+    for name in ("comparison.csv", "summary.csv", "pairs.csv", "comparison.md", "summary.md", "pairs.md"):
         assert (out / name).read_text() == (grid.out / name).read_text(), name
 
 

@@ -50,7 +50,9 @@ Layout of --out:
                                          sets and <query>_iter_<k>_relabel relabel sets), models/round<k>/, eval/round<k>/, logs/round<k>-
                                          {query,train,test}.log, round_times.json
   comparison.csv/.md, summary.csv/.md, learning_curves.png, noise.png (more than one noise ratio)
-  comparison_valid.csv/.md, summary_valid.csv/.md   the same tables on the validation data (the
+  pairs.csv/.md                          paired differences (accuracy, ECE; 95% t-intervals over
+                                         seeds) of every two strategies that differ in one setting
+  comparison_valid.csv/.md, summary_valid.csv/.md, pairs_valid.csv/.md   the same tables on the validation data (the
                                          accuracy and ECE train.py kept its checkpoint by): choose
                                          settings on these, the test tables only report
 """
