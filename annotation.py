@@ -20,7 +20,9 @@ pools leave it out too.
 With `--relabel_ratio` the package also holds labelled samples chosen for a second look (their
 manifest entries have the kind `relabel` and the label trained on). They are answered like the
 others, and their answers become the round's relabel set (relabel.py), which training applies by
-the round's --relabel_policy; an unreadable second answer takes the sample out of training."""
+the round's --relabel_policy; an unreadable second answer takes the sample out of training.
+`find_label_errors.py --export_annotation` writes a review package: second looks alone, outside
+any sampling round (`review` in the manifest); its import writes only the relabel set."""
 import csv
 import hashlib
 import io
@@ -330,6 +332,10 @@ class Package:
                     image["label"] = str(image["label"])
             # {"name", "policy", "meta"} when the round re-annotates (data_sampling.py --relabel_ratio)
             self.relabel = manifest.get("relabel")
+            # a review package (find_label_errors.py): second looks only, the relabel set named `round`
+            self.review = bool(manifest.get("review"))
+            if self.review and (self.of_kind(QUERY) or not self.of_kind(RELABEL)):
+                raise ValueError("a review package holds second looks (kind relabel) only")
             if self.of_kind(RELABEL):
                 self.relabel = {"name": str(self.relabel["name"]), "policy": str(self.relabel["policy"]),
                                 "meta": dict(self.relabel["meta"])}
@@ -683,6 +689,48 @@ def format_import_summary(summary):
     if summary["num_answers"] and not summary["num_picked"]:
         lines.append("warning: no answer is readable, so the query set holds no sample to train on; it only keeps "
                      "these images out of later pools (no next round's selection names it; train.py skips it)")
+    return "\n".join(lines)
+
+
+def review_selection(package, root, name):
+    """`(select_data, batch_ratio)` strings for training after a review: the selection it judged
+    with training's shares (when find_label_errors.py was given --batch_ratio), relabel sets left
+    out, then every relabel set under root at the share 0, this one last; (None, None) without the
+    shares."""
+    shares = package.selection.get("batch_ratio")
+    if shares is None:
+        return None, None
+    leaves = query_sets.list_leaf_lmdbs(root)
+    relabels = [rel.rsplit("/", 1)[-1] for rel in dataset.relabel_order(root, dataset.relabel_leaves(root, leaves))]
+    relabels = [n for n in relabels if n != name] + [name]
+    kept = [(n, float(r)) for n, r in zip(package.selection["select_data"], shares) if n not in relabels]
+    return query_strategies.format_selection([n for n, _ in kept] + relabels,
+                                             [r for _, r in kept] + [0.0] * len(relabels))
+
+
+def review_summary(package, judged, path, root, answers_path, fmt):
+    """The summary of a review package's import (find_label_errors.py --export_annotation)."""
+    name = os.path.basename(path)
+    select_data, batch_ratio = review_selection(package, root, name)
+    return {"review": name, "path": os.path.abspath(path), "package": os.path.abspath(package.folder),
+            "answers": os.path.abspath(answers_path), "format": fmt, "num_answers": len(judged.decisions),
+            "unknown_characters": len(judged.unknown), "too_long": judged.too_long,
+            "relabel": relabel_summary(package, judged, path),
+            "next_select_data": select_data, "next_batch_ratio": batch_ratio}
+
+
+def format_review_summary(summary):
+    part = summary["relabel"]
+    lines = [f"imported {summary['num_answers']} second looks from {summary['answers']} "
+             f"({ANSWER_FORMATS[summary['format']]}) -> {summary['path']} (policy {part['policy']})",
+             f"  {part['confirmed']} confirmed, {part['changed']} changed, {part['unreadable']} unreadable; "
+             f"{part['dropped']} leave training; {summary['unknown_characters']} with characters outside the charset, "
+             f"{summary['too_long']} longer than --batch_max_length (training's label filter ignores those answers)"]
+    if summary["next_select_data"]:
+        lines.append(f"next training: train.py --select_data {summary['next_select_data']} "
+                     f"--batch_ratio {summary['next_batch_ratio']}")
+    else:
+        lines.append(f"next training: add {summary['review']} to --select_data with the share 0 in --batch_ratio")
     return "\n".join(lines)
 
 

@@ -17,6 +17,11 @@ With the simulated annotator noise flags training used (--noise_ratio, --noise_s
 measured against the truth: precision and recall at k (k = the number of wrong labels scored) and
 the area under the ROC curve.
 
+With --export_annotation DIR the flagged labels (--num_issues or --threshold) go to annotators
+for a second look: an annotation package of them alone (annotation.py), whose answers
+import_annotations.py writes into the relabel set --review_name (default label_review_<k>, k the
+next sampling round), which training applies over the earlier labels by --relabel_policy.
+
 Runs as `python find_label_errors.py` or under `torchrun` (rank r scores every world_size-th
 sample, rank 0 gathers and writes)."""
 import csv
@@ -28,12 +33,17 @@ from datetime import datetime, timezone
 
 import numpy as np
 
+import annotation
 import annotator_noise
 import atomic_io
 import dataset
 import evaluation
 import label_quality
+import locking
 import options
+import query_sets
+import relabel
+import relabel_policies
 import utils
 
 CSV_NAME = "label_errors.csv"
@@ -57,6 +67,22 @@ def get_args_parser():
                        help="flag the labels whose quality is below this as issues; the count below it is "
                             "reported either way")
     group.add_argument("--show", type=int, default=20, metavar="N", help="print this many of the worst labels")
+    review = parser.add_argument_group("a second look by annotators (README: 'Finding wrong labels')")
+    review.add_argument("--export_annotation", default="", metavar="DIR",
+                        help="write the flagged labels (--num_issues or --threshold) as an annotation package into "
+                             "DIR; import_annotations.py turns the answers into the relabel set --review_name")
+    review.add_argument("--review_name", default="",
+                        help="name of that relabel set under --train_data (default: label_review_<k>, k the next "
+                             "sampling round); the rules of data_sampling.py --out_name apply")
+    review.add_argument("--relabel_policy", default=relabel_policies.DEFAULT,
+                        help="how training combines an answer with the label it trains on, recorded in the relabel "
+                             "set: " + relabel_policies.known())
+    review.add_argument("--overwrite", action="store_true",
+                        help="replace an earlier package in DIR (one holding package.json), or draw a review whose "
+                             "package waits for its answers again")
+    review.add_argument("--lock_timeout", type=float, default=0.0,
+                        help="another writer holding the lock on --train_data: wait this many seconds for it "
+                             "(0: fail at once, -1: wait without limit)")
     noise = parser.add_argument_group("simulated annotator noise (give the values training used)")
     noise.add_argument("--noise_ratio", type=float, default=0.0,
                        help="share of the labels the simulated annotator got wrong (train.py --noise_ratio); > 0 "
@@ -108,6 +134,26 @@ def check_inputs(opt):
     names = noise_model_names()
     if opt.noise_model not in names:
         raise utils.UserError(f"--noise_model {opt.noise_model}: unknown; choose one of {', '.join(names)}")
+    if opt.relabel_policy not in relabel_policies.POLICIES:
+        raise utils.UserError(f"--relabel_policy {opt.relabel_policy}: unknown; choose one of "
+                              f"{relabel_policies.known()}")
+    if not math.isfinite(opt.lock_timeout):
+        raise utils.UserError(f"--lock_timeout {opt.lock_timeout}: give seconds (0: fail at once, -1: no limit)")
+    if opt.export_annotation:
+        review_target(opt)  # a taken name or folder fails before the scoring
+
+
+def review_target(opt):
+    """`(name, path, round)` of the review's relabel set; fails when the name breaks the naming
+    rules, is taken, or its package folder may not be written."""
+    leaves = query_sets.list_leaf_lmdbs(opt.train_data)
+    round_number = query_sets.next_round(leaves)
+    name = opt.review_name or f"label_review_{round_number}"
+    query_sets.check_out_name(name, leaves, opt.train_data, flag="--review_name")
+    path = os.path.join(opt.train_data, name)
+    relabel.check_free(path, opt.train_data, opt.overwrite, flag="--review_name")
+    annotation.check_package_free(opt.export_annotation, opt.overwrite, path, opt.train_data)
+    return name, path, round_number
 
 
 # ---------------------------------------------------------------------------------------------
@@ -258,16 +304,69 @@ def format_report(summary, rows, show):
 
 
 def finish(opt, columns, labelled, start, world_size):
-    """Rank 0: rank, write the CSV and the summary, print the report; returns the summary."""
+    """Rank 0: rank, write the CSV and the summary (and with --export_annotation the package),
+    print the report; returns the summary."""
     rows = rank_rows(opt, columns)
     os.makedirs(opt.out, exist_ok=True)
     csv_path = os.path.join(opt.out, CSV_NAME)
     write_csv(csv_path, rows, noisy=opt.noise_ratio > 0)
     summary = make_summary(opt, rows, labelled, time.time() - start, world_size, csv_path)
+    if opt.export_annotation:
+        summary["review"] = export_review(opt, rows, summary)
     atomic_io.atomic_write_text(os.path.join(opt.out, SUMMARY_NAME), json.dumps(summary, indent=2) + "\n")
     print(format_report(summary, rows, opt.show))
     print(f"written: {csv_path}, {os.path.join(opt.out, SUMMARY_NAME)}")
+    if opt.export_annotation:
+        review = summary["review"]
+        print(f"exported {review['num_relabelled']} flagged labels for a second look -> {review['package']}; "
+              f"correct its gt.txt (or label tasks.json in Label Studio), then\n  {review['import_command']}\n"
+              f"  writes the relabel set {review['name']}: add it to training's --select_data with the share 0")
     return summary
+
+
+def review_records(opt, rows, flagged):
+    """The package records of the flagged rows: the image where the sample's identity points (a
+    query set's sample: its origin), the model's reading pre-filled, the label trained on."""
+    identities = [rows["origin"][i] or (rows["relpath"][i], int(rows["index"][i])) for i in flagged]
+    images = annotation.read_images(opt.train_data, identities)
+    for i, identity, (data, path) in zip(flagged, identities, images):
+        yield {"image": data, "path": path, "origin": identity, "reading": rows["reading"][i],
+               "confidence": float(rows["reading_confidence"][i]), "score": float(rows["label_quality"][i]),
+               "kind": annotation.RELABEL, "label": rows["label"][i]}
+
+
+def export_review(opt, rows, summary):
+    """Write the package of the flagged labels (under the lock on --train_data, which the record
+    of waiting packages lives in); returns the summary's `review` entry."""
+    flagged = np.flatnonzero(rows["issue"]).tolist()
+    if not flagged:
+        raise utils.UserError(f"--export_annotation: no label is flagged (none has quality below --threshold "
+                              f"{opt.threshold:g}); raise --threshold or give --num_issues")
+    with locking.exclusive(opt.train_data, opt.lock_timeout):
+        name, path, round_number = review_target(opt)
+        meta = {"name": name, "query_set": None, "round": round_number, "review": True,
+                "model": os.path.abspath(opt.saved_model), "policy": opt.relabel_policy,
+                "num_relabelled": len(flagged), "seed": opt.manualSeed, "select_data": "-".join(opt.select_data),
+                "total_data_usage_ratio": opt.total_data_usage_ratio,
+                "label_quality": [round(float(rows["label_quality"][i]), 6) for i in flagged],
+                "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        manifest = {
+            "format": annotation.FORMAT, "written_by": "find_label_errors.py", "round": name, "review": True,
+            "train_data": os.path.abspath(opt.train_data), "model": os.path.abspath(opt.saved_model),
+            "strategy": "label review", "created": meta["created"],
+            "charset": {"character": opt.character, "lowercase": dataset.lowercases_labels(opt),
+                        "batch_max_length": opt.batch_max_length},
+            "selection": {"select_data": list(opt.select_data), "batch_ratio": opt.review_batch_ratio,
+                          "unlabelled": [], "pool_data": []},
+            "query_meta": {"strategy": "label review"},
+            "relabel": {"name": name, "policy": opt.relabel_policy, "meta": meta},
+            "summary": {k: v for k, v in summary.items() if k != "review"},
+        }
+        annotation.write_package(opt.export_annotation, review_records(opt, rows, flagged), manifest,
+                                 opt.overwrite, path)
+    return {"name": name, "package": os.path.abspath(opt.export_annotation), "num_relabelled": len(flagged),
+            "policy": opt.relabel_policy, "import_command": annotation.import_command(opt.export_annotation,
+                                                                                      opt.train_data)}
 
 
 def main(opt, given=None):
@@ -278,10 +377,14 @@ def main(opt, given=None):
     check_inputs(opt)
     given = options.given_option_names(opt, get_args_parser()) if given is None else set(given)
     options.fill_from_saved(opt, given)
+    # training's shares when given: the review package's import then prints the next selection whole
+    opt.review_batch_ratio = None
     if "batch_ratio" not in given and isinstance(opt.select_data, str):
         # unused here (no batches are mixed): one share per name satisfies resolve_options
         opt.batch_ratio = "-".join("1" for name in opt.select_data.split("-") if name) or "1"
     options.resolve_options(opt)
+    if "batch_ratio" in given:
+        opt.review_batch_ratio = [float(r) for r in opt.batch_ratio]
     with utils.distributed_session() as (rank, world_size, local_rank, distributed):
         device = utils.select_device(opt.device, local_rank)
         opt.amp = utils.effective_amp(opt.amp, device)

@@ -10,7 +10,8 @@ marks it unreadable (kept out of training, never queried again). Nothing is writ
 check passes; the query set appears atomically, with `query-meta` and a summary.json. A package
 exported with --relabel_ratio also holds second looks at labelled samples: their answers become the
 relabel set `<name>_relabel` (written just before the query set), which the next round's selection
-names with the share 0."""
+names with the share 0. A review package (find_label_errors.py --export_annotation) holds second
+looks alone: its import writes only the relabel set `<name>`."""
 import argparse
 import math
 import os
@@ -62,6 +63,8 @@ def main(opt):
         print(f"warning: {where}: {label!r} holds characters outside the charset ({outside!r}); kept, but "
               f"training's label filter leaves it out")
     with locking.exclusive(opt.train_data, opt.lock_timeout):
+        if package.review:
+            return import_review(opt, package, judged, answers_path, fmt)
         leaves = list_leaf_lmdbs(opt.train_data)
         name = opt.name or package.round
         check_out_name(name, leaves, opt.train_data, flag="--name")
@@ -89,6 +92,25 @@ def main(opt):
         annotation.write_query_set(path, queried, opt.train_data, meta, summary, replace=replaced is not None)
         annotation.record_pending(opt.train_data, imported=opt.package)
     print(annotation.format_import_summary(summary))
+    return summary
+
+
+def import_review(opt, package, judged, answers_path, fmt):
+    """A review package's answers into the relabel set --name (default: the package's), under the
+    lock the caller holds."""
+    name = opt.name or package.round
+    check_out_name(name, list_leaf_lmdbs(opt.train_data), opt.train_data, flag="--name")
+    path = os.path.join(opt.train_data, name)
+    relabel.check_free(path, opt.train_data, opt.overwrite, flag="--name")
+    annotation.check_origins(package, opt.train_data, None)
+    summary = annotation.review_summary(package, judged, path, opt.train_data, answers_path, fmt)
+    if opt.dry_run:
+        print("dry run: nothing written")
+    else:
+        annotation.write_relabel_set(path, judged, opt.train_data, package, None, answers_path, fmt,
+                                     replace=os.path.lexists(path))
+        annotation.record_pending(opt.train_data, imported=opt.package)
+    print(annotation.format_review_summary(summary))
     return summary
 
 

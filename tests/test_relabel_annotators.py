@@ -10,6 +10,9 @@ import shutil
 import pytest
 
 import dataset
+import find_label_errors
+import options
+import utils
 from test_annotation import error_line, manifest, run_import
 from test_label_errors import WORDS, png, render, tiny  # noqa: F401 (fixture)
 from test_relabel import USAGE, relabel_set, run_sampling, sampling_args, training_view
@@ -167,3 +170,55 @@ def test_a_second_import_needs_overwrite_and_an_orphaned_relabel_set_is_replaced
     assert again["relabel"]["changed"] == 1
     rows, _ = relabel_set(os.path.join(root, "q_iter_2_relabel"))
     assert dict(rows)[("base", 10)] == "888"
+
+
+# a review outside the loop: find_label_errors.py --export_annotation
+
+
+def run_finder(root, model, out, *extra):
+    opt = options.parse_with_given(find_label_errors.get_args_parser(),
+                                   ["--saved_model", model, "--train_data", root, "--select_data", "base-q_iter_1",
+                                    "--total_data_usage_ratio", USAGE, "--out", str(out), "--workers", "0",
+                                    "--device", "cpu", "--no_progress", *extra])
+    return utils.exit_on_user_error(find_label_errors.main)(opt)
+
+
+def test_a_review_sends_the_flagged_labels_to_annotators_and_writes_only_a_relabel_set(tiny, tmp_path,  # noqa
+                                                                                     capsys):
+    root = str(tmp_path / "data")
+    write_data(root)
+    package = tmp_path / "review"
+    found = run_finder(root, tiny.ctc, tmp_path / "errors", "--batch_ratio", "0.5-0.5", "--num_issues", "3",
+                       "--export_annotation", str(package))
+    out = capsys.readouterr().out
+    assert found["review"]["name"] == "label_review_2" and found["review"]["num_relabelled"] == 3
+    assert "exported 3 flagged labels for a second look" in out and "import_annotations.py --package" in out
+    written = manifest(package)
+    assert written["review"] and written["round"] == "label_review_2"
+    # the three lowest label qualities are the three wrong labels, each with the label trained on
+    assert {tuple(image["origin"]): image["label"] for image in written["images"]} == WRONG
+    assert all(image["kind"] == "relabel" for image in written["images"])
+    assert not os.path.exists(os.path.join(root, "label_review_2"))
+    answers(package)
+    summary = run_import("--package", package, "--train_data", root)
+    part = summary["relabel"]
+    assert (part["num_relabelled"], part["confirmed"], part["changed"], part["unreadable"], part["dropped"]) == \
+        (3, 1, 1, 1, 1)
+    assert sorted(os.listdir(root)) == ["base", "label_review_2", "q_iter_1"]  # no query set
+    assert (summary["next_select_data"], summary["next_batch_ratio"]) == ("base-q_iter_1-label_review_2", "0.5-0.5-0")
+    assert "next training: train.py --select_data base-q_iter_1-label_review_2 --batch_ratio 0.5-0.5-0" in \
+        capsys.readouterr().out
+    rows, meta = relabel_set(os.path.join(root, "label_review_2"))
+    assert dict(rows) == {("base", 9): WORDS[8], ("base", 10): "888"} and meta["review"] and meta["round"] == 2
+    after, _ = training_view(root, summary["next_select_data"], summary["next_batch_ratio"], noise=0.0)
+    assert after[("base", 9)] == WORDS[8] and ("base", 11) not in after and len(after) == 15
+    # the next sampling round keeps the review's relabel set at the share 0
+    sampled = run_sampling(sampling_args(root, tiny.ctc, "--num_query", "4", "--out_name", "q_iter_2"))
+    assert sampled["next_select_data"] == "base-q_iter_1-q_iter_2-label_review_2"
+    assert sampled["next_batch_ratio"] == "0.5-0.25-0.25-0"
+    # the name is taken now: a second review needs another --review_name, before any scoring
+    message = error_line(capsys, lambda: run_finder(root, tiny.ctc, tmp_path / "again", "--num_issues", "2",
+                                                    "--export_annotation", str(tmp_path / "review2"),
+                                                    "--review_name", "label_review_2"))
+    assert message == (f"error: {os.path.join(root, 'label_review_2')} already exists; choose another --review_name "
+                       f"or pass --overwrite")
