@@ -307,6 +307,9 @@ def finish(opt, columns, labelled, start, world_size):
     """Rank 0: rank, write the CSV and the summary (and with --export_annotation the package),
     print the report; returns the summary."""
     rows = rank_rows(opt, columns)
+    if opt.export_annotation and not rows["issue"].any():  # before anything is written
+        raise utils.UserError(f"--export_annotation: no label is flagged (none has quality below --threshold "
+                              f"{opt.threshold:g}); raise --threshold or give --num_issues")
     os.makedirs(opt.out, exist_ok=True)
     csv_path = os.path.join(opt.out, CSV_NAME)
     write_csv(csv_path, rows, noisy=opt.noise_ratio > 0)
@@ -339,9 +342,6 @@ def export_review(opt, rows, summary):
     """Write the package of the flagged labels (under the lock on --train_data, which the record
     of waiting packages lives in); returns the summary's `review` entry."""
     flagged = np.flatnonzero(rows["issue"]).tolist()
-    if not flagged:
-        raise utils.UserError(f"--export_annotation: no label is flagged (none has quality below --threshold "
-                              f"{opt.threshold:g}); raise --threshold or give --num_issues")
     with locking.exclusive(opt.train_data, opt.lock_timeout):
         name, path, round_number = review_target(opt)
         meta = {"name": name, "query_set": None, "round": round_number, "review": True,

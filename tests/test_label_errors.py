@@ -502,11 +502,15 @@ def test_num_issues_without_noise_and_the_attn_head_with_amp(tiny, tmp_path, cap
     (["--saved_model", "missing.pth"], "--saved_model missing.pth: no such file"),
     (["--out", "FILE"], "a file, not a folder"),
     (["--out", ""], "--out is required"),
+    (["--relabel_policy", "vote"], "--relabel_policy vote: unknown; choose one of replace, agree"),
+    (["--export_annotation", "PKG", "--review_name", "a-b"], "--review_name 'a-b': --select_data splits names"),
+    (["--export_annotation", "PKG", "--threshold", "1e-300"], "--export_annotation: no label is flagged"),
 ])
 def test_bad_input_is_one_error_line(tiny, tmp_path, capsys, extra, message):
     if extra == ["--out", "FILE"]:
         extra = ["--out", str(tmp_path / "a_file")]
         open(extra[1], "w").close()
+    extra = [str(tmp_path / "package") if value == "PKG" else value for value in extra]
     with pytest.raises(SystemExit) as stop:
         run_main(args(tiny, tiny.ctc, tmp_path / "out") + extra)  # the last value of a flag counts
     assert stop.value.code == 2
