@@ -675,10 +675,13 @@ def relabel_noise_seed(seed, round_number):
 
 def relabel_order(root, relpaths):
     """Relabel set relpaths in the order their labels apply (a later one wins over an earlier
-    one): by round (the `round` of their meta), then natural order of the path."""
-    rounds = {rel: (read_relabel_meta(os.path.join(root, rel)) or {}).get("round") for rel in relpaths}
+    one): by round (the `round` of their meta), a review (find_label_errors.py, made before the
+    sampling of the round it is numbered by) before that round's own set, then natural order of the
+    path."""
+    metas = {rel: read_relabel_meta(os.path.join(root, rel)) or {} for rel in relpaths}
     ranked = natsorted(relpaths)
-    return sorted(ranked, key=lambda rel: (rounds[rel] is None, rounds[rel] or 0))
+    return sorted(ranked, key=lambda rel: (metas[rel].get("round") is None, metas[rel].get("round") or 0,
+                                           not metas[rel].get("review")))
 
 
 def read_relabels(root, opt, relpaths, noise_ratio=0.0, noise_model=annotator_noise.DEFAULT_MODEL):

@@ -222,3 +222,19 @@ def test_a_review_sends_the_flagged_labels_to_annotators_and_writes_only_a_relab
                                                     "--review_name", "label_review_2"))
     assert message == (f"error: {os.path.join(root, 'label_review_2')} already exists; choose another --review_name "
                        f"or pass --overwrite")
+
+
+def test_a_review_applies_before_the_relabel_set_of_the_round_sampled_after_it(tmp_path):
+    root = str(tmp_path / "data")
+    write_data(root)
+    with dataset.shared_env(os.path.join(root, "base")).begin(write=False) as txn:
+        image = txn.get(dataset.image_key(1))
+    for name, label, review in (("bald_iter_2_relabel", "111", False), ("label_review_2", "222", True)):
+        meta = {"name": name, "round": 2, "policy": "replace", **({"review": True} if review else {})}
+        dataset.write_lmdb(os.path.join(root, name), iter([(image, label, ("base", 1))]), meta=meta,
+                           meta_key=dataset.RELABEL_META_KEY)
+    # natural order alone would put bald_... first; the review was made before round 2's sampling
+    assert dataset.relabel_order(root, ["bald_iter_2_relabel", "label_review_2"]) == \
+        ["label_review_2", "bald_iter_2_relabel"]
+    labels, _ = training_view(root, "base-q_iter_1-label_review_2-bald_iter_2_relabel", "0.5-0.5-0-0", noise=0.0)
+    assert labels[("base", 1)] == "111"
