@@ -37,6 +37,7 @@ from PIL import Image
 
 import atomic_io
 import dataset
+import label_quality
 import query_sets
 import query_strategies
 import relabel_policies
@@ -105,6 +106,19 @@ def read_images(root, identities):
             raise utils.UserError(f"{os.path.join(root, relpath)}: sample {index} vanished while sampling; "
                                   f"was the dataset rewritten?")
         yield image, None if path is None else path.decode("utf-8")
+
+
+def second_look_records(root, columns, rows, identities):
+    """The package records of a second look at the labelled samples `rows` of label-quality columns
+    (label_quality.score_dataset's, any order), `identities` theirs: the image where the identity
+    points (a query set's sample: its origin), the model's reading pre-filled as for a new sample
+    (not the label trained on, so that the answer is the transcriber's own), the reading's
+    confidence, the label quality as score, and the label trained on."""
+    for row, identity, (data, path) in zip(rows, identities, read_images(root, identities)):
+        yield {"image": data, "path": path, "origin": identity, "reading": columns["reading"][row],
+               "confidence": float(label_quality.quality(columns["reading_log_prob"][row])),
+               "score": float(label_quality.quality(columns["log_quality"][row])),
+               "kind": RELABEL, "label": columns["label"][row]}
 
 
 def check_folder_free(folder, overwrite, marker, flag, what, avoid=None, avoid_what="the query set"):

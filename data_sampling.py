@@ -31,7 +31,6 @@ import atomic_io
 import calibration
 import coreset
 import dataset
-import label_quality
 import locking
 import options
 import query_strategies
@@ -702,7 +701,8 @@ def export_round(opt, strategy, plan, columns, picked, scores, identities, pool,
         ({"image": data, "path": path, "origin": identity, "reading": columns["prediction"][i],
           "confidence": columns["confidence"][i], "score": scores[i]}
          for i, identity, (data, path) in zip(picked, identities, images)),
-        relabel_records(opt, relabelling, labelled))
+        annotation.second_look_records(opt.train_data, labelled, relabelling["rows"], relabelling["identities"])
+        if relabelling else ())
     summary = make_summary(opt, plan.name, plan.path, columns, picked, pool, temperature,
                            time.time() - start, plan.query_names, skip=plan.empty)
     if relabelling:
@@ -731,20 +731,6 @@ def export_round(opt, strategy, plan, columns, picked, scores, identities, pool,
     annotation.write_package(plan.package, records, manifest, opt.overwrite, plan.path)
     print(format_export_summary(summary))
     return summary
-
-
-def relabel_records(opt, relabelling, labelled):
-    """The package records of the labelled samples chosen for a second look: the image (read where
-    its identity points), the model's reading pre-filled as for a new sample (not the label trained
-    on, so that the second answer is the transcriber's own), the label trained on and its quality."""
-    if not relabelling:
-        return
-    rows, identities = relabelling["rows"], relabelling["identities"]
-    for row, identity, (data, path) in zip(rows, identities, annotation.read_images(opt.train_data, identities)):
-        yield {"image": data, "path": path, "origin": identity, "reading": labelled["reading"][row],
-               "confidence": float(label_quality.quality(labelled["reading_log_prob"][row])),
-               "score": float(label_quality.quality(labelled["log_quality"][row])),
-               "kind": annotation.RELABEL, "label": labelled["label"][row]}
 
 
 def format_export_summary(summary):

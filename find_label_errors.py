@@ -327,17 +327,6 @@ def finish(opt, columns, labelled, start, world_size):
     return summary
 
 
-def review_records(opt, rows, flagged):
-    """The package records of the flagged rows: the image where the sample's identity points (a
-    query set's sample: its origin), the model's reading pre-filled, the label trained on."""
-    identities = [rows["origin"][i] or (rows["relpath"][i], int(rows["index"][i])) for i in flagged]
-    images = annotation.read_images(opt.train_data, identities)
-    for i, identity, (data, path) in zip(flagged, identities, images):
-        yield {"image": data, "path": path, "origin": identity, "reading": rows["reading"][i],
-               "confidence": float(rows["reading_confidence"][i]), "score": float(rows["label_quality"][i]),
-               "kind": annotation.RELABEL, "label": rows["label"][i]}
-
-
 def export_review(opt, rows, summary):
     """Write the package of the flagged labels (under the lock on --train_data, which the record
     of waiting packages lives in); returns the summary's `review` entry."""
@@ -362,8 +351,9 @@ def export_review(opt, rows, summary):
             "relabel": {"name": name, "policy": opt.relabel_policy, "meta": meta},
             "summary": {k: v for k, v in summary.items() if k != "review"},
         }
-        annotation.write_package(opt.export_annotation, review_records(opt, rows, flagged), manifest,
-                                 opt.overwrite, path)
+        identities = [rows["origin"][i] or (rows["relpath"][i], int(rows["index"][i])) for i in flagged]
+        records = annotation.second_look_records(opt.train_data, rows, flagged, identities)
+        annotation.write_package(opt.export_annotation, records, manifest, opt.overwrite, path)
     return {"name": name, "package": os.path.abspath(opt.export_annotation), "num_relabelled": len(flagged),
             "policy": opt.relabel_policy, "import_command": annotation.import_command(opt.export_annotation,
                                                                                       opt.train_data)}

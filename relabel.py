@@ -28,7 +28,7 @@ label and the one trained on (and no sample `agree` dropped). The next round's -
 every relabel set with the batch share 0.
 
 With an annotation package (--export_annotation) the chosen samples go into the package instead
-(data_sampling.relabel_records, `pending_part`), and import_annotations.py writes the relabel set
+(annotation.second_look_records, `pending_part`), and import_annotations.py writes the relabel set
 from the transcribers' answers (annotation.write_relabel_set)."""
 import math
 import os
