@@ -31,7 +31,6 @@ import os
 import re
 import shlex
 import shutil
-import sys
 from datetime import datetime, timezone
 
 from PIL import Image
@@ -43,6 +42,7 @@ import label_studio
 import query_sets
 import query_strategies
 import relabel_policies
+import round_commands
 import utils
 
 MARKER = "package.json"
@@ -194,20 +194,11 @@ def record_pending(train_data, round_name=None, folder=None, imported=None):
         os.remove(path)
 
 
-REPO = os.path.dirname(os.path.abspath(__file__))
-
-
-def script_command(script, *words, python=None):
-    """A command line that runs as printed from any folder: this Python, the script's absolute path,
-    `words` quoted for a POSIX shell."""
-    return " ".join(shlex.quote(str(w)) for w in [python or sys.executable, os.path.join(REPO, script), *words])
-
-
 def import_command(folder, train_data, answers=None, python=None):
     """The import_annotations.py command of a package, with absolute paths (`answers`: an export)."""
     extra = ["--answers", answers] if answers else []
-    return script_command("import_annotations.py", "--package", os.path.abspath(folder), "--train_data",
-                          os.path.abspath(train_data), *extra, python=python)
+    return round_commands.command("import_annotations.py", ["--package", os.path.abspath(folder), "--train_data",
+                                                           os.path.abspath(train_data), *extra], python=python)
 
 
 def readme_text(manifest, folder, embedded):
@@ -593,7 +584,7 @@ def missing_message(missing, seen, source, fmt):
     def why(file):
         answer = seen.get(file)
         if answer is None:
-            return "not in the export" if fmt in label_studio.FORMATS else ""
+            return "not in the export: skipped?" if fmt in label_studio.FORMATS else ""
         return "skipped" if answer.skipped else "unanswered"
     reasons = [why(file) for file in missing]
     listed = ", ".join(f"{file} ({reason})" if reason else file for file, reason in zip(missing, reasons))
@@ -602,9 +593,9 @@ def missing_message(missing, seen, source, fmt):
         fixes.append("pass --skipped unreadable to count skipped tasks as unreadable")
     if "unanswered" in reasons:
         fixes.append("answer the unanswered tasks in Label Studio and export again")
-    if "not in the export" in reasons:
-        fixes.append("export the project as JSON with all tasks (JSON_MIN and CSV leave skipped tasks out)"
-                     if fmt != "label_studio" else "export the project with all its tasks")
+    if "not in the export: skipped?" in reasons:
+        fixes.append("JSON_MIN and CSV exports leave skipped tasks out: export the project as JSON to import them "
+                     "with --skipped unreadable" if fmt != "label_studio" else "export the project with all its tasks")
     if not fmt or fmt not in label_studio.FORMATS:
         fixes.append(f"every exported image needs one (empty or {UNREADABLE_MARK} for an image that cannot be read)")
     count = f"{len(missing)} images" if len(missing) > 1 else "1 image"
@@ -727,6 +718,7 @@ def import_summary(package, judged, name, path, root, answers_path, fmt, relabel
         "changes": [{"file": image["file"], "reading": image["reading"], "answer": label}
                     for image, label, status in judged.decisions if status == "changed"],
         "next_select_data": select_data, "next_batch_ratio": batch_ratio,
+        "next_commands": round_commands.commands(package.manifest, name, select_data, batch_ratio),
     }
     if relabel_path:
         summary["relabel"] = relabel_summary(package, relabelled, relabel_path)
@@ -750,6 +742,14 @@ def format_import_summary(summary):
     if summary["next_select_data"]:
         lines.append(f"next round: train.py --mode al --select_data {summary['next_select_data']} "
                      f"--batch_ratio {summary['next_batch_ratio']}")
+        commands = summary.get("next_commands") or {}
+        if commands:
+            lines += ["  train it (the settings of the round that trained the sampling model; change --num_iter or "
+                      "--calibrator where the loop's rounds differ):", f"    {commands['train']}",
+                      "  then sample and export the round after it:", f"    {commands['sampling']}"]
+        else:
+            lines.append("  (no opt.yaml beside the sampling model records its settings: add the architecture and "
+                         "training flags of the last round)")
     if summary["num_answers"] and not summary["num_picked"]:
         lines.append("warning: no answer is readable, so the query set holds no sample to train on; it only keeps "
                      "these images out of later pools (no next round's selection names it; train.py skips it)")
