@@ -38,7 +38,7 @@ from PIL import Image
 import atomic_io
 import dataset
 import label_quality
-import label_studio
+import label_studio_io
 import query_sets
 import query_strategies
 import relabel_policies
@@ -51,7 +51,7 @@ FORMAT = 1
 UNREADABLE_MARK = "###"
 IMAGE_EXTENSIONS = {"JPEG": "jpg", "PNG": "png", "BMP": "bmp", "GIF": "gif", "TIFF": "tif", "WEBP": "webp"}
 MAX_STEM = 120  # characters of a file name's origin part: names stay well under 255 bytes
-ANSWER_FORMATS = {"gt": "gt.txt lines", "csv": "file,label CSV", **label_studio.FORMATS}
+ANSWER_FORMATS = {"gt": "gt.txt lines", "csv": "file,label CSV", **label_studio_io.FORMATS}
 SKIPPED = ("missing", "unreadable")  # --skipped: a task skipped in Label Studio has no answer, or an unreadable one
 SEVERAL = ("latest", "unreadable", "refuse")  # --several_answers: a task answered more than once
 QUERY, RELABEL = "query", "relabel"  # an image's kind: a new sample, or a labelled one looked at again
@@ -210,14 +210,14 @@ def readme_text(manifest, folder, embedded):
     again = (f"\n{second} of them were labelled before and are asked again, because the model doubts their\n"
              f"label (predictions.csv marks them `relabel`); transcribe them like the others.\n") if second else ""
     studio = manifest["label_studio"]
-    local = label_studio.LOCAL_TASKS if embedded else label_studio.TASKS
+    local = label_studio_io.LOCAL_TASKS if embedded else label_studio_io.TASKS
     if embedded:
-        how = (f"Import {label_studio.TASKS}: its tasks hold the images themselves, so nothing else is needed\n"
+        how = (f"Import {label_studio_io.TASKS}: its tasks hold the images themselves, so nothing else is needed\n"
                f"(no storage, no environment variables). To serve the images from this folder instead,\n"
-               f"import {label_studio.LOCAL_TASKS} as below.")
+               f"import {label_studio_io.LOCAL_TASKS} as below.")
     else:
         how = (f"The images ({studio['image_bytes']} bytes) are too large to embed in the tasks, so\n"
-               f"{label_studio.TASKS} points at them in this folder, served as local files (below).")
+               f"{label_studio_io.TASKS} points at them in this folder, served as local files (below).")
     return f"""Annotation package {manifest['round']}: {len(manifest['images'])} word images to transcribe.
 {again}
 Each line of gt.txt is `images/<file><TAB><text>`. The text is what the model read; correct it
@@ -269,7 +269,7 @@ def write_package(folder, records, manifest, overwrite, query_path):
     try:
         os.makedirs(os.path.join(staged, "images"))
         taken, images, local, embedded, size = set(), [], [], [], 0
-        studio = label_studio.setup(folder)
+        studio = label_studio_io.setup(folder)
         for record in records:
             relpath, index = record["origin"]
             extension = image_extension(record["image"])
@@ -283,15 +283,15 @@ def write_package(folder, records, manifest, overwrite, query_path):
             if entry["kind"] == RELABEL:
                 entry["label"] = record["label"]
             images.append(entry)
-            url = label_studio.local_files_url(studio["document_root"], os.path.join(folder, name))
-            local.append(label_studio.task(entry, url, manifest["round"]))
+            url = label_studio_io.local_files_url(studio["document_root"], os.path.join(folder, name))
+            local.append(label_studio_io.task(entry, url, manifest["round"]))
             size += len(record["image"])
-            if size <= label_studio.EMBED_LIMIT:  # past it the package serves local files only
-                embedded.append(label_studio.task(entry, label_studio.data_url(record["image"], extension),
+            if size <= label_studio_io.EMBED_LIMIT:  # past it the package serves local files only
+                embedded.append(label_studio_io.task(entry, label_studio_io.data_url(record["image"], extension),
                                                   manifest["round"]))
-        embed = size <= label_studio.EMBED_LIMIT
-        studio.update(image_bytes=size, tasks={label_studio.TASKS: "embedded" if embed else "local files",
-                                               **({label_studio.LOCAL_TASKS: "local files"} if embed else {})})
+        embed = size <= label_studio_io.EMBED_LIMIT
+        studio.update(image_bytes=size, tasks={label_studio_io.TASKS: "embedded" if embed else "local files",
+                                               **({label_studio_io.LOCAL_TASKS: "local files"} if embed else {})})
         manifest = dict(manifest, images=images, label_studio=studio)
         with open(os.path.join(staged, "gt.txt"), "w", encoding="utf-8") as f:
             f.writelines(f"{e['file']}\t{e['reading']}\n" for e in images)
@@ -301,11 +301,11 @@ def write_package(folder, records, manifest, overwrite, query_path):
             for e in images:
                 writer.writerow([e["file"], f"{e['origin'][0]}:{e['origin'][1]}", e["path"] or "", e["reading"],
                                  e["confidence"], e["score"], e["kind"], e.get("label", "")])
-        texts = {label_studio.TASKS: json.dumps(embedded if embed else local, indent=1, ensure_ascii=False) + "\n",
-                 "label_config.xml": label_studio.LABEL_CONFIG, "README.txt": readme_text(manifest, folder, embed),
+        texts = {label_studio_io.TASKS: json.dumps(embedded if embed else local, indent=1, ensure_ascii=False) + "\n",
+                 "label_config.xml": label_studio_io.LABEL_CONFIG, "README.txt": readme_text(manifest, folder, embed),
                  MARKER: json.dumps(manifest, indent=1, ensure_ascii=False) + "\n"}
         if embed:
-            texts[label_studio.LOCAL_TASKS] = json.dumps(local, indent=1, ensure_ascii=False) + "\n"
+            texts[label_studio_io.LOCAL_TASKS] = json.dumps(local, indent=1, ensure_ascii=False) + "\n"
         for name, text in texts.items():
             with open(os.path.join(staged, name), "w", encoding="utf-8") as f:
                 f.write(text)
@@ -417,10 +417,10 @@ def locate_answers(folder, answers):
         return path, "gt"
     text = read_text(path)
     if extension == ".json" or text.lstrip().startswith(("[", "{")):
-        return path, label_studio.sniff(path, text)
+        return path, label_studio_io.sniff(path, text)
     if extension == ".csv":
-        return path, label_studio.sniff(path, text) or "csv"
-    return path, "gt" if "\t" in text else (label_studio.sniff(path, text) or "csv")
+        return path, label_studio_io.sniff(path, text) or "csv"
+    return path, "gt" if "\t" in text else (label_studio_io.sniff(path, text) or "csv")
 
 
 def read_text(path):
@@ -455,7 +455,7 @@ def parse_csv(path, known):
     """Rows `file,label`; a first row `file,label` (any case) is a header."""
     base = os.path.basename(path)
     answers = []
-    rows = label_studio.csv_rows(csv.reader(io.StringIO(read_text(path))), path)
+    rows = label_studio_io.csv_rows(csv.reader(io.StringIO(read_text(path))), path)
     for number, row in enumerate(rows, 1):
         if not row or not any(cell.strip() for cell in row):
             continue
@@ -471,13 +471,17 @@ def parse_csv(path, known):
     return answers
 
 
-def parse_label_studio(path, fmt, several):
-    """The answers of a Label Studio export (JSON, JSON_MIN or CSV) and the warnings to print: per
-    task its answer; with several answers the latest, `unreadable` or a UserError (`several`,
+def parse_label_studio(path, fmt, several, round_name=None):
+    """The answers of a Label Studio export (JSON, JSON_MIN or CSV) to the tasks of `round_name`
+    (a project holds every round's) and the warnings to print: per task its answer; with several answers the latest, `unreadable` or a UserError (`several`,
     --several_answers), warned when they differ; a skipped task without an answer gives an
     Answer without label; an answer of several lines is joined by a space, with a warning."""
     answers, warnings = [], []
-    for entry in label_studio.read_export(path, read_text(path), fmt).values():
+    export = label_studio_io.read_export(path, read_text(path), fmt, round_name)
+    if export.other_rounds:
+        rounds = ", ".join(f"{n} of {r}" for r, n in sorted(export.other_rounds.items()))
+        warnings.append(f"{os.path.basename(path)}: left aside the tasks of other rounds in the project ({rounds})")
+    for entry in export.values():
         file = as_image_file(entry.file)
         if not entry.answers:  # skipped or unanswered: no label, reported as missing unless --skipped unreadable
             answers.append(Answer(file, None, entry.where, skipped=bool(entry.skipped)))
@@ -507,8 +511,8 @@ PARSERS = {"gt": parse_gt, "csv": parse_csv}
 
 def read_answers(package, path, fmt, several="latest"):
     """`(answers, warnings)` of the answer file `path` in the format `fmt` (locate_answers')."""
-    if fmt in label_studio.FORMATS:
-        return parse_label_studio(path, fmt, several)
+    if fmt in label_studio_io.FORMATS:
+        return parse_label_studio(path, fmt, several, package.round)
     return PARSERS[fmt](path, package.by_file), []
 
 
@@ -584,7 +588,7 @@ def missing_message(missing, seen, source, fmt):
     def why(file):
         answer = seen.get(file)
         if answer is None:
-            return "not in the export: skipped?" if fmt in label_studio.FORMATS else ""
+            return "not in the export: skipped?" if fmt in label_studio_io.FORMATS else ""
         return "skipped" if answer.skipped else "unanswered"
     reasons = [why(file) for file in missing]
     listed = ", ".join(f"{file} ({reason})" if reason else file for file, reason in zip(missing, reasons))
@@ -596,7 +600,7 @@ def missing_message(missing, seen, source, fmt):
     if "not in the export: skipped?" in reasons:
         fixes.append("JSON_MIN and CSV exports leave skipped tasks out: export the project as JSON to import them "
                      "with --skipped unreadable" if fmt != "label_studio" else "export the project with all its tasks")
-    if not fmt or fmt not in label_studio.FORMATS:
+    if not fmt or fmt not in label_studio_io.FORMATS:
         fixes.append(f"every exported image needs one (empty or {UNREADABLE_MARK} for an image that cannot be read)")
     count = f"{len(missing)} images" if len(missing) > 1 else "1 image"
     return f"{source}: no answer for {count}: {listed}; {'; '.join(fixes)}"

@@ -133,11 +133,31 @@ def sniff(path, text):
     return "label_studio"
 
 
-def read_export(path, text, fmt):
-    """{file: TaskAnswers} of an export in `fmt` (one of FORMATS), in the export's order."""
+class Export(dict):
+    """{file: TaskAnswers} of one round's tasks, in the export's order; `other_rounds` counts the
+    tasks of other rounds ({round: tasks}) that the same project holds."""
+
+    def __init__(self, round_name):
+        super().__init__()
+        self.round, self.other_rounds = round_name, {}
+
+    def entry(self, data, name, where):
+        """The TaskAnswers to fill for a task with `data`, or None for a task of another round."""
+        task_round = data.get("round")
+        if isinstance(task_round, str) and task_round and self.round and task_round != self.round:
+            self.other_rounds[task_round] = self.other_rounds.get(task_round, 0) + 1
+            return None
+        return self.setdefault(name, TaskAnswers(name, where))
+
+
+def read_export(path, text, fmt, round_name=None):
+    """The Export of `round_name` (None: every task) in an export in `fmt` (one of FORMATS): a team
+    keeps one project across rounds, so it holds the tasks of earlier rounds too, told apart by
+    their `round`."""
     base = os.path.basename(path)
+    found = Export(round_name)
     if fmt == "label_studio_csv":
-        return _from_rows(base, _csv_rows(path, text), "CSV row", csv_text=True)
+        return _from_rows(found, base, _csv_rows(path, text), "CSV row", csv_text=True)
     try:
         items = json.loads(text)
     except ValueError as err:
@@ -147,8 +167,8 @@ def read_export(path, text, fmt):
     if not isinstance(items, list):
         raise utils.UserError(f"--answers {path}: holds a {type(items).__name__}, not a list of tasks; {CHOOSE}")
     if fmt == "label_studio_min":
-        return _from_rows(base, items, "item")
-    return _from_tasks(base, items)
+        return _from_rows(found, base, items, "item")
+    return _from_tasks(found, base, items)
 
 
 def _file_of(data, where):
@@ -200,8 +220,7 @@ def _annotation_text(annotation, where):
     return _answer(lines, where)
 
 
-def _from_tasks(base, items):
-    found = {}
+def _from_tasks(found, base, items):
     for number, item in enumerate(items, 1):
         where = f"{base} task {number}"
         if not isinstance(item, dict) or not isinstance(item.get("data"), dict):
@@ -215,7 +234,9 @@ def _from_tasks(base, items):
         if not isinstance(annotations, list):
             raise utils.UserError(f"{where}: \"annotations\" is {json.dumps(annotations)[:40]}, not a list; "
                                   f"{CHOOSE}")
-        entry = found.setdefault(name, TaskAnswers(name, where))
+        entry = found.entry(item["data"], name, where)
+        if entry is None:
+            continue
         for position, annotation in enumerate(annotations):
             if not isinstance(annotation, dict):
                 raise utils.UserError(f"{where}: an annotation is {json.dumps(annotation)[:40]}, not an object; "
@@ -252,10 +273,9 @@ def csv_rows(reader, path, first=1):
                               f"that long: check the file, or {CHOOSE}") from None
 
 
-def _from_rows(base, rows, unit, csv_text=False):
+def _from_rows(found, base, rows, unit, csv_text=False):
     """JSON_MIN items or CSV rows: one per annotation, one without `annotation_id` per task that
     has none; rows of one task (its `id`) gather."""
-    found = {}
     for number, row in enumerate(rows, 2 if csv_text else 1):
         where = f"{base} {unit} {number}"
         if not isinstance(row, dict):
@@ -263,8 +283,8 @@ def _from_rows(base, rows, unit, csv_text=False):
         name = _file_of(row, where)
         task_id = row.get("id")
         where = f"{where} (task {task_id}, {name})" if task_id not in (None, "") else f"{where} ({name})"
-        entry = found.setdefault(name, TaskAnswers(name, where))
-        if row.get("annotation_id") in (None, ""):
+        entry = found.entry(row, name, where)
+        if entry is None or row.get("annotation_id") in (None, ""):
             continue  # a task nobody answered
         value = row.get(FROM_NAME)
         if csv_text:
