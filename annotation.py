@@ -5,14 +5,17 @@
     images/<file>      the picked images, their original bytes
     gt.txt             `images/<file><TAB><the model's reading>`, to be corrected in place
     predictions.csv    file, origin, path, reading, confidence, score
-    tasks.json         the same as Label Studio tasks, the reading as a prediction
+    tasks.json         the same as Label Studio tasks, the reading as a prediction, the images
+                       embedded when small, else served as local files (label_studio_io.py)
+    tasks-local-files.json  (small packages) the tasks with local-files image URLs
     label_config.xml   the Label Studio labeling configuration those tasks fit
     README.txt         what to do, for the transcriber
     package.json       the manifest: round, --train_data, each image's origin and hash, and the
                        charset options that decide which answers the model can learn
 
-`import_annotations.py` reads the answers back (the corrected gt.txt, a Label Studio JSON
-export or a `file,label` CSV), checks them against the manifest and writes the query set.
+`import_annotations.py` reads the answers back (the corrected gt.txt, a Label Studio export in
+JSON, JSON_MIN or CSV, or a `file,label` CSV), checks them against the manifest and writes the
+query set.
 Answers that are empty or `###` mark an image as unreadable: it is kept out of training and
 recorded in the query set (`unreadable-%09d`, dataset.read_unreadable_origins) so that later
 pools leave it out too.
@@ -554,18 +557,16 @@ def judge(package, answers, source, allow_unknown=False, skipped="missing", fmt=
         if answer.file in seen:
             raise utils.UserError(f"{answer.where}: a second answer for {answer.file} (the first: "
                                   f"{seen[answer.file].where}); keep one")
-        if answer.skipped and skipped == "unreadable":
-            answer.label = ""
         seen[answer.file] = answer
-    missing = [image["file"] for image in package.images
-               if image["file"] not in seen or seen[image["file"]].label is None]
+    labels = {file: "" if answer.skipped and skipped == "unreadable" else answer.label for file, answer in seen.items()}
+    missing = [image["file"] for image in package.images if labels.get(image["file"]) is None]
     if missing:
         raise utils.UserError(missing_message(missing, seen, source, fmt))
     charset = set(package.charset["character"])
     decisions, unknown = [], []
     for image in package.images:
         answer = seen[image["file"]]
-        label = answer.label.strip()
+        label = labels[image["file"]].strip()
         if label in ("", UNREADABLE_MARK):
             decisions.append((image, None, "unreadable"))
             continue

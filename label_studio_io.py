@@ -34,10 +34,11 @@ MODEL_VERSION = "robust-active-learning"
 DOCUMENT_ROOT_VARIABLES = ("LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT", "LOCAL_FILES_DOCUMENT_ROOT")
 SERVING_VARIABLE = "LABEL_STUDIO_LOCAL_FILES_SERVING_ENABLED"
 LOCAL_FILES_URL = "/data/local-files/?d="
-# Embedding 1000 word images (2.7 MB of tasks) imported as fast as their local-files URLs on
-# Label Studio 1.23.2 (4.1 s each, docs/label-studio.md); 20 MB of images is about 27 MB of tasks,
-# far below Label Studio's 250 MB upload limit, and every export then carries them too.
-EMBED_LIMIT = 20 * 1024 * 1024
+# Measured on Label Studio 1.23.2 (docs/label-studio.md): 1000 embedded word images (2.7 MB of
+# tasks) imported as fast as their local-files URLs (4.1 s each), 5000 (13.6 MB) twice as slowly,
+# with the queue's next task 3 times slower; a project keeps every round's tasks and every export
+# carries the images again. Up to this many bytes of images a package embeds them.
+EMBED_LIMIT = 4 * 1024 * 1024
 TASKS, LOCAL_TASKS = "tasks.json", "tasks-local-files.json"
 MIME_TYPES = {"jpg": "image/jpeg", "png": "image/png", "bmp": "image/bmp", "gif": "image/gif", "tif": "image/tiff",
               "webp": "image/webp"}
