@@ -246,8 +246,8 @@ and do NOT sync it: a sync adds a second copy of every task, without the model's
 Each package needs its own storage. Then import {local}.
 
 The readings come as predictions of the model version "{studio['model_version']}", the same in every
-round. Should the project's model version be another one, choose this one (project settings,
-Annotation, prelabeling), or the readings do not show. Skip marks a task skipped; the import
+round. Should the project's model version be another one, choose this one (project Settings,
+Prelabeling), or the readings do not show. Skip marks a task skipped; the import
 counts skipped images as unreadable with --skipped unreadable. When done, export the project
 as JSON (JSON_MIN and CSV are read too, but they leave skipped tasks out).
 
