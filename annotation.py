@@ -476,9 +476,10 @@ def parse_csv(path, known):
 
 def parse_label_studio(path, fmt, several, round_name=None):
     """The answers of a Label Studio export (JSON, JSON_MIN or CSV) to the tasks of `round_name`
-    (a project holds every round's) and the warnings to print: per task its answer; with several answers the latest, `unreadable` or a UserError (`several`,
-    --several_answers), warned when they differ; a skipped task without an answer gives an
-    Answer without label; an answer of several lines is joined by a space, with a warning."""
+    (a project holds every round's) and the warnings to print. Per task its answer; of several
+    different answers the latest, `unreadable` or a UserError (`several`: --several_answers), with
+    a warning; a task without an answer (skipped or not) gives an Answer without label; an answer
+    of several lines is joined by a space, with a warning."""
     answers, warnings = [], []
     export = label_studio_io.read_export(path, read_text(path), fmt, round_name)
     if export.other_rounds:

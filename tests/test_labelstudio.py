@@ -13,7 +13,6 @@ import json
 import os
 import shlex
 import shutil
-import types
 import urllib.parse
 
 import pytest

@@ -22,7 +22,6 @@ how long each step took, and exits 0 only when everything held. --record DIR kee
 exports and its manifest as test data (tests/data/labelstudio)."""
 import argparse
 import base64
-import hashlib
 import http.cookiejar
 import json
 import os
@@ -152,11 +151,11 @@ def listening_addresses(port):
 def start_server(studio, data_dir, document_root, port, email, password, log_path):
     env = dict(os.environ, **QUIET_ENV, LABEL_STUDIO_LOCAL_FILES_SERVING_ENABLED="true",
                LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT=document_root)
-    log = open(log_path, "w")
-    # its own session, so that stopping it reaches whatever it starts, and nothing else
-    return subprocess.Popen([studio, "start", "--internal-host", "127.0.0.1", "--port", str(port), "--data-dir",
-                             data_dir, "--no-browser", "--username", email, "--password", password],
-                            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    with open(log_path, "w") as log:
+        # its own session, so that stopping it reaches whatever it starts, and nothing else
+        return subprocess.Popen([studio, "start", "--internal-host", "127.0.0.1", "--port", str(port), "--data-dir",
+                                 data_dir, "--no-browser", "--username", email, "--password", password],
+                                stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
 
 
 def stop_server(process):
@@ -342,8 +341,10 @@ def check_images(client, project, package, folder, files):
     for t in tasks:
         with open(os.path.join(folder, t["data"]["file"]), "rb") as f:
             same += image_bytes(client, t["data"]["image"]) == f.read()
-    check(len(tasks) == len(files) and same == len(tasks),
-          f"{same} of {len(files)} images ({'data URLs' if tasks[0]['data']['image'].startswith('data:') else 'local-files URLs, e.g. ' + tasks[0]['data']['image'][:70]}) are the package's bytes")
+    url = tasks[0]["data"]["image"] if tasks else ""
+    kind = "data URLs" if url.startswith("data:") else f"local-files URLs, e.g. {url[:70]}"
+    check(len(tasks) == len(files) and same == len(tasks), f"{same} of {len(files)} images ({kind}) are the package's "
+                                                           f"bytes")
     return tasks
 
 
@@ -353,15 +354,17 @@ def half(word):
 
 def submissions(step, truth, reading):
     """The annotations a plan step submits: each a list of textarea lines."""
+    head, tail = truth[:half(truth)], truth[half(truth):]
     return {"keep": [[reading]], "correct": [[truth]], "space": [[f"{truth} {truth}"]],
-            "two annotations": [["wtwxwxtx london"], [truth]], "two lines": [[truth[:half(truth)] + "\n" + truth[half(truth):]]],
+            "two annotations": [["wtwxwxtx london"], [truth]], "two lines": [[f"{head}\n{tail}"]],
             "###": [["###"]], "empty": [[""]], "upper": [[truth.upper()]], "skip": [], "unanswered": []}[step]
 
 
 def expected_label(step, truth, reading):
     """The label the import must write for a plan step (None: unreadable, or no answer yet)."""
+    head, tail = truth[:half(truth)], truth[half(truth):]
     return {"keep": reading, "correct": truth, "space": f"{truth} {truth}", "two annotations": truth,
-            "two lines": f"{truth[:half(truth)]} {truth[half(truth):]}".strip(), "###": None, "empty": None, "upper": truth.upper(),
+            "two lines": f"{head} {tail}".strip(), "###": None, "empty": None, "upper": truth.upper(),
             "skip": None, "unanswered": None}[step] or None
 
 
@@ -567,11 +570,11 @@ def main(opt):
                   f"label-studio (pid {server.pid}) listens on {', '.join(addresses)}:{port} only")
             client.personal_token(email, password)
             status, _ = client.call("GET", "/api/projects", expect=None, header=f"Token {client.token}")
-            check(status == 401, f"a legacy 'Token' header is refused ({status}); the personal access token works "
-                                 f"as a Bearer access token")
+            check(status == 401, f"the personal access token sent the legacy way ('Token' header) is refused "
+                                 f"({status}); exchanged for an access token it works as 'Bearer'")
         steps_round1(steps, client, package_dir, train, opt)
         ok = True
-    except CheckFailed as err:
+    except (CheckFailed, subprocess.CalledProcessError, OSError) as err:
         print(f"\nFAILED: {err}")
     finally:
         if server is not None:
