@@ -121,7 +121,10 @@ def sniff(path, text):
     tasks with a `data` object, JSON_MIN flat objects, CSV a header row naming `file` and more
     columns than `file,label`."""
     if path.lower().endswith(".csv") or not text.lstrip().startswith(("[", "{")):
-        first = next(csv.reader(io.StringIO(text.split("\n", 1)[0])), [])
+        try:
+            first = next(csv.reader(io.StringIO(text.split("\n", 1)[0])), [])
+        except csv.Error:  # no header of Label Studio's; the reader reports the row
+            return None
         header = [cell.strip() for cell in first]
         return "label_studio_csv" if "file" in header and len(header) > 2 else None
     try:

@@ -243,12 +243,14 @@ def test_a_text_string_instead_of_a_list_is_the_answer_itself(package):
     assert labels_of(answers)[FILES["correct"]] == ("hello", False)
 
 
-@pytest.mark.parametrize("kind", ["file,label", "label studio"])
+@pytest.mark.parametrize("kind", ["file,label", "file,label without header", "label studio"])
 def test_a_csv_field_over_the_csv_limit_is_one_error(package, capsys, kind):
     """Before: `_csv.Error: field larger than field limit (131072)`."""
     long = "x" * (csv.field_size_limit() + 1)
     if kind == "file,label":
         text = f"file,label\n{FILES['keep']},\"{long}\"\n"
+    elif kind == "file,label without header":
+        text = f"{FILES['keep']},\"{long}\"\n"
     else:
         rows = recorded("export.csv").splitlines()
         rows[2] = rows[2].replace('"valerianic"', f'"{long}"')
