@@ -83,7 +83,8 @@ def get_args_parser():
     group.add_argument("--coreset_init", choices=coreset.INITS, default=None,
                        help="coreset only: the starting centres. labelled (default): the labelled samples the next "
                             "round trains on, embedded by the model as the pool is (Sener and Savarese's core-set; "
-                            "one more pass, over them); top: none, the first pick is the strategy's first choice")
+                            "one more pass, over them); top: none, the first pick is the strategy's first choice "
+                            "(the default where an earlier coreset query set under --train_data predates this flag)")
     group.add_argument("--cali_threshold", type=float, default=0.5,
                        help="cali: least calibrated confidence at or above this first, then the closest below it")
     group.add_argument("--mc_samples", type=int, default=10,
@@ -641,6 +642,22 @@ def score_round(opt, model, converter, strategy, temperature, device, plan, rank
     return merge_columns(parts, [leaf.relpath for leaf in pool.leaves]), pool, temperature
 
 
+def coreset_init(opt):
+    """--coreset_init for --acquisition coreset (None for the others): as given, else labelled, but
+    top when a query set under --train_data was picked by coreset before the choice existed (its
+    query-meta has no coreset_init), so that a loop grown by more rounds keeps one method."""
+    if opt.coreset_init is not None or "embedding" not in acquisition.needs(opt.acquisition):
+        return opt.coreset_init
+    for rel, is_query in list_leaf_lmdbs(opt.train_data).items():
+        meta = dataset.read_query_meta(os.path.join(opt.train_data, rel)) if is_query else None
+        if meta and meta.get("acquisition") == "coreset" and "coreset_init" not in meta:
+            if int(os.environ.get("RANK", "0")) == 0:
+                print(f"coreset: {rel} was picked from the strategy's first choice (before --coreset_init existed); "
+                      f"this round starts there too (--coreset_init top); give --coreset_init labelled to change")
+            return "top"
+    return coreset.DEFAULT_INIT
+
+
 def labelled_centres(opt, model, plan, device, rank, world_size, distributed):
     """--coreset_init labelled: the (m, d) float16 embeddings of the labelled samples the next round
     trains on (relabel_names), taken as the pool's are (`score_batch`: the same model, forward pass
@@ -859,8 +876,7 @@ def main(opt, given=None):
     options.resolve_options(opt)
     strategy = query_strategies.get_strategy(opt.query)
     acquisition.check(opt.acquisition, opt.acquisition_beta, strategy, opt.candidates, opt.coreset_init)
-    if "embedding" in acquisition.needs(opt.acquisition):
-        opt.coreset_init = opt.coreset_init or coreset.DEFAULT_INIT
+    opt.coreset_init = coreset_init(opt)
     # "auto" is fitted once the pool is known to be non-empty, after the model is loaded.
     temperature = options.parse_temperature(opt.temperature, default="auto" if strategy.calibrated else None)
     # from here on: how the temperature is fitted ('token' or 'word'), None when it is not

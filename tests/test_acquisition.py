@@ -1,5 +1,6 @@
 """Batch acquisition on hand-made scores: top-k, the stochastic power/softmax/softrank draws, and
 coreset's greedy k-centre on hand-made points."""
+import json
 import math
 import os
 import shutil
@@ -359,6 +360,27 @@ def test_data_sampling_coreset_starts_from_the_labelled_set(work, models, tiny_d
     with pytest.raises(SystemExit) as info:
         run_main(ctc_args(work, models.ctc, "--query", "uncali", "--num_query", "5", "--coreset_init", "top"))
     assert info.value.code == 2 and "error: --coreset_init top: only --acquisition coreset" in capsys.readouterr().err
+
+
+def test_a_loop_whose_coreset_rounds_predate_the_choice_continues_from_the_top_pick(work, models, capsys):
+    import lmdb
+
+    from test_sampling import ctc_args, read_set, run_main
+
+    train = work / "train_data_lmdb"
+    args = ["--query", "uncali", "--num_query", "4", "--acquisition", "coreset"]
+    run_main(ctc_args(work, models.ctc, *args, "--out_name", "coreset_iter_1", "--coreset_init", "top"))
+    # make it a query set of the version before --coreset_init: its query-meta without the key
+    with lmdb.open(str(train / "coreset_iter_1")) as env, env.begin(write=True) as txn:
+        meta = json.loads(txn.get(b"query-meta"))
+        del meta["coreset_init"], meta["coreset_labelled"]
+        txn.put(b"query-meta", json.dumps(meta).encode())
+    capsys.readouterr()
+    run_main(ctc_args(work, models.ctc, *args, "--out_name", "coreset_iter_2"))
+    assert "coreset: coreset_iter_1 was picked from the strategy's first choice" in capsys.readouterr().out
+    assert read_set(str(train / "coreset_iter_2"))[1]["coreset_init"] == "top"
+    run_main(ctc_args(work, models.ctc, *args, "--out_name", "coreset_iter_3", "--coreset_init", "labelled"))
+    assert read_set(str(train / "coreset_iter_3"))[1]["coreset_init"] == "labelled"
 
 
 def test_data_sampling_rejects_bad_candidates(work, models, capsys):
