@@ -49,7 +49,7 @@ NOISE_SCOPES = dataset.NOISE_SCOPES
 
 
 def add_args(parser):
-    group = parser.add_argument_group("re-annotation (README: 'A re-annotation budget')")
+    group = parser.add_argument_group("re-annotation (docs/noisy-labels.md: 'A re-annotation budget')")
     group.add_argument("--relabel_ratio", type=float, default=0.0,
                        help="share of the round's budget spent on re-annotating the labelled samples of lowest "
                             "label quality instead of querying new ones: round(f x budget), into the relabel set "
