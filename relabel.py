@@ -178,9 +178,9 @@ def labelled_names(plan_names, relabel_plan, replaced_query_set):
     return names + [n for n in relabel_plan.existing if n not in names]
 
 
-def labelled_data(opt, names):
+def labelled_data(opt, names, required=True):
     return dataset.labelled_dataset(opt.train_data, opt, names, noise_ratio=opt.noise_ratio,
-                                    noise_scope=opt.noise_scope, noise_model=opt.noise_model)
+                                    noise_scope=opt.noise_scope, noise_model=opt.noise_model, required=required)
 
 
 def score_labelled(opt, model, converter, device, names, rank, world_size, distributed):
