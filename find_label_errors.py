@@ -67,7 +67,7 @@ def get_args_parser():
                        help="flag the labels whose quality is below this as issues; the count below it is "
                             "reported either way")
     group.add_argument("--show", type=int, default=20, metavar="N", help="print this many of the worst labels")
-    review = parser.add_argument_group("a second look by annotators (README: 'Finding wrong labels')")
+    review = parser.add_argument_group("a second look by annotators (docs/noisy-labels.md: 'Finding wrong labels')")
     review.add_argument("--export_annotation", default="", metavar="DIR",
                         help="write the flagged labels (--num_issues or --threshold) as an annotation package into "
                              "DIR; import_annotations.py turns the answers into the relabel set --review_name")
