@@ -52,3 +52,14 @@ COMPARE_ARGS ?=
 compare: $(STAMP) data
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) tools/experiment.py --grid $(COMPARE_GRID) --out $(COMPARE_OUT) \
 		--jobs $(COMPARE_JOBS) $(COMPARE_ARGS)
+
+
+# `make labelstudio-check`: the annotation round trip through a real Label Studio (docs/label-studio.md);
+# opt-in, not part of `make test`. It installs label-studio 1.23.2 into LS_VENV when missing (minutes),
+# serves it on 127.0.0.1 only with a throw-away data folder, and stops it when done.
+LS_VENV ?= .venv-labelstudio
+LS_CHECK_ARGS ?=
+
+.PHONY: labelstudio-check
+labelstudio-check: $(STAMP)
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) tools/labelstudio_check.py --venv $(LS_VENV) $(LS_CHECK_ARGS)

@@ -35,7 +35,7 @@ import options
 import utils
 from dataset import Batch_Balanced_Dataset, first_readable, hierarchical_dataset
 from evaluation import eval_loader, evaluate
-from model import Model, initialize_weights, load_weights, save_weights, state_dict_for_saving
+from model import Model, initialize_weights, load_trusted, load_weights, save_weights, state_dict_for_saving
 
 # Options a resumed run may change: where, and on what, it runs, not what it computes (with another
 # --device or --threads the floating-point results may differ in the last bits). The weights come
@@ -259,14 +259,8 @@ def read_last_checkpoint(path):
     for anything else (a text file, a plain state_dict, an arbitrary pickle)."""
     hint = ("give the last.pth of an experiment folder; a best_*.pth holds weights only: start from it with "
             "--saved_model")
-    core = getattr(np, "_core", None) or np.core  # numpy >= 2 renamed the module
-    # numpy's generator state is an array (and older files hold numpy floats): allow exactly the
-    # globals that rebuild those
-    numpy_globals = [np.ndarray, np.dtype, type(np.dtype(np.uint32)), type(np.dtype(np.float64)),
-                     core.multiarray._reconstruct, core.multiarray.scalar]
     try:
-        with torch.serialization.safe_globals(numpy_globals):
-            state = torch.load(path, map_location="cpu", weights_only=True)
+        state = load_trusted(path)
     except Exception as err:  # a foreign file makes the unpickler raise almost anything
         raise utils.UserError(f"--resume {path}: not a checkpoint train.py can resume from "
                               f"({type(err).__name__}); {hint}") from None
