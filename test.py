@@ -211,7 +211,7 @@ def output_paths(opt):
         # under the working folder: a model folder may be read-only or shared, and is not ours to fill
         model_dir = os.path.basename(os.path.dirname(os.path.abspath(opt.saved_model)))
         stem = os.path.splitext(os.path.basename(opt.saved_model))[0]
-        folder = os.path.join("test_results", model_dir, stem)
+        folder = os.path.abspath(os.path.join("test_results", model_dir, stem))
     json_path = opt.output_json or os.path.join(folder, "results.json")
     return folder, json_path
 
