@@ -935,6 +935,22 @@ class EpochBatchSampler:
         return max(self.batches_per_epoch - self.start, 0)
 
 
+def check_selected_once(names, selected):
+    """Each LMDB in one stream only: two --select_data names selecting one LMDB (a name given
+    twice, or a folder and a dataset inside it) would train its samples at double weight.
+    `selected` maps each name to its leaves."""
+    owner = {}
+    for k, name in enumerate(names):
+        if name in names[:k]:
+            raise UserError(f"--select_data names {name} twice; name each dataset once (and give one --batch_ratio "
+                            f"share per name)")
+        for rel in selected[name]:
+            if rel in owner:
+                raise UserError(f"--select_data {owner[rel]} and {name} both select {rel}, whose samples would train "
+                                f"at double weight; name each dataset once")
+            owner[rel] = name
+
+
 class Batch_Balanced_Dataset:
     """One shuffled loader per --select_data name; `get_batch()` draws the batch_ratio share of
     each and concatenates them. `opt.batch_size` is the batch of this rank.
@@ -979,6 +995,7 @@ class Batch_Balanced_Dataset:
                          f"seed {opt.manualSeed}")
 
         selected = {name: select_leaves(root, [name], "--train_data") for name in names}
+        check_selected_once(names, selected)
         relabel_sets = {name: relabel_leaves(root, rels) for name, rels in selected.items()}
         only_relabels = self.relabel_names(names, ratios, selected, relabel_sets, query_sets)
         if only_relabels:  # a relabel set is no stream: its name is dropped, it relabels the others

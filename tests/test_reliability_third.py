@@ -133,6 +133,22 @@ def test_a_query_set_reached_twice_through_a_link_is_refused(work, models, capsy
     assert snapshot(train) == before and os.path.islink(train / "linkq")
 
 
+@pytest.mark.parametrize("names, message", [
+    ("CVPR2016-CVPR2016", "--select_data names CVPR2016 twice; name each dataset once (and give one --batch_ratio "
+                          "share per name)"),
+    ("sets-CVPR2016", "--select_data sets and CVPR2016 both select sets/CVPR2016, whose samples would train at "
+                      "double weight; name each dataset once"),
+])
+def test_training_refuses_two_names_that_select_one_dataset(work, tmp_path, capsys, names, message):
+    train = work / "train_data_lmdb"
+    (train / "sets").mkdir()
+    shutil.move(train / "CVPR2016", train / "sets" / "CVPR2016")  # reached by path: as 'sets' and as 'CVPR2016'
+    argv = train_argv(train, work / "test_data_lmdb", tmp_path / "models", "--select_data", names,
+                      "--batch_ratio", "0.5-0.5", "--dry_run")
+    assert one_error_line(capsys, script_main("train", argv)) == f"error: {message}"
+    assert not (tmp_path / "models").exists()
+
+
 def test_find_lmdbs_counts_a_linked_folder_once_and_refuses_a_loop(tmp_path):
     data = tmp_path / "elsewhere" / "set"
     dataset.write_lmdb(str(data), [(png(10), "ab", None)])
