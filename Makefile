@@ -40,7 +40,7 @@ clean-data:
 
 # `make compare`: the preset grid of tools/experiment.py (strategies against random, CE against
 # boost_soft under annotator noise), sized in configs/compare.yaml's comments for at most 90 minutes
-# on a 2-core CPU with both cores (README, "Comparing strategies"): COMPARE_JOBS rounds at once, one
+# on a 2-core CPU with both cores (docs/comparing.md): COMPARE_JOBS rounds at once, one
 # thread each. Running it again continues the same folder; COMPARE_ARGS adds or overrides flags
 # (e.g. COMPARE_ARGS="--rounds 2").
 COMPARE_OUT ?= runs/compare

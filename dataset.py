@@ -828,13 +828,13 @@ def selected_query_origins(root, select_data, flag="--train_data"):
 
 
 def labelled_dataset(root, opt, select_data, noise_ratio=0.0, noise_scope="queried",
-                     noise_model=annotator_noise.DEFAULT_MODEL, flag="--train_data"):
+                     noise_model=annotator_noise.DEFAULT_MODEL, flag="--train_data", required=True):
     """`(data, log)`: every labelled sample of `select_data`, with the labels `train.py --mode al`
     trains on (Batch_Balanced_Dataset): per name, `hierarchical_dataset(split="labelled")` with the
     selected query sets' origins excluded, the noise applied and the selected relabel sets applied
     over it (new labels; an `agree` set's disagreeing samples left out). A sample that two names
     select is kept once (the first name's). Items are `(image, label, identity)`; UserError when
-    there is none."""
+    there is none (with `required`; else an empty list)."""
     queried = selected_query_origins(root, select_data, flag)
     selected = natsorted({rel for name in select_data for rel in select_leaves(root, [name], flag)})
     relabels = read_relabels(root, opt, relabel_leaves(root, selected), noise_ratio, noise_model)
@@ -857,6 +857,8 @@ def labelled_dataset(root, opt, select_data, noise_ratio=0.0, noise_scope="queri
         if len(data):
             parts.append(data)
             earlier.append((relpaths, identities))
+    if not parts and not required:
+        return [], "\n".join(logs)
     if not parts:
         raise UserError(f"--select_data {'-'.join(select_data)}: no labelled sample under {root} (after filtering "
                         f"and --total_data_usage_ratio {getattr(opt, 'total_data_usage_ratio', 1.0)}); give the "

@@ -71,7 +71,7 @@ def get_args_parser():
                        help="replace the label_errors.csv and summary.json of an earlier run in --out; with "
                             "--export_annotation also an earlier package in DIR (one holding package.json), or draw "
                             "a review whose package waits for its answers again")
-    review = parser.add_argument_group("a second look by annotators (README: 'Finding wrong labels')")
+    review = parser.add_argument_group("a second look by annotators (docs/noisy-labels.md: 'Finding wrong labels')")
     review.add_argument("--export_annotation", default="", metavar="DIR",
                         help="write the flagged labels (--num_issues or --threshold) as an annotation package into "
                              "DIR; import_annotations.py turns the answers into the relabel set --review_name")

@@ -87,7 +87,7 @@ def get_args_parser():
     group.add_argument("--alpha", type=float, default=0.0,
                        help="smoothing mass for LS/boost_*/robust, focal gamma for FL")
     group.add_argument("--beta", type=float, default=0.95, help="weight of the given label in boost_soft/boost_hard")
-    group.add_argument("--smooth_tail", type=float, default=0.0, help="see the calibrator table in README")
+    group.add_argument("--smooth_tail", type=float, default=0.0, help="see the calibrator table in docs/calibration.md")
     group.add_argument("--B", type=float, default=16.0, help="exponential base of robust's global trust")
     group.add_argument("--t", type=float, default=0.5, help="transition point (fraction of training) of robust")
     group.add_argument("--patience", type=int, default=1000000,
@@ -103,7 +103,7 @@ def get_args_parser():
                        default=annotator_noise.DEFAULT_MODEL,
                        help="the simulated annotator's errors: substitute (one character, the original's), "
                             "confusable (look-alike glyphs), edit (one insertion, deletion or substitution), "
-                            "mixed (README)")
+                            "mixed (docs/noisy-labels.md)")
     group.add_argument("--noise_scope", choices=("queried", "all"), default="queried",
                        help="which labels the simulated annotator noise touches")
     group.add_argument("--channels_last", action="store_true",
