@@ -86,7 +86,8 @@ def get_args_parser():
                             "one more pass, over them); top: none, the first pick is the strategy's first choice "
                             "(the default where an earlier coreset query set under --train_data predates this flag)")
     group.add_argument("--cali_threshold", type=float, default=0.5,
-                       help="cali: least calibrated confidence at or above this first, then the closest below it")
+                       help="cali: least calibrated confidence at or above this first, then the closest below it; "
+                            "in [0, 1] (recorded in the query set's query-meta)")
     group.add_argument("--mc_samples", type=int, default=10,
                        help="bald: number of stochastic passes (1 = mean token entropy of a single pass)")
     group.add_argument("--mc_dropout", type=float, default=0.2,
@@ -131,11 +132,15 @@ def get_args_parser():
 
 def check_inputs(opt):
     options.require_dir(opt.train_data, "--train_data", "give the root folder of the training LMDBs")
+    options.check_output_dir(opt.save_images, "--save_images")
+    options.check_output_dir(opt.export_annotation, "--export_annotation")
     if not (opt.dry_run and opt.saved_model and not os.path.exists(opt.saved_model)):
         options.require_file(opt.saved_model, "--saved_model", "give the model of the last round",
                              if_absent="train a model first")
     if not math.isfinite(opt.lock_timeout):
         raise utils.UserError(f"--lock_timeout {opt.lock_timeout}: give seconds (0: fail at once, -1: no limit)")
+    if not 0.0 <= opt.cali_threshold <= 1.0:  # also refuses nan, which would rank as uncali does
+        raise utils.UserError(f"--cali_threshold {opt.cali_threshold}: must lie in [0, 1] (a calibrated confidence)")
     if opt.mc_samples < 1:
         raise utils.UserError(f"--mc_samples {opt.mc_samples}: must be at least 1")
     if not 0.0 <= opt.mc_dropout < 1.0:
@@ -422,8 +427,10 @@ def stage_images(folder, samples, query_set):
                   "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
         with open(os.path.join(staged, EXPORT_MARKER), "w", encoding="utf-8") as f:
             f.write(json.dumps(marker, indent=2) + "\n")
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(staged, ignore_errors=True)
+        if isinstance(err, OSError):  # a full disk's error names no file: name the folder asked for
+            raise atomic_io.blame_output(err, folder)
         raise
     return staged
 
@@ -444,6 +451,7 @@ def query_meta(opt, strategy, name, pool, picked_scores, temperature, centres=No
         "acquisition": opt.acquisition,
         "acquisition_beta": opt.acquisition_beta if acquisition.uses_beta(opt.acquisition) else None,
         "candidates": opt.candidates,
+        "cali_threshold": opt.cali_threshold if "threshold" in strategy.params else None,
         # coreset: its starting centres, and how many labelled samples were embedded as such
         "coreset_init": opt.coreset_init, "coreset_labelled": None if centres is None else len(centres),
         "ratio": opt.ratio if opt.num_query is None else None, "num_query": opt.num_query,

@@ -211,7 +211,7 @@ def sample_identities(root, relpaths, indices):
             query_set[rel] = dataset.is_query_set(path)
         if query_set[rel]:
             with dataset.shared_env(path).begin(write=False) as txn:
-                origin = dataset.read_origin(txn, int(index))
+                origin = dataset.read_origin(txn, int(index), path)
         identities.append(origin or (rel, int(index)))
     return identities
 

@@ -436,6 +436,8 @@ def train(opt, rank, world_size, local_rank, distributed):
     if not opt.exp_name:
         opt.exp_name = default_exp_name(opt)
     save_dir = os.path.join(opt.output_dir, opt.exp_name)
+    options.check_output_dir(opt.output_dir, "--output_dir")
+    options.check_output_dir(save_dir, "--exp_name")
     if opt.resume == "auto":
         opt.resume = os.path.join(save_dir, "last.pth")
     checkpoint = None
@@ -672,12 +674,8 @@ def train(opt, rank, world_size, local_rank, distributed):
 def run(argv=None):
     """The command line: parse, train, and report bad input as one line (exit 2). A Ctrl-C outside
     the training loop (which handles its own) ends quietly with the usual status 130."""
-    try:
-        utils.exit_on_user_error(main)(get_args_parser().parse_args(argv))
-    except KeyboardInterrupt:
-        print("\ninterrupted outside the training loop; last.pth, if there is one, holds the last saved "
-              "iteration", file=sys.stderr)
-        sys.exit(130)
+    utils.exit_on_user_error(main, interrupted="interrupted outside the training loop; last.pth, if there is one, "
+                                               "holds the last saved iteration")(get_args_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -128,7 +128,7 @@ def test_benchmark_run_figures_order_and_outputs(world):
     result = run_script("test", ["--eval_data", world["eval"], "--saved_model", world["model"],
                                  "--benchmark_all_eval"], cwd=world["root"])
     assert result.returncode == 0, result.stderr
-    out_dir = world["model_dir"] / "test_results" / "best_accuracy"
+    out_dir = world["root"] / "test_results" / "exp" / "best_accuracy"  # under the working folder (cwd)
     report = json.loads((out_dir / "results.json").read_text())
 
     names = [s["name"] for s in report["sets"]]

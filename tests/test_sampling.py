@@ -341,8 +341,9 @@ def test_interrupted_write_leaves_no_dataset(work, models, monkeypatch, export):
 
     monkeypatch.setattr(data_sampling, "read_raw_samples", interrupted)
     extra = ["--save_images", str(work / "export")] if export else []
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(SystemExit) as stopped:  # Ctrl-C: one line (test_reliability_third.py), exit 130
         run_main(ctc_args(work, models.ctc, "--query", "random", "--num_query", "6", *extra))
+    assert stopped.value.code == 130
     assert listing(train) == before  # nothing, hidden temporary folders included
     assert listing(work) == around   # no export either
 

@@ -401,6 +401,7 @@ def parse_args(argv=None):
     for flag in ("num", "num_valid", "num_test"):
         if getattr(opt, flag) < 1:
             raise utils.UserError(f"--{flag} must be at least 1")
+    options.check_output_dir(opt.out, "--out")
     return opt
 
 
