@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test data demo venv clean-data
+.PHONY: test data demo venv clean-data target-data pretrain
 
 venv: $(STAMP)
 
@@ -37,6 +37,24 @@ demo: $(STAMP) data
 
 clean-data:
 	rm -rf data
+
+# `make target-data`: the target domain of docs/pretrained-domain.md under data/target (a 25,000-word
+# pool, its validation set and two test sets, in the `signage` style the source sets never show).
+TARGET_STYLE ?= signage
+target-data: $(STAMP)
+	$(PY) tools/make_synth_lmdb.py --target $(TARGET_STYLE) --out data/target
+
+# `make pretrain`: the source-trained start of docs/pretrained-domain.md, the demo's model trained on
+# all 20,000 embedded source words (CVPR2016 + NIPS2014), into models/pretrained/$(PRETRAIN_NAME)/
+# (best_accuracy.pth and its opt.yaml). Sized there for a 2-core CPU with native bf16.
+PRETRAIN_NAME ?= source128
+PRETRAIN_ITERS ?= 4000
+PRETRAIN_ARCH ?= $(DEMO_ARCH)
+pretrain: $(STAMP) data
+	$(PY) train.py --train_data data/train_data_lmdb --valid_data data/valid_data_lmdb \
+		--select_data CVPR2016-NIPS2014 --batch_ratio 0.5-0.5 --total_data_usage_ratio 1 \
+		--num_iter $(PRETRAIN_ITERS) --valInterval 1000 --batch_size 64 --workers 1 --manualSeed 1111 \
+		--output_dir models/pretrained --exp_name $(PRETRAIN_NAME) --no_progress $(PRETRAIN_ARCH)
 
 # `make compare`: the preset grid of tools/experiment.py (strategies against random, CE against
 # boost_soft under annotator noise), sized in configs/compare.yaml's comments for at most 90 minutes
