@@ -79,22 +79,23 @@ def test_target_layout_sizes_formats_and_fonts(tmp_path, capsys):
     synth.main(["--target", "signage", "--out", str(out), "--num_pool", "30", "--num_valid", "5",
                 "--num_test", "4", "--workers", "1"])
     expected = {"train_data_lmdb/signage": (30, "JPEG"), "valid_data_lmdb/signage_valid": (5, "PNG"),
-                "test_data_lmdb/signage_seen_fonts": (4, "PNG"), "test_data_lmdb/signage_unseen_fonts": (4, "PNG")}
+                "test_data_lmdb/signage_test": (4, "PNG")}
     labels = {}
     for rel, (count, fmt) in expected.items():
         raw = read_raw(out / rel)
         assert raw[b"num-samples"] == str(count).encode()
         assert Image.open(io.BytesIO(raw[b"image-000000001"])).format == fmt
         labels[rel] = [raw[b"label-%09d" % k] for k in range(1, count + 1)]
-    # every set draws its own words: the seed set and pool never share a sequence with a test set
-    assert labels["test_data_lmdb/signage_seen_fonts"] != labels["test_data_lmdb/signage_unseen_fonts"]
-    assert labels["train_data_lmdb/signage"][:4] != labels["test_data_lmdb/signage_seen_fonts"]
+    # every set draws its own words: the pool does not repeat the validation or test sequence
+    assert labels["train_data_lmdb/signage"][:4] != labels["test_data_lmdb/signage_test"]
+    assert labels["train_data_lmdb/signage"][:5] != labels["valid_data_lmdb/signage_valid"]
+    assert labels["valid_data_lmdb/signage_valid"][:4] != labels["test_data_lmdb/signage_test"]
     info = json.loads((out / "synth_info.json").read_text())
     seen, unseen = synth.split_fonts()
+    every_font = sorted(os.path.basename(f) for f in seen + unseen)
     sets = info["sets"]
     assert set(sets) == set(expected)
-    assert sets["test_data_lmdb/signage_unseen_fonts"]["fonts"] == [os.path.basename(f) for f in unseen]
-    assert sets["train_data_lmdb/signage"]["fonts"] == [os.path.basename(f) for f in seen]
+    assert all(sorted(s["fonts"]) == every_font for s in sets.values())  # the target brings the held-out fonts
     assert not os.path.exists(out / "train_data_lmdb" / "CVPR2016")  # the source sets are not built here
     # the target seeds stay apart from the source sets' (seed, 0..4)
     assert all(len(s["seed"]) == 3 and s["seed"][1] >= 100 for s in sets.values())

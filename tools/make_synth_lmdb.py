@@ -9,13 +9,13 @@ Writes, deterministically from --seed, under --out (default `data`):
 
 With --target STYLE it writes a target-domain root instead (`make target-data`: --target signage
 --out data/target), in a style the source sets never show:
-  train_data_lmdb/STYLE              the pool, --num_pool labelled words (JPEG); the loop's
-                                     --label_ratio splits it into the labelled seed and the pool
-  valid_data_lmdb/STYLE_valid        training fonts, for choosing settings (PNG)
-  test_data_lmdb/STYLE_seen_fonts    training fonts, for reporting only (PNG)
-  test_data_lmdb/STYLE_unseen_fonts  held-out fonts, for reporting only (PNG)
+  train_data_lmdb/STYLE         the pool, --num_pool labelled words (JPEG); the loop's
+                                --label_ratio splits it into the labelled seed and the pool
+  valid_data_lmdb/STYLE_valid   --num_valid words for choosing settings (PNG)
+  test_data_lmdb/STYLE_test     --num_test words for reporting only (PNG)
+All three draw from every font, the held-out ones included: the target brings typefaces too.
 Target styles: `curved` (arcs and waves), `perspective` (one end farther away), `cluttered` (parts of
-neighbouring lines, rules and poles in the crop), `lowres` (10-16 pixels high, low JPEG quality) and
+neighbouring lines, rules and poles in the crop), `lowres` (16-24 pixels high, low JPEG quality) and
 `signage`, which mixes them at the strengths in SIGNAGE.
 
 Words come from the `english-words` package (GCIDE list), else /usr/share/dict/words; fonts from
@@ -430,8 +430,8 @@ def low_resolution(img, rng, lowest, highest):
 
 # Strength of each degradation in the `signage` style. Chosen by measurement: the source-trained
 # start (`make pretrain`) must read 40-80% of the target's test words (docs/pretrained-domain.md).
-SIGNAGE = {"curve": 0.6, "perspective": 0.5, "p_curve": 0.45, "p_perspective": 0.45,
-           "p_clutter": 0.6, "p_lowres": 0.5, "lowres": (10, 16)}
+SIGNAGE = {"curve": 0.25, "perspective": 0.35, "p_curve": 0.25, "p_perspective": 0.35,
+           "p_clutter": 0.5, "p_lowres": 0.2, "lowres": (16, 24)}
 
 
 def render_degraded(text, rng, fonts, geometry, p_clutter, p_lowres):
@@ -560,14 +560,15 @@ def make_lmdb_set(path, n, style, seed, fonts=None, workers=1, overwrite=False, 
 def plan_sets(opt, seen, unseen):
     """(relative path, count, style, fonts, seed, format) of every set to build."""
     if opt.target:
+        # The target domain brings its own fonts too: every set draws from all of them, so the
+        # pool teaches the typefaces the source sets hold out.
+        fonts = list(seen) + list(unseen)
         # Seeds apart from the source sets' (seed, 0..4) and from every other target style's.
         tag = 100 + TARGET_STYLES.index(opt.target)
         return [
-            (f"train_data_lmdb/{opt.target}", opt.num_pool, opt.target, seen, [opt.seed, tag, 0], "JPEG"),
-            (f"valid_data_lmdb/{opt.target}_valid", opt.num_valid, opt.target, seen, [opt.seed, tag, 1], "PNG"),
-            (f"test_data_lmdb/{opt.target}_seen_fonts", opt.num_test, opt.target, seen, [opt.seed, tag, 2], "PNG"),
-            (f"test_data_lmdb/{opt.target}_unseen_fonts", opt.num_test, opt.target, unseen, [opt.seed, tag, 3],
-             "PNG"),
+            (f"train_data_lmdb/{opt.target}", opt.num_pool, opt.target, fonts, [opt.seed, tag, 0], "JPEG"),
+            (f"valid_data_lmdb/{opt.target}_valid", opt.num_valid, opt.target, fonts, [opt.seed, tag, 1], "PNG"),
+            (f"test_data_lmdb/{opt.target}_test", opt.num_test, opt.target, fonts, [opt.seed, tag, 2], "PNG"),
         ]
     sets = [
         ("train_data_lmdb/CVPR2016", opt.num, "cvpr2016", seen),
@@ -586,9 +587,9 @@ def parse_args(argv=None):
     parser.add_argument("--num_valid", type=int, default=1000, help="images in the validation set")
     parser.add_argument("--num_test", type=int, default=2000, help="images in each evaluation set")
     parser.add_argument("--target", choices=TARGET_STYLES, default=None,
-                        help="build a target-domain root in this style instead of the source sets: "
-                             "train_data_lmdb/STYLE (the pool, --num_pool labelled words), "
-                             "valid_data_lmdb/STYLE_valid and test_data_lmdb/STYLE_{seen,unseen}_fonts")
+                        help="build a target-domain root in this style instead of the source sets, in all "
+                             "fonts: train_data_lmdb/STYLE (the pool, --num_pool labelled words), "
+                             "valid_data_lmdb/STYLE_valid and test_data_lmdb/STYLE_test")
     parser.add_argument("--num_pool", type=int, default=25000, help="images in the target pool (with --target)")
     parser.add_argument("--seed", type=int, default=2016, help="random seed; the same seed gives the same bytes")
     parser.add_argument("--workers", type=int, default=options.usable_cores(),
