@@ -48,7 +48,7 @@ target-data: $(STAMP)
 # channels trained on all 20,000 embedded source words (CVPR2016 + NIPS2014) in two cosine cycles
 # (3,000 iterations, then 4,000 more from the first cycle's best model with a fresh warm-up), into
 # models/pretrained/$(PRETRAIN_NAME)/ (best_accuracy.pth and its opt.yaml; the first cycle stays in
-# $(PRETRAIN_NAME)-stage1/). Measured there: 28 minutes on the shared 2-core CPU (bf16).
+# $(PRETRAIN_NAME)-stage1/). Measured there: 31 minutes on the shared 2-core CPU (bf16).
 PRETRAIN_NAME ?= source64
 PRETRAIN_ARCH ?= $(subst --output_channel 128 --hidden_size 128,--output_channel 64 --hidden_size 64,$(DEMO_ARCH))
 PRETRAIN_FLAGS = --train_data data/train_data_lmdb --valid_data data/valid_data_lmdb \
