@@ -134,6 +134,17 @@ class LoadReport:
         problems = self.problems()
         return f"loaded {len(self.loaded)} tensors" + (f"; not loaded: {problems}" if problems else "")
 
+    def fine_tune_summary(self):
+        """What fine-tuning starts from: the tensors loaded, those the model keeps freshly initialised
+        (absent from the checkpoint, or of another shape there: e.g. the prediction layer of another
+        character set) and the checkpoint's tensors the model has no place for."""
+        text = f"loaded {len(self.loaded)} tensors"
+        fresh = self.missing + _shape_notes(self.mismatched)
+        text += f"; re-initialised: {_listing(fresh)}" if fresh else "; nothing re-initialised"
+        if self.unexpected:
+            text += f"; ignored from the checkpoint: {_listing(self.unexpected)}"
+        return text
+
 
 def _listing(names):
     shown = ", ".join(names[:MAX_LISTED])

@@ -61,7 +61,8 @@ def get_args_parser():
     group.add_argument("--exp_name", default="", help="output folder name under --output_dir (default: from "
                        "architecture, seed, query_iter, mode, calibrator and alpha)")
     group.add_argument("--output_dir", default="saved_models", help="root of the experiment folders")
-    group.add_argument("--num_iter", type=int, default=300000, help="number of iterations to train for")
+    group.add_argument("--num_iter", type=int, default=300000, help="number of iterations to train for (0: none; "
+                       "--saved_model, validated, becomes this run's best_accuracy.pth in this project's layout)")
     group.add_argument("--valInterval", type=int, default=2000, help="validate every this many iterations")
     group.add_argument("--saved_model", default="", help="checkpoint to start from (the last round's model); its "
                        "opt.yaml, when there is one, must record the same character set unless --FT")
@@ -222,7 +223,9 @@ def check_train_options(opt):
     def finite(name):
         return math.isfinite(getattr(opt, name))
 
-    require(opt.num_iter >= 1, "num_iter", "must be at least 1")
+    require(opt.num_iter >= 0, "num_iter", "must be 0 (keep --saved_model as it is, validated) or more")
+    require(opt.num_iter >= 1 or (opt.saved_model and not opt.resume), "num_iter",
+            "trains nothing: 0 keeps --saved_model as the round's model (validated and saved), so give --saved_model")
     require(opt.valInterval >= 1, "valInterval", "must be at least 1")
     require(opt.warmup_iters >= 0, "warmup_iters", "must be 0 (no warm-up) or more")
     require(opt.patience >= 1, "patience", "must be at least 1")
@@ -482,8 +485,12 @@ def train(opt, rank, world_size, local_rank, distributed):
     initialize_weights(model)
     if opt.saved_model and checkpoint is None:
         report = load_weights(model, opt.saved_model, strict=not opt.FT)
+        if opt.num_iter == 0 and not report.complete:
+            raise utils.UserError(f"--num_iter 0 keeps --saved_model {opt.saved_model} as it is, but it does not fit "
+                                  f"this model ({report.problems()}); train the re-initialised layers (--num_iter 1 "
+                                  f"or more) or give the checkpoint's own --character")
         if is_main:
-            print(f"loaded {opt.saved_model}" + (f" ({report})" if opt.FT else ""))
+            print(f"loaded {opt.saved_model}" + (f" ({report.fine_tune_summary()})" if opt.FT else ""))
     model.to(device)
     if opt.channels_last or opt.amp:
         # with autocast the convolutions run fastest on channels-last weights (tools/benchmark.py)
@@ -627,6 +634,10 @@ def train(opt, rank, world_size, local_rank, distributed):
     if checkpoint is not None:
         # last: everything above (model construction, loader set-up) may draw random numbers
         set_rng_state(checkpoint["rng"])
+    if opt.num_iter == 0 and is_main:
+        # the starting model as the round's model: validated and saved like a trained one, so that
+        # the next round and test.py find it (in this project's layout, with its opt.yaml)
+        validate(0)
     try:
         with StopOnSignal() as interrupt:
             while iteration < opt.num_iter:
