@@ -122,13 +122,15 @@ SETTINGS = {
                            "set (--FT when the character set differs from the checkpoint's)"),
     "iters": ("1000", "iterations of each later round"),
     "al_start": ("warm", "what each later round trains from: warm (the previous round's model, as the original "
-                         "does) or fresh (random weights, on every label so far; give --iters about --base_iters)"),
+                         "does) or fresh (random weights, or --base_model when given, on every label so far; give --iters about "
+                         "--base_iters)"),
     "val_interval": ("500", "validation interval"),
     "batch_size": ("192", "batch size"),
     "workers": (str(options.default_workers()), "data-loading workers; default: the smaller of 4 and the cores "
                                                 "this process may use"),
     "arch": ("--Transformation TPS --FeatureExtraction ResNet --SequenceModeling BiLSTM --Prediction Attn",
-             "architecture and optimiser flags for train.py"),
+             "architecture and optimiser flags for train.py (with a --base_model that describes itself: empty "
+             "unless given, and no structure flags)"),
     "train_args": ("", "extra flags for every train.py call"),
     "sampling_args": ("", "extra flags for every data_sampling.py call, e.g. '--acquisition_beta 2'"),
 }
@@ -911,7 +913,8 @@ def run_round(unit, k, s):
             if not run_logged(command, unit.log(k, "query")):
                 raise StepFailed("query", unit.log(k, "query"))
         picked = read_json(summary)
-        warm_start = ["--saved_model", previous] if s["al_start"] == "warm" else []
+        # fresh: from where round 0 started (random weights, or --base_model), on every label so far
+        warm_start = ["--saved_model", previous] if s["al_start"] == "warm" else base_start_args(s)
         train_round(unit, k, s, ["--select_data", picked["next_select_data"], "--batch_ratio",
                                  picked["next_batch_ratio"], *warm_start, "--calibrator", unit.calibrator,
                                  "--mode", "al", "--num_iter", str(s["iters"]),
