@@ -214,3 +214,42 @@ def load_weights(model, checkpoint, strict=True):
     target.load_state_dict(fitting, strict=False)
     report.loaded = list(fitting)
     return report
+
+
+STAGES = ("Transformation", "FeatureExtraction", "SequenceModeling", "Prediction")
+
+
+def parse_stages(text, flag="--freeze"):
+    """The stages named in a comma-separated `text`, in the model's order ('' -> none); a UserError
+    naming the flag for an unknown or repeated name, or for all four (nothing left to train)."""
+    names = [name.strip() for name in (text or "").split(",") if name.strip()]
+    for name in names:
+        if name not in STAGES:
+            raise UserError(f"{flag} {text}: unknown stage '{name}'; choose from {', '.join(STAGES)} "
+                            f"(comma-separated)")
+    if len(set(names)) != len(names):
+        raise UserError(f"{flag} {text}: a stage appears twice")
+    if len(names) == len(STAGES):
+        raise UserError(f"{flag} {text}: freezes every stage, which leaves nothing to train")
+    return [stage for stage in STAGES if stage in names]
+
+
+def freeze_stages(model, stages):
+    """Take the parameters of `stages` out of training (no gradient, so no optimizer keeps or
+    updates them); returns how many numbers were frozen."""
+    frozen = 0
+    for stage in stages:
+        for param in getattr(unwrap(model), stage).parameters():
+            param.requires_grad_(False)
+            frozen += param.numel()
+    return frozen
+
+
+def hold_frozen_in_eval(model, stages):
+    """Put the frozen stages back in eval mode after `model.train()`. A frozen stage must keep
+    computing what it computed before: in train mode BatchNorm would normalise with each batch's
+    statistics and move its running statistics (buffers, which no optimizer guards) towards the
+    new data, changing the frozen stage's output under the layers that follow it; dropout too
+    would stay active there."""
+    for stage in stages:
+        getattr(unwrap(model), stage).eval()

@@ -35,7 +35,8 @@ import options
 import utils
 from dataset import Batch_Balanced_Dataset, first_readable, hierarchical_dataset
 from evaluation import eval_loader, evaluate
-from model import Model, initialize_weights, load_weights, save_weights, state_dict_for_saving
+from model import (Model, freeze_stages, hold_frozen_in_eval, initialize_weights, load_weights, parse_stages,
+                   save_weights, state_dict_for_saving)
 
 # Options a resumed run may change: where, and on what, it runs, not what it computes (with another
 # --device or --threads the floating-point results may differ in the last bits). The weights come
@@ -44,7 +45,7 @@ RESUME_MAY_CHANGE = ("num_iter", "workers", "device", "threads", "no_progress", 
                      "dry_run", "saved_model", "FT")
 PATH_OPTIONS = ("train_data", "valid_data", "character_file")
 # Options added after checkpoints were written without them: the value such a checkpoint's run used.
-RESUME_DEFAULTS = {"noise_model": annotator_noise.DEFAULT_MODEL}
+RESUME_DEFAULTS = {"noise_model": annotator_noise.DEFAULT_MODEL, "freeze": ""}
 # What a run leaves in its folder that a new run there must not be mixed with: the earlier run's
 # records (metrics.jsonl, train_summary.json) and its best-calibrated model, which a new run only
 # replaces once it reads some words.
@@ -107,6 +108,10 @@ def get_args_parser():
                             "mixed (README)")
     group.add_argument("--noise_scope", choices=("queried", "all"), default="queried",
                        help="which labels the simulated annotator noise touches")
+    group.add_argument("--freeze", default="",
+                       help="stages to keep as --saved_model has them while fine-tuning, comma-separated (e.g. "
+                            "FeatureExtraction or Transformation,FeatureExtraction): their parameters get no "
+                            "gradient and their BatchNorm layers stay in eval mode (running statistics unchanged)")
     group.add_argument("--channels_last", action="store_true",
                        help="channels-last memory format for the convolutional stages (always on with --amp)")
     return parser
@@ -240,6 +245,7 @@ def check_train_options(opt):
     require(0.0 <= opt.noise_ratio <= 1.0, "noise_ratio", "must lie between 0 and 1")
     for name in ("alpha", "smooth_tail", "B", "t"):
         require(finite(name), name, "give a finite number")
+    opt.freeze = ",".join(parse_stages(opt.freeze))  # recorded in opt.yaml in the model's order
 
 
 def check_saved_model_charset(opt):
@@ -495,7 +501,15 @@ def train(opt, rank, world_size, local_rank, distributed):
     if opt.channels_last or opt.amp:
         # with autocast the convolutions run fastest on channels-last weights (tools/benchmark.py)
         model.to(memory_format=torch.channels_last)
+    frozen_stages = parse_stages(opt.freeze)
+    frozen = freeze_stages(model, frozen_stages)
+    if frozen_stages and is_main:
+        print(f"frozen: {', '.join(frozen_stages)} ({frozen:,} parameters)")
+        if not opt.saved_model and checkpoint is None:
+            print("warning: --freeze without --saved_model keeps those stages at their random initial values",
+                  file=sys.stderr)
     model.train()
+    hold_frozen_in_eval(model, frozen_stages)
     optimizer = make_optimizer(model, opt)
     # the schedule scales these; a resumed optimizer's lr is the scaled one of its last step
     base_lrs = [group["lr"] for group in optimizer.param_groups]
@@ -644,6 +658,7 @@ def train(opt, rank, world_size, local_rank, distributed):
                 factor = learning_rate_factor(iteration, opt)
                 for group, base_lr in zip(optimizer.param_groups, base_lrs):
                     group["lr"] = base_lr * factor
+                hold_frozen_in_eval(model, frozen_stages)  # validation ends with model.train()
                 loss = train_step(train_model, train_dataset.get_batch(), converter, criterion, optimizer, scaler,
                                   opt, device, iteration)
                 loss_avg.add(loss)

@@ -332,3 +332,50 @@ def test_an_experiment_starts_every_strategy_from_the_checkpoint_as_it_is(tiny_d
     (fake / "experiment.json").write_text(json.dumps(record))
     assert experiment.main(["--combine", f"{out},{fake}", "--out", str(tmp_path / "both")]) == 2
     assert "(--base_model's content)" in error_lines(capsys)[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# train.py --freeze
+
+
+@pytest.mark.parametrize("text, message", [
+    ("Backbone", "--freeze Backbone: unknown stage 'Backbone'; choose from Transformation, FeatureExtraction, "
+                 "SequenceModeling, Prediction"),
+    ("Prediction,Prediction", "a stage appears twice"),
+    ("Transformation,FeatureExtraction,SequenceModeling,Prediction", "leaves nothing to train"),
+])
+def test_unknown_or_impossible_freezes_are_refused(text, message):
+    from model import parse_stages
+
+    with pytest.raises(UserError, match=message):
+        parse_stages(text)
+
+
+def test_stages_are_named_in_the_models_order():
+    from model import parse_stages
+
+    assert parse_stages("FeatureExtraction, Transformation") == ["Transformation", "FeatureExtraction"]
+    assert parse_stages("") == []
+
+
+@pytest.mark.slow
+def test_frozen_stages_stay_bit_identical_and_the_others_train(tiny_data, tmp_path):
+    ckpt = make_checkpoint(str(tmp_path / "ckpt"))
+    result = run(train_command(tiny_data, tmp_path / "out", "--saved_model", ckpt, "--num_iter", "3",
+                               "--adam", "--lr", "0.01", "--freeze", "FeatureExtraction"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "frozen: FeatureExtraction" in result.stdout
+    before = weights(ckpt)
+    after = torch.load(tmp_path / "out" / "run" / "last.pth", map_location="cpu", weights_only=False)["model"]
+    extractor = [k for k in before if ".FeatureExtraction." in k]
+    # VGG's BatchNorm layers: their running statistics are buffers, kept only by eval mode
+    assert any(k.endswith("running_mean") for k in extractor)
+    for key in extractor:
+        assert torch.equal(before[key], after[key]), key
+    assert all(not torch.equal(before[k], after[k]) for k in before
+               if (".SequenceModeling." in k or ".Prediction." in k))
+    assert options.load_opt_yaml(str(tmp_path / "out" / "run" / "best_accuracy.pth"))["freeze"] == "FeatureExtraction"
+    result = run(train_command(tiny_data, tmp_path / "bad", "--saved_model", ckpt, "--num_iter", "1",
+                               "--freeze", "Backbone"))
+    assert result.returncode == 2 and "--freeze Backbone: unknown stage" in result.stderr
+    assert not (tmp_path / "bad").exists()
