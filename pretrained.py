@@ -222,3 +222,52 @@ def lmdb_coverage(root, select_data, charset, lower, flag):
         where = root if name == "/" else os.path.join(root, name)
         found.append(label_coverage(where, labels, charset, lower))
     return found
+
+
+def check_start(base_model, values, flags, base_iters, flags_name="--arch"):
+    """`(the checkpoint's character set, the run's)` for a run that starts from `base_model`
+    (architecture `values`, as checkpoint_architecture reads them; (None, None) when it has none)
+    with the extra `flags` (named `flags_name` in messages) and `base_iters` iterations of round 0.
+    UserError when the flags change the checkpoint's structure, or when round 0 takes it as it is
+    (`base_iters` 0) with another character set, whose prediction layer would be untrained."""
+    if not values:
+        return None, None
+    conflicts = structure_conflicts(values, flags)
+    if conflicts:
+        raise UserError(f"{flags_name}: --base_model {base_model} has "
+                        + ", ".join(f"{name} {values[name]}" for name in conflicts)
+                        + "; a checkpoint's structure cannot change, so leave those flags out")
+    own, run = run_charset(values, []), run_charset(values, flags)
+    if base_iters == 0 and own != run:
+        raise UserError(f"--base_iters 0: takes --base_model as it is, but round 0's character set ({len(run)} "
+                        f"characters, from {flags_name}) is not the checkpoint's ({len(own)}); fine-tune it onto the "
+                        f"new set with --base_iters N, or leave the character flags out")
+    return own, run
+
+
+def start_report(base_model, sha256, base_iters, source, own, run, coverages):
+    """The lines that say where round 0 starts from and how its character set covers the data."""
+    start = "as it is" if base_iters == 0 else f"fine-tuned for {base_iters} iterations"
+    lines = [f"round 0: --base_model {base_model} (sha256 {sha256[:12]}...) {start}; "
+             f"architecture and character set from {source or 'the flags given'}"]
+    if run is None:
+        return lines
+    if run == own:
+        lines.append(f"character set: the checkpoint's ({len(run)} characters)")
+    else:
+        lines.append(f"character set: {len(run)} characters from the flags given, the checkpoint's has {len(own)} "
+                     f"(round 0 loads it with --FT; train.py's output names the re-initialised layers)")
+    return lines + ["  " + coverage_line(c) for c in coverages]
+
+
+def data_coverage(charset, train_data, select_data, valid_data, test_data):
+    """Coverage of `charset` over the base datasets (one per name), the validation data and the
+    test data (when another folder), lower-casing labels when training would."""
+    import dataset
+
+    lower = dataset.lowercases_labels(argparse.Namespace(sensitive=False, character=charset))
+    found = lmdb_coverage(train_data, select_data, charset, lower, "--train_data")
+    found += lmdb_coverage(valid_data, "/", charset, lower, "--valid_data")
+    if os.path.realpath(test_data) != os.path.realpath(valid_data):
+        found += lmdb_coverage(test_data, "/", charset, lower, "--test_data")
+    return found

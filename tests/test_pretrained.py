@@ -379,3 +379,60 @@ def test_frozen_stages_stay_bit_identical_and_the_others_train(tiny_data, tmp_pa
                                "--freeze", "Backbone"))
     assert result.returncode == 2 and "--freeze Backbone: unknown stage" in result.stderr
     assert not (tmp_path / "bad").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# scripts/al_loop.sh --base_model
+
+
+def run_loop(tiny_data, out, *extra):
+    env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(["bash", os.path.join(REPO_ROOT, "scripts", "al_loop.sh"),
+                           "--train_data", tiny_data.train, "--valid_data", tiny_data.valid,
+                           "--label_ratio", "0.5", "--rounds", "1", "--num_query", "15", "--iters", "2",
+                           "--val_interval", "1", "--batch_size", "8", "--workers", "0", "--out", str(out), *extra],
+                          cwd=REPO_ROOT, env=env, capture_output=True, text=True)
+
+
+@pytest.mark.slow
+def test_the_loop_starts_from_the_checkpoint_and_refuses_another_one_on_resume(tiny_data, tmp_path):
+    ckpt = make_checkpoint(str(tmp_path / "ckpt"))
+    args = ["--base_model", ckpt, "--base_iters", "0", "--arch", OPTIMISER, "--query", "random"]
+    result = run_loop(tiny_data, tmp_path / "runs", *args)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    run_dir = tmp_path / "runs" / "random"
+    assert "character set: the checkpoint's (36 characters)" in result.stdout
+    assert (run_dir / "charset_coverage.txt").read_text().startswith(f"round 0: --base_model {ckpt} (sha256 ")
+    before, after = weights(ckpt), weights(str(run_dir / "models" / "round0" / "best_accuracy.pth"))
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    train0 = next(line for line in result.stdout.splitlines() if line.startswith("+ ") and "--mode base" in line)
+    assert f"--saved_model {ckpt}" in train0 and "--num_iter 0" in train0 and "--output_channel=32" in train0
+    settings = (run_dir / "loop_settings.txt").read_text()
+    assert f"BASE_MODEL_SHA256={sha256(ckpt)}\n" in settings and f"BASE_MODEL={ckpt}\n" in settings
+    # continued as it was: nothing to do; with another checkpoint in its place: refused
+    result = run_loop(tiny_data, tmp_path / "runs", *args)
+    assert result.returncode == 0 and "round 0: trained already" in result.stdout
+    make_checkpoint(str(tmp_path / "ckpt"), seed=4)
+    result = run_loop(tiny_data, tmp_path / "runs", *args)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"error: --base_model {ckpt}: not the checkpoint {run_dir} started from (sha256 {sha256(ckpt)[:12]}..., "
+        f"recorded {settings.split('BASE_MODEL_SHA256=')[1][:12]}...); put the original back, or use another --out"]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--base_iters", "0"], "--base_iters 0: give a whole number of at least 1 (0 only with --base_model"),
+    (["--base_iters", "0", "--base_model", "{ckpt}", "--arch", "--hidden_size 8"],
+     "--base_model {ckpt} has hidden_size 16; a checkpoint's structure cannot change"),
+    (["--base_iters", "0", "--base_model", "{ckpt}", "--train_args", "--character abc"],
+     "--base_iters 0: takes --base_model as it is, but round 0's character set (3 characters"),
+    (["--base_iters", "3", "--model_preset", "easyocr_english_g2"], "--model_preset easyocr_english_g2: describes"),
+    (["--base_iters", "3", "--base_model", "{tmp}/none.pth"], "--base_model {tmp}/none.pth: no such file"),
+])
+def test_bad_loop_base_model_settings_are_one_error_line(tiny_data, tmp_path, extra, message):
+    ckpt = make_checkpoint(str(tmp_path / "ckpt"))
+    fill = {"ckpt": ckpt, "tmp": str(tmp_path)}
+    result = run_loop(tiny_data, tmp_path / "runs", *[item.format(**fill) for item in extra])
+    errors = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(errors) == 1 and message.format(**fill) in errors[0], result.stderr
+    assert not (tmp_path / "runs").exists()

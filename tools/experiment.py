@@ -288,13 +288,11 @@ def resolve_base_model(raw, arch_given):
     if values and not arch_given:
         arch_text = ""
     try:
-        conflicts = pretrained.structure_conflicts(values, _split_flags("arch", arch_text))
+        pretrained.check_start(base_model, values, _split_flags("arch", arch_text) + _split_flags(
+            "train_args", raw["train_args"]), _int("base_iters", raw["base_iters"], 0, "0 or more iterations"),
+            f"--arch {arch_text!r} / --train_args {raw['train_args'].strip()!r}")
     except UserError as err:
-        raise ConfigError(f"--arch {arch_text!r}: {err}") from None
-    if conflicts:
-        raise ConfigError(f"--arch {arch_text!r}: --base_model {base_model} has "
-                          + ", ".join(f"{name} {values[name]}" for name in conflicts)
-                          + "; a checkpoint's structure cannot change, so leave those flags out of --arch")
+        raise ConfigError(str(err)) from None
     if preset and (preset.endswith((".yaml", ".yml")) or os.sep in preset):
         preset = os.path.abspath(preset)
     return (os.path.abspath(base_model), preset, shlex.join(pretrained.architecture_flags(values)),
@@ -435,11 +433,6 @@ def resolve_settings(raw, arch_given=True):
             raise ConfigError(f"--sampling_args {raw['sampling_args']!r}: {item.split('=', 1)[0]} is set by the "
                               f"experiment itself (a grid axis or the loop); drop it")
     s["sampling_args"] = raw["sampling_args"].strip()
-    own, run = base_charsets(s)
-    if s["base_iters"] == 0 and own != run:
-        raise ConfigError(f"--base_iters 0: takes --base_model as it is, but round 0's character set ({len(run)} "
-                          f"characters, from --arch/--train_args) is not the checkpoint's ({len(own)}); fine-tune it "
-                          f"onto the new set with --base_iters N, or leave the character flags out")
     return s
 
 
@@ -1279,30 +1272,14 @@ def base_model_report(s):
     base datasets, the validation and the test data ([] without --base_model)."""
     if not s.get("base_model"):
         return []
-    import dataset
-
     try:
         _, source = pretrained.checkpoint_architecture(s["base_model"], s.get("model_preset") or "")
         own, run = base_charsets(s)
+        found = [] if run is None else pretrained.data_coverage(run, s["train_data"], s["select_data"].split("-"),
+                                                                 s["valid_data"], s["test_data"])
     except UserError as err:
         raise ConfigError(str(err)) from None
-    start = "as it is" if s["base_iters"] == 0 else f"fine-tuned for {s['base_iters']} iterations"
-    lines = [f"round 0: --base_model {s['base_model']} (sha256 {s['base_model_sha256'][:12]}...) {start}; "
-             f"architecture and character set from {source or '--arch'}"]
-    if run is None:
-        return lines
-    if run == own:
-        lines.append(f"character set: the checkpoint's ({len(run)} characters)")
-    else:
-        lines.append(f"character set: {len(run)} characters from --arch/--train_args, the checkpoint's has {len(own)} "
-                     f"(round 0 loads it with --FT; train.py's log names the re-initialised layers)")
-    lower = dataset.lowercases_labels(argparse.Namespace(sensitive=False, character=run))
-    found = pretrained.lmdb_coverage(s["train_data"], s["select_data"].split("-"), run, lower, "--train_data")
-    for name in ("valid_data", "test_data"):
-        if name == "test_data" and s["test_data"] == s["valid_data"]:
-            continue
-        found += pretrained.lmdb_coverage(s[name], "/", run, lower, f"--{name}")
-    return lines + ["  " + pretrained.coverage_line(c) for c in found]
+    return pretrained.start_report(s["base_model"], s["base_model_sha256"], s["base_iters"], source, own, run, found)
 
 
 def _terminate(signum, frame):
