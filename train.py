@@ -40,9 +40,9 @@ from model import (Model, freeze_stages, hold_frozen_in_eval, initialize_weights
 
 # Options a resumed run may change: where, and on what, it runs, not what it computes (with another
 # --device or --threads the floating-point results may differ in the last bits). The weights come
-# from last.pth, so --saved_model and --FT are not read. Every other option must match.
+# from last.pth, so --saved_model, --FT and --model_preset are not read. Every other option must match.
 RESUME_MAY_CHANGE = ("num_iter", "workers", "device", "threads", "no_progress", "resume", "output_dir", "exp_name",
-                     "dry_run", "saved_model", "FT")
+                     "dry_run", "saved_model", "FT", "model_preset")
 PATH_OPTIONS = ("train_data", "valid_data", "character_file")
 # Options added after checkpoints were written without them: the value such a checkpoint's run used.
 RESUME_DEFAULTS = {"noise_model": annotator_noise.DEFAULT_MODEL, "freeze": ""}
@@ -56,7 +56,8 @@ NOISE_LOG_COLUMNS = ("relpath", "index", "origin_relpath", "origin_index", "clea
 def get_args_parser():
     parser = options.make_parser("Train a recognizer for one round of active learning (base or al).")
     options.add_data_args(parser)
-    options.add_model_args(parser, required=True)
+    # not required here: --model_preset may give the stages
+    options.add_model_args(parser, required=False, preset=True)
     options.add_runtime_args(parser)
     group = parser.add_argument_group("training")
     group.add_argument("--exp_name", default="", help="output folder name under --output_dir (default: from "
@@ -431,6 +432,9 @@ class StoppedTogether(SystemExit):
 
 
 def main(opt):
+    given = options.given_option_names(opt, get_args_parser())
+    vars(opt).pop("given_options", None)  # not an option: kept out of opt.yaml and last.pth
+    options.fill_from_preset(opt, given)
     options.resolve_options(opt)
     check_train_options(opt)
     check_data_paths(opt)
@@ -705,7 +709,7 @@ def run(argv=None):
     """The command line: parse, train, and report bad input as one line (exit 2). A Ctrl-C outside
     the training loop (which handles its own) ends quietly with the usual status 130."""
     try:
-        utils.exit_on_user_error(main)(get_args_parser().parse_args(argv))
+        utils.exit_on_user_error(main)(options.parse_with_given(get_args_parser(), argv))
     except KeyboardInterrupt:
         print("\ninterrupted outside the training loop; last.pth, if there is one, holds the last saved "
               "iteration", file=sys.stderr)
