@@ -253,3 +253,46 @@ def hold_frozen_in_eval(model, stages):
     would stay active there."""
     for stage in stages:
         getattr(unwrap(model), stage).eval()
+
+
+# Tensors indexed by class, per prediction stage: (key, dimension, how many trailing entries of
+# that dimension are the classes). The attention decoder feeds the previous class back as a
+# one-hot vector, so its LSTM cell's input weights end in one column per class.
+CLASS_TENSORS = {
+    "CTC": (("Prediction.weight", 0), ("Prediction.bias", 0)),
+    "Attn": (("Prediction.generator.weight", 0), ("Prediction.generator.bias", 0),
+             ("Prediction.attention_cell.rnn.weight_ih", 1)),
+}
+
+
+def carry_classes(checkpoint, model, prediction, old_classes, new_classes):
+    """The checkpoint's state_dict (a path or a dict) with its class-indexed tensors rebuilt for
+    `new_classes` (the converter's class list of this run): a class the checkpoint also has
+    (`old_classes`, same name) keeps its trained row or column, a new one keeps `model`'s initial
+    values. Returns `(state, carried, new)`: the state to load, and the classes carried over and
+    added. Fine-tuning onto another character set then re-learns only what is new."""
+    source = "(in memory)"
+    if isinstance(checkpoint, (str, os.PathLike)):
+        source = os.fspath(checkpoint)
+        checkpoint = _read_checkpoint(source)
+    saved = _extract_state_dict(checkpoint, source)
+    own = unwrap(model).state_dict()
+    old_index = {name: i for i, name in enumerate(old_classes)}
+    pairs = [(j, old_index[name]) for j, name in enumerate(new_classes) if name in old_index]
+    for key, dim in CLASS_TENSORS[prediction]:
+        if key not in saved or key not in own:
+            continue
+        before, fresh = saved[key], own[key].clone()
+        lead_old = before.shape[dim] - len(old_classes)  # e.g. the attention cell's feature columns
+        lead_new = fresh.shape[dim] - len(new_classes)
+        others = [n for k, n in enumerate(before.shape) if k != dim] == [
+            n for k, n in enumerate(fresh.shape) if k != dim]
+        if lead_old < 0 or lead_old != lead_new or before.dim() != fresh.dim() or not others:
+            continue  # not the layout the class lists describe: left to load_weights to report
+        if lead_old:
+            fresh.narrow(dim, 0, lead_new).copy_(before.narrow(dim, 0, lead_old))
+        for j, i in pairs:
+            fresh.narrow(dim, lead_new + j, 1).copy_(before.narrow(dim, lead_old + i, 1))
+        saved[key] = fresh
+    carried = [new_classes[j] for j, _ in pairs]
+    return saved, carried, [name for name in new_classes if name not in old_index]

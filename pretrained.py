@@ -142,6 +142,12 @@ def _options_parser():
     return parser
 
 
+def checkpoint_charset(model_path, preset=""):
+    """The character set a checkpoint was trained with (its opt.yaml, else the preset), or None."""
+    values = saved_architecture(model_path) or (read_preset(preset) if preset else {})
+    return run_charset(values, []) if values else None
+
+
 def parse_architecture(flags):
     """`(values, given)`: the architecture options the flags set (later flags win, as in argparse)
     with the character set resolved, and the names the flags named. Other flags are ignored."""
@@ -238,10 +244,12 @@ def check_start(base_model, values, flags, base_iters, flags_name="--arch"):
                         + ", ".join(f"{name} {values[name]}" for name in conflicts)
                         + "; a checkpoint's structure cannot change, so leave those flags out")
     own, run = run_charset(values, []), run_charset(values, flags)
-    if base_iters == 0 and own != run:
-        raise UserError(f"--base_iters 0: takes --base_model as it is, but round 0's character set ({len(run)} "
-                        f"characters, from {flags_name}) is not the checkpoint's ({len(own)}); fine-tune it onto the "
-                        f"new set with --base_iters N, or leave the character flags out")
+    new = [ch for ch in run if ch not in own]
+    if base_iters == 0 and new:
+        raise UserError(f"--base_iters 0: takes --base_model as it is, but round 0's character set (from "
+                        f"{flags_name}) holds characters the checkpoint has no output for "
+                        f"({''.join(new[:MAX_SHOWN])!r}); fine-tune it onto the new set with --base_iters N, or leave "
+                        f"them out")
     return own, run
 
 
@@ -252,11 +260,13 @@ def start_report(base_model, sha256, base_iters, source, own, run, coverages):
              f"architecture and character set from {source or 'the flags given'}"]
     if run is None:
         return lines
+    new = [ch for ch in run if ch not in own]
     if run == own:
         lines.append(f"character set: the checkpoint's ({len(run)} characters)")
     else:
-        lines.append(f"character set: {len(run)} characters from the flags given, the checkpoint's has {len(own)} "
-                     f"(round 0 loads it with --FT; train.py's output names the re-initialised layers)")
+        lines.append(f"character set: {len(run)} characters from the flags given, the checkpoint's has {len(own)}; "
+                     f"round 0 loads it with --FT, keeping the outputs of the {len(run) - len(new)} characters both "
+                     f"have" + (f", new: {''.join(new[:MAX_SHOWN])!r}" if new else ""))
     return lines + ["  " + coverage_line(c) for c in coverages]
 
 

@@ -32,11 +32,12 @@ import atomic_io
 import calibration
 import calibrators
 import options
+import pretrained
 import utils
 from dataset import Batch_Balanced_Dataset, first_readable, hierarchical_dataset
 from evaluation import eval_loader, evaluate
-from model import (Model, freeze_stages, hold_frozen_in_eval, initialize_weights, load_weights, parse_stages,
-                   save_weights, state_dict_for_saving)
+from model import (Model, carry_classes, freeze_stages, hold_frozen_in_eval, initialize_weights, load_weights,
+                   parse_stages, save_weights, state_dict_for_saving)
 
 # Options a resumed run may change: where, and on what, it runs, not what it computes (with another
 # --device or --threads the floating-point results may differ in the last bits). The weights come
@@ -500,11 +501,22 @@ def train(opt, rank, world_size, local_rank, distributed):
     model = Model(opt)
     initialize_weights(model)
     if opt.saved_model and checkpoint is None:
-        report = load_weights(model, opt.saved_model, strict=not opt.FT)
-        if opt.num_iter == 0 and not report.complete:
+        weights, new_classes = opt.saved_model, []
+        saved_charset = pretrained.checkpoint_charset(opt.saved_model, opt.model_preset) if opt.FT else None
+        if saved_charset is not None and saved_charset != opt.character:
+            # another character set: the outputs of the characters both sets hold keep their rows
+            weights, carried, new_classes = carry_classes(
+                opt.saved_model, model, opt.Prediction, utils.make_converter(opt.Prediction, saved_charset).character,
+                converter.character)
+            if is_main:
+                print(f"classes: {len(carried)} of {opt.num_class} carried over from the checkpoint by character"
+                      + (f"; new (initial values): {''.join(new_classes)!r}" if new_classes else ""))
+        report = load_weights(model, weights, strict=not opt.FT)
+        if opt.num_iter == 0 and (not report.complete or new_classes):
+            problems = report.problems() or f"no output for {''.join(new_classes)!r}"
             raise utils.UserError(f"--num_iter 0 keeps --saved_model {opt.saved_model} as it is, but it does not fit "
-                                  f"this model ({report.problems()}); train the re-initialised layers (--num_iter 1 "
-                                  f"or more) or give the checkpoint's own --character")
+                                  f"this model ({problems}); train the new parts (--num_iter 1 or more) or give the "
+                                  f"checkpoint's own --character")
         if is_main:
             print(f"loaded {opt.saved_model}" + (f" ({report.fine_tune_summary()})" if opt.FT else ""))
     model.to(device)

@@ -198,7 +198,7 @@ def test_num_iter_0_keeps_the_checkpoint_as_the_rounds_model(tiny_data, tmp_path
     result = run(train_command(tiny_data, tmp_path / "ft0", "--saved_model", ckpt, "--num_iter", "0", "--FT",
                                "--character", "0123456789abcdefghijklmnopqrstuvwxyz."))
     assert result.returncode == 2 and "--num_iter 0 keeps --saved_model" in result.stderr
-    assert "Prediction.weight (37, 16) vs model (38, 16)" in result.stderr
+    assert "no output for '.'" in result.stderr
 
 
 @pytest.mark.slow
@@ -207,9 +207,51 @@ def test_fine_tuning_onto_another_character_set_names_the_reinitialised_layers(t
     result = run(train_command(tiny_data, tmp_path / "out", "--saved_model", ckpt, "--num_iter", "1", "--FT",
                                "--character", DIGITS_LOWER + "."))
     assert result.returncode == 0, result.stderr[-2000:]
-    # 36 characters + the CTC blank in the checkpoint, 37 + blank in the model
+    # 36 characters + the CTC blank in the checkpoint, 37 + blank in the model: the 37 classes both
+    # have keep their rows, so nothing is re-initialised as a whole
+    assert "classes: 37 of 38 carried over from the checkpoint by character; new (initial values): '.'" in result.stdout
+    assert "nothing re-initialised" in result.stdout
+    # without a record of the checkpoint's charset the prediction layer cannot be matched: re-initialised
+    bare = make_checkpoint(str(tmp_path / "bare"), with_yaml=False)
+    result = run(train_command(tiny_data, tmp_path / "out2", "--saved_model", bare, "--num_iter", "1", "--FT",
+                               "--character", DIGITS_LOWER + "."))
+    assert result.returncode == 0, result.stderr[-2000:]
     assert ("re-initialised: Prediction.weight (37, 16) vs model (38, 16), Prediction.bias (37,) vs model (38,)"
             in result.stdout)
+
+
+@pytest.mark.parametrize("prediction", ["CTC", "Attn"])
+def test_carry_classes_keeps_the_rows_of_shared_characters(prediction):
+    from model import CLASS_TENSORS, carry_classes
+
+    def model_for(character, seed):
+        opt = build_opt(**{**STRUCTURE, "Prediction": prediction}, character=character)
+        opt.num_class = len(make_converter(prediction, character).character)
+        torch.manual_seed(seed)
+        model = Model(opt)
+        initialize_weights(model)
+        return model, make_converter(prediction, character).character
+
+    old_model, old_classes = model_for("abc", 1)
+    new_model, new_classes = model_for("cxa", 2)  # 'c' and 'a' move, 'x' is new, 'b' goes
+    fresh = {k: v.clone() for k, v in new_model.state_dict().items()}
+    state, carried, new = carry_classes(old_model.state_dict(), new_model, prediction, old_classes, new_classes)
+    assert new == ["x"] and carried == [name for name in new_classes if name != "x"]
+    old = old_model.state_dict()
+    specials = 1 if prediction == "CTC" else 2  # [CTCblank] / [GO], [s]
+    for key, dim in CLASS_TENSORS[prediction]:
+        lead = state[key].shape[dim] - len(new_classes)  # the attention cell's feature inputs come first
+        assert state[key].shape == fresh[key].shape
+        row = lambda t, i, base: t.narrow(dim, base + i, 1)  # noqa: E731
+        for i in range(specials):
+            assert torch.equal(row(state[key], i, lead), row(old[key], i, lead))
+        # new classes specials+0: 'c' (old specials+2), specials+1: 'x' (fresh), specials+2: 'a' (old specials+0)
+        assert torch.equal(row(state[key], specials, lead), row(old[key], specials + 2, lead))
+        assert torch.equal(row(state[key], specials + 1, lead), row(fresh[key], specials + 1, lead))
+        assert torch.equal(row(state[key], specials + 2, lead), row(old[key], specials, lead))
+        if lead:
+            assert torch.equal(state[key].narrow(dim, 0, lead), old[key].narrow(dim, 0, lead))
+    assert load_weights(new_model, state, strict=True).complete
 
 
 def test_fine_tune_summary_names_missing_mis_shaped_and_ignored_tensors():
@@ -260,8 +302,9 @@ def error_lines(capsys):
     (["--base_model", "{tmp}/missing.pth"], "--base_model {tmp}/missing.pth: no such file"),
     (["--base_model", "{ckpt}", "--arch", "--hidden_size 256 --adam"],
      "--base_model {ckpt} has hidden_size 16; a checkpoint's structure cannot change"),
-    (["--base_model", "{ckpt}", "--arch", f"{OPTIMISER} --character abc"],
-     "--base_iters 0: takes --base_model as it is, but round 0's character set (3 characters"),
+    (["--base_model", "{ckpt}", "--arch", f"{OPTIMISER} --character abc."],
+     "--base_iters 0: takes --base_model as it is, but round 0's character set (from --arch '--adam --lr 0.001 "
+     "--character abc.' / --train_args '') holds characters the checkpoint has no output for ('.')"),
     (["--base_model", "{bare}", "--model_preset", "nonesuch"], "--model_preset nonesuch: unknown model preset"),
 ])
 def test_bad_base_model_settings_are_one_error_line(tiny_data, tmp_path, capsys, no_runs, extra, message):
@@ -445,8 +488,8 @@ def test_the_loop_starts_from_the_checkpoint_and_refuses_another_one_on_resume(t
     (["--base_iters", "0"], "--base_iters 0: give a whole number of at least 1 (0 only with --base_model"),
     (["--base_iters", "0", "--base_model", "{ckpt}", "--arch", "--hidden_size 8"],
      "--base_model {ckpt} has hidden_size 16; a checkpoint's structure cannot change"),
-    (["--base_iters", "0", "--base_model", "{ckpt}", "--train_args", "--character abc"],
-     "--base_iters 0: takes --base_model as it is, but round 0's character set (3 characters"),
+    (["--base_iters", "0", "--base_model", "{ckpt}", "--train_args", "--character abc."],
+     "holds characters the checkpoint has no output for ('.')"),
     (["--base_iters", "3", "--model_preset", "easyocr_english_g2"], "--model_preset easyocr_english_g2: describes"),
     (["--base_iters", "3", "--base_model", "{tmp}/none.pth"], "--base_model {tmp}/none.pth: no such file"),
 ])
