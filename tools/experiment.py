@@ -23,8 +23,8 @@ to the current folder.
 architecture and character set from the opt.yaml beside it, else --model_preset NAME|FILE, else
 --arch): --base_iters 0 takes it as it is (validated and tested: round 0 is the checkpoint, which
 every strategy continues from), --base_iters N fine-tunes it on the labelled seed set first (with
-train.py --FT when --arch/--train_args give another character set; its log names the layers
-re-initialised). Before round 0 the tool prints, and writes to <out>/charset_coverage.txt, how many
+train.py --FT when --arch/--train_args give another character set: the characters both sets hold
+keep their outputs, and its log names what was re-initialised). Before round 0 the tool prints, and writes to <out>/charset_coverage.txt, how many
 labels of the base datasets, the validation and the test data hold characters outside round 0's
 character set, and which. The checkpoint's path, architecture and SHA-256 are recorded: a changed
 checkpoint is refused on resume, and --base_from and --combine compare them.
