@@ -1,6 +1,5 @@
 """Starting the loop from a checkpoint: pretrained.py, train.py --num_iter 0 / --FT's report and
 tools/experiment.py --base_model / --base_iters / --model_preset."""
-import argparse
 import hashlib
 import json
 import os
