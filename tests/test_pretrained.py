@@ -530,6 +530,9 @@ def test_english_g2_has_the_reference_layout_at_its_own_widths():
     assert shapes["Prediction.weight"] == (97, 256)
     values, source = pretrained.checkpoint_architecture(ENGLISH_G2)
     assert source.endswith("opt.yaml") and len(values["character"]) == 96 and values["imgH"] == 64
+    # it had this project's layout already, so it was installed byte for byte: the pinned file
+    assert sha256(ENGLISH_G2) == options.load_opt_yaml(ENGLISH_G2)["source_sha256"] == (
+        "e2272681d9d67a04e2dff396b6e95077bc19001f8f6d3593c307b9852e1c29e8")
 
 
 @needs_english_g2

