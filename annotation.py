@@ -5,14 +5,17 @@
     images/<file>      the picked images, their original bytes
     gt.txt             `images/<file><TAB><the model's reading>`, to be corrected in place
     predictions.csv    file, origin, path, reading, confidence, score
-    tasks.json         the same as Label Studio tasks, the reading as a prediction
+    tasks.json         the same as Label Studio tasks, the reading as a prediction, the images
+                       embedded when small, else served as local files (label_studio_io.py)
+    tasks-local-files.json  (small packages) the tasks with local-files image URLs
     label_config.xml   the Label Studio labeling configuration those tasks fit
     README.txt         what to do, for the transcriber
     package.json       the manifest: round, --train_data, each image's origin and hash, and the
                        charset options that decide which answers the model can learn
 
-`import_annotations.py` reads the answers back (the corrected gt.txt, a Label Studio JSON
-export or a `file,label` CSV), checks them against the manifest and writes the query set.
+`import_annotations.py` reads the answers back (the corrected gt.txt, a Label Studio export in
+JSON, JSON_MIN or CSV, or a `file,label` CSV), checks them against the manifest and writes the
+query set.
 Answers that are empty or `###` mark an image as unreadable: it is kept out of training and
 recorded in the query set (`unreadable-%09d`, dataset.read_unreadable_origins) so that later
 pools leave it out too.
@@ -38,27 +41,24 @@ from PIL import Image
 import atomic_io
 import dataset
 import label_quality
+import label_studio_io
 import query_sets
 import query_strategies
 import relabel_policies
+import round_commands
 import utils
 
 MARKER = "package.json"
 PENDING = ".annotation-pending.json"  # under --train_data (hidden from the LMDB finder): round -> package
 FORMAT = 1
 UNREADABLE_MARK = "###"
-FROM_NAME, TO_NAME = "transcription", "image"  # the control and object names of label_config.xml
 IMAGE_EXTENSIONS = {"JPEG": "jpg", "PNG": "png", "BMP": "bmp", "GIF": "gif", "TIFF": "tif", "WEBP": "webp"}
 MAX_STEM = 120  # characters of a file name's origin part: names stay well under 255 bytes
-ANSWER_FORMATS = {"gt": "gt.txt lines", "label_studio": "a Label Studio JSON export", "csv": "file,label CSV"}
+ANSWER_FORMATS = {"gt": "gt.txt lines", "csv": "file,label CSV", **label_studio_io.FORMATS}
+SKIPPED = ("missing", "unreadable")  # --skipped: a task skipped in Label Studio has no answer, or an unreadable one
+SEVERAL = ("latest", "unreadable", "refuse")  # --several_answers: a task answered more than once
 QUERY, RELABEL = "query", "relabel"  # an image's kind: a new sample, or a labelled one looked at again
 OUTCOMES = ("confirmed", "changed", "unreadable")  # of a second look, against the label trained on
-LABEL_CONFIG = """<View>
-  <Image name="image" value="$image"/>
-  <Header value="Type the word exactly as written; leave it empty or type ### when it cannot be read"/>
-  <TextArea name="transcription" toName="image" editable="true" maxSubmissions="1" rows="1"/>
-</View>
-"""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -197,30 +197,30 @@ def record_pending(train_data, round_name=None, folder=None, imported=None):
         os.remove(path)
 
 
-def import_command(folder, train_data, python="python"):
-    return " ".join(shlex.quote(str(w)) for w in [python, "import_annotations.py", "--package", folder,
-                                                  "--train_data", train_data])
+def import_command(folder, train_data, answers=None, python=None):
+    """The import_annotations.py command of a package, with absolute paths (`answers`: an export)."""
+    extra = ["--answers", answers] if answers else []
+    return round_commands.command("import_annotations.py", ["--package", os.path.abspath(folder), "--train_data",
+                                                           os.path.abspath(train_data), *extra], python=python)
 
 
-def task(record, package_name, model_version):
-    """One Label Studio task: the image (served by Label Studio's local-files storage from the
-    folder that holds the package), our file name, and the reading as an editable prediction."""
-    result = []
-    if record["reading"]:
-        result.append({"id": "reading", "from_name": FROM_NAME, "to_name": TO_NAME, "type": "textarea",
-                       "value": {"text": [record["reading"]]}})
-    return {"data": {"image": f"/data/local-files/?d={package_name}/{record['file']}", "file": record["file"],
-                     "origin": f"{record['origin'][0]}:{record['origin'][1]}", "kind": record["kind"]},
-            "predictions": [{"model_version": model_version, "score": record["confidence"], "result": result}]}
-
-
-def readme_text(manifest, package_name):
+def readme_text(manifest, folder, embedded):
+    """README.txt of the package written to `folder`; `embedded`: its tasks.json holds the images."""
     charset = manifest["charset"]
     case = ("upper and lower case are the same word (answers are compared in lower case)" if charset["lowercase"]
             else "upper and lower case differ")
     second = sum(1 for image in manifest["images"] if image["kind"] == RELABEL)
     again = (f"\n{second} of them were labelled before and are asked again, because the model doubts their\n"
              f"label (predictions.csv marks them `relabel`); transcribe them like the others.\n") if second else ""
+    studio = manifest["label_studio"]
+    local = label_studio_io.LOCAL_TASKS if embedded else label_studio_io.TASKS
+    if embedded:
+        how = (f"Import {label_studio_io.TASKS}: its tasks hold the images themselves, so nothing else is needed\n"
+               f"(no storage, no environment variables). To serve the images from this folder instead,\n"
+               f"import {label_studio_io.LOCAL_TASKS} as below.")
+    else:
+        how = (f"The images ({studio['image_bytes']} bytes) are too large to embed in the tasks, so\n"
+               f"{label_studio_io.TASKS} points at them in this folder, served as local files (below).")
     return f"""Annotation package {manifest['round']}: {len(manifest['images'])} word images to transcribe.
 {again}
 Each line of gt.txt is `images/<file><TAB><text>`. The text is what the model read; correct it
@@ -232,20 +232,32 @@ keep one line per image.
   ({case}; at most {charset['batch_max_length']} characters). An answer with another character is refused on import
   unless the importer allows it.
 
-With Label Studio instead: create a project with the labeling configuration in
-label_config.xml, start Label Studio with LABEL_STUDIO_LOCAL_FILES_SERVING_ENABLED=true and
-LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT set to the folder that holds this package (the image URLs
-in tasks.json are /data/local-files/?d={package_name}/images/<file>), add a Local Files source
-storage for {package_name}/images, import tasks.json (the readings come as predictions to
-correct), and when done export the project as JSON.
+With Label Studio instead (docs/label-studio.md of robust-active-learning): keep one project
+for all rounds, with the labeling configuration in label_config.xml.
+{how}
+
+Local files ({local}): start Label Studio with the environment variables
+  LABEL_STUDIO_LOCAL_FILES_SERVING_ENABLED=true
+  LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT={shlex.quote(studio['document_root'])}
+(the image URLs are relative to that folder), then add to the project a Local Files source
+storage with the absolute path
+  {studio['storage_path']}
+and do NOT sync it: a sync adds a second copy of every task, without the model's reading.
+Each package needs its own storage. Then import {local}.
+
+The readings come as predictions of the model version "{studio['model_version']}", the same in every
+round. Should the project's model version be another one, choose this one (project Settings,
+Prelabeling), or the readings do not show. Skip marks a task skipped; the import
+counts skipped images as unreadable with --skipped unreadable. When done, export the project
+as JSON (JSON_MIN and CSV are read too, but they leave skipped tasks out).
 
 predictions.csv lists, per image, its origin, the reading, the model's confidence and the
 query score. package.json is for import_annotations.py: leave it as it is.
 
-Bringing the answers back:
-  {import_command(package_name, manifest['train_data'])}
-  (add --answers <the Label Studio export>.json, or a file,label CSV, when the answers are not
-  in gt.txt)
+Bringing the answers back, from gt.txt:
+  {import_command(folder, manifest['train_data'])}
+or from a Label Studio export (or a file,label CSV):
+  {import_command(folder, manifest['train_data'], answers='EXPORT.json')}
 """
 
 
@@ -259,11 +271,12 @@ def write_package(folder, records, manifest, overwrite, query_path):
     staged = atomic_io.make_temp_dir(parent, package_name)
     try:
         os.makedirs(os.path.join(staged, "images"))
-        taken, images, tasks = set(), [], []
-        model_version = f"{manifest['round']} {os.path.basename(manifest.get('model') or '')}".strip()
+        taken, images, local, embedded, size = set(), [], [], [], 0
+        studio = label_studio_io.setup(folder)
         for record in records:
             relpath, index = record["origin"]
-            name = "images/" + file_name(relpath, index, record["path"], image_extension(record["image"]), taken)
+            extension = image_extension(record["image"])
+            name = "images/" + file_name(relpath, index, record["path"], extension, taken)
             with open(os.path.join(staged, name), "wb") as f:
                 f.write(record["image"])
             entry = {"file": name, "origin": [relpath, int(index)], "path": record["path"],
@@ -273,8 +286,16 @@ def write_package(folder, records, manifest, overwrite, query_path):
             if entry["kind"] == RELABEL:
                 entry["label"] = record["label"]
             images.append(entry)
-            tasks.append(task(entry, package_name, model_version))
-        manifest = dict(manifest, images=images)
+            url = label_studio_io.local_files_url(studio["document_root"], os.path.join(folder, name))
+            local.append(label_studio_io.task(entry, url, manifest["round"]))
+            size += len(record["image"])
+            if size <= label_studio_io.EMBED_LIMIT:  # past it the package serves local files only
+                embedded.append(label_studio_io.task(entry, label_studio_io.data_url(record["image"], extension),
+                                                  manifest["round"]))
+        embed = size <= label_studio_io.EMBED_LIMIT
+        studio.update(image_bytes=size, tasks={label_studio_io.TASKS: "embedded" if embed else "local files",
+                                               **({label_studio_io.LOCAL_TASKS: "local files"} if embed else {})})
+        manifest = dict(manifest, images=images, label_studio=studio)
         with open(os.path.join(staged, "gt.txt"), "w", encoding="utf-8") as f:
             f.writelines(f"{e['file']}\t{e['reading']}\n" for e in images)
         with open(os.path.join(staged, "predictions.csv"), "w", encoding="utf-8", newline="") as f:
@@ -283,9 +304,11 @@ def write_package(folder, records, manifest, overwrite, query_path):
             for e in images:
                 writer.writerow([e["file"], f"{e['origin'][0]}:{e['origin'][1]}", e["path"] or "", e["reading"],
                                  e["confidence"], e["score"], e["kind"], e.get("label", "")])
-        texts = {"tasks.json": json.dumps(tasks, indent=1, ensure_ascii=False) + "\n",
-                 "label_config.xml": LABEL_CONFIG, "README.txt": readme_text(manifest, package_name),
+        texts = {label_studio_io.TASKS: json.dumps(embedded if embed else local, indent=1, ensure_ascii=False) + "\n",
+                 "label_config.xml": label_studio_io.LABEL_CONFIG, "README.txt": readme_text(manifest, folder, embed),
                  MARKER: json.dumps(manifest, indent=1, ensure_ascii=False) + "\n"}
+        if embed:
+            texts[label_studio_io.LOCAL_TASKS] = json.dumps(local, indent=1, ensure_ascii=False) + "\n"
         for name, text in texts.items():
             with open(os.path.join(staged, name), "w", encoding="utf-8") as f:
                 f.write(text)
@@ -369,11 +392,12 @@ class Package:
 
 
 class Answer:
-    """One answer: the `file` it names (as `images/<file>`), its `label`, and `where` it was read
-    (for messages: `gt.txt line 3`)."""
+    """One answer: the `file` it names (as `images/<file>`), its `label` (None for a task of a
+    Label Studio export without one: `skipped` or unanswered), and `where` it was read (for
+    messages: `gt.txt line 3`)."""
 
-    def __init__(self, file, label, where):
-        self.file, self.label, self.where = file, label, where
+    def __init__(self, file, label, where, skipped=False):
+        self.file, self.label, self.where, self.skipped = file, label, where, skipped
 
 
 def as_image_file(name):
@@ -392,16 +416,14 @@ def locate_answers(folder, answers):
         raise utils.UserError(f"--answers {path}: no such file; give the corrected gt.txt, a Label Studio JSON "
                               f"export or a file,label CSV")
     extension = os.path.splitext(path)[1].lower()
-    if extension == ".json":
-        return path, "label_studio"
-    if extension == ".csv":
-        return path, "csv"
     if extension in (".txt", ".tsv"):
         return path, "gt"
     text = read_text(path)
-    if text.lstrip().startswith(("[", "{")):
-        return path, "label_studio"
-    return path, "gt" if "\t" in text else "csv"
+    if extension == ".json" or text.lstrip().startswith(("[", "{")):
+        return path, label_studio_io.sniff(path, text)
+    if extension == ".csv":
+        return path, label_studio_io.sniff(path, text) or "csv"
+    return path, "gt" if "\t" in text else (label_studio_io.sniff(path, text) or "csv")
 
 
 def read_text(path):
@@ -436,7 +458,7 @@ def parse_csv(path, known):
     """Rows `file,label`; a first row `file,label` (any case) is a header."""
     base = os.path.basename(path)
     answers = []
-    rows = csv.reader(io.StringIO(read_text(path)))
+    rows = label_studio_io.csv_rows(csv.reader(io.StringIO(read_text(path))), path)
     for number, row in enumerate(rows, 1):
         if not row or not any(cell.strip() for cell in row):
             continue
@@ -452,50 +474,50 @@ def parse_csv(path, known):
     return answers
 
 
-def annotation_text(annotation):
-    """The transcription of one Label Studio annotation: its textarea result's lines, joined by a
-    space ('' when it has none)."""
-    texts = []
-    for item in annotation.get("result") or []:
-        if isinstance(item, dict) and item.get("type") == "textarea" and item.get("from_name", FROM_NAME) == FROM_NAME:
-            value = item.get("value") or {}
-            texts.extend(str(t) for t in value.get("text") or [])
-    return " ".join(t.strip() for t in texts if t.strip())
+def parse_label_studio(path, fmt, several, round_name=None):
+    """The answers of a Label Studio export (JSON, JSON_MIN or CSV) to the tasks of `round_name`
+    (a project holds every round's) and the warnings to print. Per task its answer; of several
+    different answers the latest, `unreadable` or a UserError (`several`: --several_answers), with
+    a warning; a task without an answer (skipped or not) gives an Answer without label; an answer
+    of several lines is joined by a space, with a warning."""
+    answers, warnings = [], []
+    export = label_studio_io.read_export(path, read_text(path), fmt, round_name)
+    if export.other_rounds:
+        rounds = ", ".join(f"{n} of {r}" for r, n in sorted(export.other_rounds.items()))
+        warnings.append(f"{os.path.basename(path)}: left aside the tasks of other rounds in the project ({rounds})")
+    for entry in export.values():
+        file = as_image_file(entry.file)
+        if not entry.answers:  # skipped or unanswered: no label, reported as missing unless --skipped unreadable
+            answers.append(Answer(file, None, entry.where, skipped=bool(entry.skipped)))
+            continue
+        texts = [text for text, _ in entry.answers]
+        label, lines = entry.answers[-1]
+        if len(set(texts)) > 1:
+            listed = ", ".join(repr(t) for t in texts)
+            if several == "refuse":
+                raise utils.UserError(f"{entry.where}: {len(texts)} different answers ({listed}); keep one in Label "
+                                      f"Studio, or pass --several_answers latest or unreadable")
+            if several == "unreadable":
+                label, lines = "", 0
+                warnings.append(f"{entry.where}: {len(texts)} different answers ({listed}); counted unreadable "
+                                f"(--several_answers unreadable)")
+            else:
+                warnings.append(f"{entry.where}: {len(texts)} different answers ({listed}, oldest first); the latest, "
+                                f"{label!r}, is taken (--several_answers refuse or unreadable to decide otherwise)")
+        if lines > 1:
+            warnings.append(f"{entry.where}: an answer of {lines} lines, joined by a space into {label!r}")
+        answers.append(Answer(file, label, entry.where))
+    return answers, warnings
 
 
-def parse_label_studio(path, known):
-    """A Label Studio JSON export (a list of tasks): per task, its last annotation that was not
-    cancelled (skipped)."""
-    base = os.path.basename(path)
-    try:
-        tasks = json.loads(read_text(path))
-    except ValueError as err:
-        raise utils.UserError(f"--answers {path}: not JSON ({err}); export the project as JSON") from None
-    if isinstance(tasks, dict):
-        tasks = [tasks]
-    if not isinstance(tasks, list):
-        raise utils.UserError(f"--answers {path}: a Label Studio export is a list of tasks")
-    answers = []
-    for number, item in enumerate(tasks, 1):
-        data = item.get("data") if isinstance(item, dict) else None
-        if not isinstance(data, dict):
-            raise utils.UserError(f"{base} task {number}: no \"data\" object; export the project as JSON")
-        name = data.get("file") or data.get("image") or ""
-        if "file" not in data and "/images/" in name:  # a task re-created from the image URL alone
-            name = "images/" + name.rsplit("/images/", 1)[1]
-        where = f"{base} task {number} ({name})"
-        done = [a for a in item.get("annotations") or [] if isinstance(a, dict) and not a.get("was_cancelled")]
-        if not done:
-            continue  # unanswered: reported as a missing answer, naming the image
-        answers.append(Answer(as_image_file(name), annotation_text(done[-1]), where))
-    return answers
+PARSERS = {"gt": parse_gt, "csv": parse_csv}
 
 
-PARSERS = {"gt": parse_gt, "label_studio": parse_label_studio, "csv": parse_csv}
-
-
-def read_answers(package, path, fmt):
-    return PARSERS[fmt](path, package.by_file)
+def read_answers(package, path, fmt, several="latest"):
+    """`(answers, warnings)` of the answer file `path` in the format `fmt` (locate_answers')."""
+    if fmt in label_studio_io.FORMATS:
+        return parse_label_studio(path, fmt, several, package.round)
+    return PARSERS[fmt](path, package.by_file), []
 
 
 # ---------------------------------------------------------------------------------------------
@@ -522,10 +544,12 @@ class Judged:
                       [u for u in self.unknown if u[3] in files])
 
 
-def judge(package, answers, source, allow_unknown=False):
+def judge(package, answers, source, allow_unknown=False, skipped="missing", fmt=None):
     """Check that every exported image has exactly one answer and that no answer names another
     file; sort the answers into unchanged, changed and unreadable. An answer with characters
-    outside the recorded charset is a UserError unless `allow_unknown`."""
+    outside the recorded charset is a UserError unless `allow_unknown`. A task skipped in Label
+    Studio is unreadable with `skipped` "unreadable", else missing like an unanswered one; the
+    message names every image without an answer and says why (`fmt`: the export's format)."""
     seen = {}
     for answer in answers:
         if answer.file not in package.by_file:
@@ -535,16 +559,15 @@ def judge(package, answers, source, allow_unknown=False):
             raise utils.UserError(f"{answer.where}: a second answer for {answer.file} (the first: "
                                   f"{seen[answer.file].where}); keep one")
         seen[answer.file] = answer
-    missing = [image["file"] for image in package.images if image["file"] not in seen]
+    labels = {file: "" if answer.skipped and skipped == "unreadable" else answer.label for file, answer in seen.items()}
+    missing = [image["file"] for image in package.images if labels.get(image["file"]) is None]
     if missing:
-        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
-        raise utils.UserError(f"{source}: no answer for {missing[0]}{more}; every exported image needs one "
-                              f"(empty or {UNREADABLE_MARK} for an image that cannot be read)")
+        raise utils.UserError(missing_message(missing, seen, source, fmt))
     charset = set(package.charset["character"])
     decisions, unknown = [], []
     for image in package.images:
         answer = seen[image["file"]]
-        label = answer.label.strip()
+        label = labels[image["file"]].strip()
         if label in ("", UNREADABLE_MARK):
             decisions.append((image, None, "unreadable"))
             continue
@@ -559,6 +582,30 @@ def judge(package, answers, source, allow_unknown=False):
         status = "unchanged" if package.normalise(label) == package.normalise(image["reading"]) else "changed"
         decisions.append((image, label, status))
     return Judged(package, decisions, unknown)
+
+
+def missing_message(missing, seen, source, fmt):
+    """The error for images without an answer: each named, with why (skipped, unanswered, not in
+    the export), and what would fix it."""
+    def why(file):
+        answer = seen.get(file)
+        if answer is None:
+            return "not in the export: skipped?" if fmt in label_studio_io.FORMATS else ""
+        return "skipped" if answer.skipped else "unanswered"
+    reasons = [why(file) for file in missing]
+    listed = ", ".join(f"{file} ({reason})" if reason else file for file, reason in zip(missing, reasons))
+    fixes = []
+    if "skipped" in reasons:
+        fixes.append("pass --skipped unreadable to count skipped tasks as unreadable")
+    if "unanswered" in reasons:
+        fixes.append("answer the unanswered tasks in Label Studio and export again")
+    if "not in the export: skipped?" in reasons:
+        fixes.append("JSON_MIN and CSV exports leave skipped tasks out: export the project as JSON to import them "
+                     "with --skipped unreadable" if fmt != "label_studio" else "export the project with all its tasks")
+    if not fmt or fmt not in label_studio_io.FORMATS:
+        fixes.append(f"every exported image needs one (empty or {UNREADABLE_MARK} for an image that cannot be read)")
+    count = f"{len(missing)} images" if len(missing) > 1 else "1 image"
+    return f"{source}: no answer for {count}: {listed}; {'; '.join(fixes)}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -677,6 +724,7 @@ def import_summary(package, judged, name, path, root, answers_path, fmt, relabel
         "changes": [{"file": image["file"], "reading": image["reading"], "answer": label}
                     for image, label, status in judged.decisions if status == "changed"],
         "next_select_data": select_data, "next_batch_ratio": batch_ratio,
+        "next_commands": round_commands.commands(package.manifest, name, select_data, batch_ratio),
     }
     if relabel_path:
         summary["relabel"] = relabel_summary(package, relabelled, relabel_path)
@@ -700,6 +748,14 @@ def format_import_summary(summary):
     if summary["next_select_data"]:
         lines.append(f"next round: train.py --mode al --select_data {summary['next_select_data']} "
                      f"--batch_ratio {summary['next_batch_ratio']}")
+        commands = summary.get("next_commands") or {}
+        if commands:
+            lines += ["  train it (the settings of the round that trained the sampling model; change --num_iter or "
+                      "--calibrator where the loop's rounds differ):", f"    {commands['train']}",
+                      "  then sample and export the round after it:", f"    {commands['sampling']}"]
+        else:
+            lines.append("  (no opt.yaml beside the sampling model records its settings: add the architecture and "
+                         "training flags of the last round)")
     if summary["num_answers"] and not summary["num_picked"]:
         lines.append("warning: no answer is readable, so the query set holds no sample to train on; it only keeps "
                      "these images out of later pools (no next round's selection names it; train.py skips it)")

@@ -38,6 +38,7 @@ Stdlib only, so tools and tests import it without torch."""
 import hashlib
 import math
 import random
+from fractions import Fraction
 from typing import NamedTuple
 
 DEFAULT_MODEL = "substitute"
@@ -107,9 +108,19 @@ def sample_rng(seed, identity):
     return random.Random(int.from_bytes(digest, "little"))
 
 
+def exact_ratio(ratio):
+    """`ratio` as the exact fraction it was written as: a float by its shortest decimal form (what
+    the user typed: 0.29 is 29/100, not the binary double just below it), anything else
+    (an int, a Fraction, a Decimal, a decimal string) as it is."""
+    if isinstance(ratio, float):
+        return Fraction(repr(float(ratio)))
+    return Fraction(ratio)
+
+
 def corrupted_count(noise_ratio, n):
-    """round(noise_ratio x n) with halves rounded up (Python's round() would round 0.5 to even)."""
-    return min(n, int(math.floor(noise_ratio * n + 0.5)))
+    """round(noise_ratio x n) with halves rounded up (Python's round() would round 0.5 to even), at
+    most n. Exact arithmetic: in doubles 0.29 x 50 is 14.499999999999998, which would round to 14."""
+    return min(n, math.floor(exact_ratio(noise_ratio) * n + Fraction(1, 2)))
 
 
 def _alphabet(charset):

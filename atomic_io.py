@@ -8,18 +8,21 @@ caller). On any failure the temporary is removed and a file already at `path` st
 The rename is atomic, not durable: nothing is fsynced, so a power cut may still lose the newest
 write. `append_text` appends in place and is not atomic.
 
-A temporary is named `.<name>.<pid>.<host tag>.<random><suffix>` (`TEMP_NAME`): hidden by the
-leading dot, so that dataset.find_lmdbs skips it; `<name>` is the output's name cut to its first
-200 UTF-8 bytes; `<pid>` is the creating process's id; `<host tag>` is 8 hex digits, the first 4
-bytes of the BLAKE2b hash of the host name; `<random>` is 8 random hex digits; `<suffix>` is `.tmp`
-(or `.old` for an output moved aside). It is made with the umask's usual mode (0666 / 0777 less
-the umask), which the rename carries to the output.
+A temporary is named `.<name>.<pid>-<start>.<host tag>.<random><suffix>` (`TEMP_NAME`): hidden by
+the leading dot, so that dataset.find_lmdbs skips it; `<name>` is the output's name cut to its
+first 200 UTF-8 bytes; `<pid>` is the creating process's id and `<start>` its start time in clock
+ticks since boot (field 22 of /proc/<pid>/stat; absent where /proc is missing, and in the names of
+older versions): the two tell the creator from a later process that got the same pid; `<host tag>`
+is 8 hex digits, the first 4 bytes of the BLAKE2b hash of the host name; `<random>` is 8 random
+hex digits; `<suffix>` is `.tmp` (or `.old` for an output moved aside). It is made with the umask's
+usual mode (0666 / 0777 less the umask), which the rename carries to the output.
 
 Before each new temporary, `remove_stale_temporaries` cleans its folder of those a killed run left:
-names of exactly that form, with this host's tag, whose pid no longer exists and whose mtime is
-older than this process's start (a pid may look dead from another pid namespace). Temporaries of
-running writers, of other hosts or of any other form are never touched, and cleaning errors are
-ignored. A full or read-only disk's OSError that names no file, or names a temporary, is made to
+names of exactly that form, with this host's tag, whose creator no longer runs (no process has its
+pid, or the one that has started at another tick) and whose mtime is older than this process's
+start, taken to the clock tick (a pid may look dead from another pid namespace, whose writer keeps
+its temporary's mtime recent). Temporaries of running writers, of other hosts or of any other form
+are never touched, and cleaning errors are ignored. A full or read-only disk's OSError that names no file, or names a temporary, is made to
 name the output the user asked for (`blame_output`)."""
 import contextlib
 import hashlib
@@ -38,7 +41,8 @@ from utils import DISK_FULL, NOT_WRITABLE
 # A temporary's name carries its creator's pid and host, so that a later run can tell the ones a
 # killed run left (the pid is gone) from those a running writer still needs. Only names of this
 # exact form are ever removed.
-TEMP_NAME = re.compile(r"^\.(?P<name>.+)\.(?P<pid>[0-9]+)\.(?P<host>[0-9a-f]{8})\.[0-9a-f]{8}\.(?:tmp|old)$")
+TEMP_NAME = re.compile(r"^\.(?P<name>.+)\.(?P<pid>[0-9]+)(?:-(?P<start>[0-9]+))?\.(?P<host>[0-9a-f]{8})\.[0-9a-f]{8}"
+                       r"\.(?:tmp|old)$")
 MAX_TEMP_STEM = 200  # bytes of the output's name kept: the temporary's name stays under 255 bytes
 
 
@@ -47,9 +51,12 @@ def host_tag():
 
 
 def temp_name(name, suffix=".tmp"):
-    """`.<name>.<pid>.<host tag>.<random>.tmp` (or `.old`): hidden, so that dataset.find_lmdbs skips it."""
+    """`.<name>.<pid>-<start ticks>.<host tag>.<random>.tmp` (or `.old`): hidden, so that
+    dataset.find_lmdbs skips it."""
     stem = name.encode("utf-8", "surrogateescape")[:MAX_TEMP_STEM].decode("utf-8", "ignore")
-    return f".{stem}.{os.getpid()}.{host_tag()}.{secrets.token_hex(4)}{suffix}"
+    ticks = start_ticks(os.getpid())
+    creator = f"{os.getpid()}" if ticks is None else f"{os.getpid()}-{ticks}"
+    return f".{stem}.{creator}.{host_tag()}.{secrets.token_hex(4)}{suffix}"
 
 
 def _create_temp(parent, name, suffix, create):
@@ -92,16 +99,52 @@ def pid_alive(pid):
     return True
 
 
-def process_start_time():
-    """This process's start, in seconds since the epoch (from /proc; else when atomic_io was imported)."""
+def start_ticks(pid):
+    """When process `pid` started, in clock ticks since boot (field 22 of /proc/<pid>/stat); None
+    where that cannot be read (no such process, no /proc)."""
     try:
-        with open("/proc/self/stat", encoding="ascii") as f:
-            ticks = int(f.read().rsplit(")", 1)[1].split()[19])
-        with open("/proc/stat", encoding="ascii") as f:
-            boot = next(int(line.split()[1]) for line in f if line.startswith("btime "))
-        return boot + ticks / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError, StopIteration):
+        # the command name (field 2) may hold spaces and ')': count from the last ')'
+        return int(_read_proc(f"/proc/{int(pid)}/stat").rsplit(")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError, OverflowError):
+        return None
+
+
+def _read_proc(path):
+    """The text of a small /proc file (read with os calls: the writers here may replace `open`)."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    try:
+        return os.read(fd, 4096).decode("ascii", "replace")
+    finally:
+        os.close(fd)
+
+
+def creator_alive(pid, ticks):
+    """Whether the process that made a temporary still runs: one has its pid and, when the name
+    records the creator's start (`ticks`, None in older names), started at that tick."""
+    if not pid_alive(pid):
+        return False
+    if ticks is None:
+        return True
+    now = start_ticks(pid)
+    return now is None or now == ticks  # an unreadable start is undecidable: alive
+
+
+def process_start_time():
+    """This process's start, in seconds since the epoch, to the clock tick: now less the time since
+    it started (the time since boot less its start ticks; /proc/stat's btime is whole seconds, too
+    coarse to tell a run killed a second ago from this one). Where /proc is missing: when atomic_io
+    was imported."""
+    ticks = start_ticks(os.getpid())
+    if ticks is None:
         return _IMPORTED_AT
+    try:
+        since_boot = time.clock_gettime(time.CLOCK_BOOTTIME)
+    except (AttributeError, OSError):
+        try:
+            since_boot = float(_read_proc("/proc/uptime").split()[0])
+        except (OSError, ValueError, IndexError):
+            return _IMPORTED_AT
+    return time.time() - (since_boot - ticks / os.sysconf("SC_CLK_TCK"))
 
 
 _IMPORTED_AT = time.time()
@@ -109,9 +152,9 @@ _IMPORTED_AT = time.time()
 
 def remove_stale_temporaries(folder):
     """Remove the temporaries (`temp_name`) in `folder` that a run killed mid-write left behind:
-    made on this host by a process that no longer exists, and before this process started (a pid
-    can look dead from another pid namespace). Returns the removed paths; errors are ignored (a
-    folder we cannot clean still gets its proper error when written to)."""
+    made on this host by a process that no longer runs (`creator_alive`), and before this process
+    started (a pid can look dead from another pid namespace). Returns the removed paths; errors
+    are ignored (a folder we cannot clean still gets its proper error when written to)."""
     try:
         entries = os.listdir(folder)
     except OSError:
@@ -121,7 +164,9 @@ def remove_stale_temporaries(folder):
     host = host_tag()
     for entry in entries:
         match = TEMP_NAME.match(entry)
-        if not match or match["host"] != host or pid_alive(int(match["pid"])):
+        if not match or match["host"] != host:
+            continue
+        if creator_alive(int(match["pid"]), None if match["start"] is None else int(match["start"])):
             continue
         path = os.path.join(folder, entry)
         try:
@@ -183,12 +228,39 @@ def append_text(path, text):
         raise blame_output(err, path)
 
 
+class _KeptErrorWriter:
+    """A binary file whose write keeps the first OSError it raises: torch's zip writer turns a
+    failed write into a RuntimeError ("unexpected pos ...") that names neither the file nor the
+    errno, so the OSError is raised again in its place."""
+
+    def __init__(self, f):
+        self.f = f
+        self.error = None
+
+    def write(self, data):
+        try:
+            return self.f.write(data)
+        except OSError as err:
+            self.error = self.error or err
+            raise
+
+    def flush(self):
+        self.f.flush()
+
+
 def atomic_torch_save(obj, path):
+    """torch.save to `path` atomically; a full or read-only disk is an OSError naming `path`."""
     with atomic_path(path) as tmp:
         # through a Python file, so that a full disk is an OSError (torch.save to a path raises a
         # RuntimeError that names no errno)
         with open(tmp, "wb") as f:
-            torch.save(obj, f)
+            writer = _KeptErrorWriter(f)
+            try:
+                torch.save(obj, writer)
+            except RuntimeError:
+                if writer.error is None:
+                    raise
+                raise writer.error from None
 
 
 def atomic_write_text(path, text):

@@ -6,8 +6,9 @@ One temperature T > 0, fitted (`--temperature auto`) or given, applied at one of
 
 - token (`fit_temperature`, `apply_temperature`): the logits are divided by T, and every
   probability (the word confidence, margin, entropy) is recomputed from them. T minimises the
-  negative log-likelihood of the label tokens (Attn: `text[:, 1:]`, [s] included; CTC: the CTC NLL
-  of the label): it is fitted on characters. A number given to --temperature is such a T.
+  negative log-likelihood of the label tokens (Attn: `text[:, 1:]`, [s] included, under the
+  teacher-forced logits, each token given the label's prefix; CTC: the CTC NLL of the label): it is
+  fitted on characters. A number given to --temperature is such a T.
 - word (`fit_word_temperature`, `apply_word_temperature`): the word confidence c itself becomes
   c ** (1 / T), i.e. its log is divided by T; logits and token probabilities are left alone. T
   minimises the binary negative log-likelihood of each greedy reading being right under c ** (1 / T).

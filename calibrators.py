@@ -236,9 +236,13 @@ class SoftBootstrap(Calibrator):
     model overrule a wrong label.
 
     The original code took KL(m || p) through `nn.KLDivLoss` instead. That is CE(m) - H(m), and with
-    p live inside m the gradient of -H(m) cancels the bootstrap term: the logit gradient becomes
-    c(p_y) (p - y) with c between beta and 1, a reweighted cross-entropy in which the model's
-    prediction never pulls the target. The two agree only at beta = 1 (up to the constant H(q)).
+    p live inside m the gradient of -H(m) cancels the bootstrap term: for a one-hot label y
+    (alpha = 0) the logit gradient is c (p - y), with
+        c = beta - (1 - beta) p_y log(1 + beta / ((1 - beta) p_y)),
+    which lies in (0, beta]: beta as p_y -> 0, down to beta + (1 - beta) log(1 - beta) at p_y = 1
+    (0.48 at beta = 0.8, 0.15 at beta = 0.5). So it is a cross-entropy down-weighted where the model
+    already agrees with the label, and the model's prediction never pulls the target. The two
+    agree only at beta = 1 (up to the constant H(q)).
 
     CTC has no per-frame label, so the CTC form is Reed's loss written for sequences: beta x the
     CTC loss of the label + (1 - beta) x the cross-entropy of every frame against the model's own

@@ -9,14 +9,18 @@ hook takes it from the scoring pass itself, so no second pass runs. It is kept a
 NaN becomes 0, magnitudes beyond float16's range are clipped to it), in one array of the shard's
 size allocated once: n x d x 2 bytes, nothing per batch that outlives the batch.
 
-Selection: the first centre is the strategy's first choice; then, again and again, the candidate
-farthest (squared Euclidean distance) from its nearest centre, ties to the one the strategy ranks
-first. So the batch depends on the embeddings and the strategy's ranking alone, not on the order
-or the number of processes that scored the pool. Distances are float32, |x|^2 - 2 x.c + |c|^2,
-computed CHUNK rows at a time: besides the embeddings, memory holds two float32 numbers per
-candidate and one chunk, never an n x n matrix; time grows as picks x candidates x d. The
-already-labelled samples do not serve as centres (that would need an embedding pass over the
-labelled set too): the first centre is the top-scoring pick."""
+Selection (Sener and Savarese's greedy): the centres start as the already-labelled samples'
+embeddings when given (`data_sampling.py --coreset_init labelled`, the default: the labelled set
+the next round trains on, embedded by the same model and hook as the pool), else as none
+(`--coreset_init top`: the first pick is the strategy's first choice, whatever is labelled).
+Then, again and again, the candidate farthest (squared Euclidean distance) from its nearest
+centre is picked and becomes a centre, ties to the one the strategy ranks first (with no centre
+every distance is infinite, so the strategy's first choice comes first). So the batch depends on
+the embeddings and the strategy's ranking alone, not on the order or the number of processes that
+scored the pool. Distances are float32, |x|^2 - 2 x.c + |c|^2, computed in blocks of CHUNK rows:
+besides the embeddings, memory holds two float32 numbers per candidate and one block (CHUNK x
+CHUNK against the labelled centres), never an n x n or n x m matrix; time grows as
+(labelled + picks) x candidates x d."""
 import contextlib
 
 import numpy as np
@@ -25,6 +29,8 @@ import torch
 from model import unwrap
 
 CHUNK = 1024  # rows per distance block: 1024 x d float32, a few hundred KB for d = 256
+INITS = ("labelled", "top")  # --coreset_init: the starting centres (see the module docstring)
+DEFAULT_INIT = "labelled"
 FLOAT16_MAX = float(np.finfo(np.float16).max)
 
 
@@ -51,6 +57,22 @@ def capture_embeddings(model, enabled=True):
         yield found
     finally:
         handle.remove()
+
+
+def embed_loader(model, loader, forward, capacity=0):
+    """`((n, d) float16 embeddings, [identity])` of every sample of `loader` (batches of (images,
+    labels, identities), an empty batch skipped), taken as the scoring pass takes the pool's:
+    `forward(images)` runs the model on a batch while `capture_embeddings` holds."""
+    store, identities = RowStore(capacity), []
+    with torch.no_grad(), capture_embeddings(model) as found:
+        for images, labels, batch_identities in loader:
+            if len(labels) == 0:
+                continue
+            forward(images)
+            store.add(np.concatenate(found))
+            found.clear()
+            identities.extend(batch_identities)
+    return store.array(), identities
 
 
 class RowStore:
@@ -85,15 +107,39 @@ def _squared_norms(points, chunk):
     return norms
 
 
-def k_centre(embeddings, order, count, chunk=CHUNK):
+def nearest_distances(points, norms, centres, chunk=CHUNK):
+    """(n,) float32 squared distance of each of the (n, d) `points` (with their squared `norms`) to
+    its nearest row of the (m, d) `centres`; inf where m = 0. Blocks of chunk x chunk distances at
+    a time."""
+    nearest = torch.full((len(points),), float("inf"), dtype=torch.float32)
+    if centres is None or len(centres) == 0:
+        return nearest
+    centres = torch.from_numpy(np.ascontiguousarray(centres))
+    centre_norms = _squared_norms(centres, chunk)
+    for first in range(0, len(centres), chunk):
+        block = centres[first:first + chunk].float()
+        block_norms = centre_norms[first:first + chunk]
+        for start in range(0, len(points), chunk):
+            end = start + chunk
+            distance = torch.mm(points[start:end].float(), block.t()).mul_(-2.0)
+            distance.add_(norms[start:end].unsqueeze(1)).add_(block_norms.unsqueeze(0)).clamp_(min=0.0)
+            torch.minimum(nearest[start:end], distance.min(1).values, out=nearest[start:end])
+    return nearest
+
+
+def k_centre(embeddings, order, count, chunk=CHUNK, labelled=None):
     """Indices (into the rows of the (n, d) `embeddings`) of `count` samples picked by greedy
     k-centre among the candidates `order` (row indices, the strategy's first choice first), in
-    the order picked. See the module docstring for the rule, its ties and its cost."""
+    the order picked; the (m, d) `labelled` embeddings (None: none) are the starting centres.
+    See the module docstring for the rule, its ties and its cost."""
     order = np.asarray(order, dtype=np.int64)
     if not 0 <= count <= len(order):
         raise ValueError(f"cannot pick {count} of {len(order)} candidates")
     if count == 0:
         return np.zeros(0, dtype=np.int64)
+    if labelled is not None and len(labelled) and np.shape(labelled)[1] != np.shape(embeddings)[1]:
+        raise ValueError(f"labelled embeddings of width {np.shape(labelled)[1]} against the pool's "
+                         f"{np.shape(embeddings)[1]}")
     # Candidates in row order, each with its position in the strategy's ranking (for ties); all
     # of them: the embeddings as they are, no copy; fewer: a float16 copy of theirs.
     by_row = np.argsort(order, kind="stable")
@@ -102,18 +148,18 @@ def k_centre(embeddings, order, count, chunk=CHUNK):
     points = torch.from_numpy(np.ascontiguousarray(embeddings if whole else embeddings[rows]))
     position = torch.from_numpy(by_row)
     norms = _squared_norms(points, chunk)
-    nearest = torch.full((len(rows),), float("inf"), dtype=torch.float32)
+    nearest = nearest_distances(points, norms, labelled, chunk)
     last = len(position)  # larger than every position: never the tie-break winner
-    centre = int(torch.argmin(position))
-    picks = [centre]
-    for _ in range(count - 1):
+    picks = []
+    while True:
+        farthest = nearest == nearest.max()
+        centre = int(torch.argmin(torch.where(farthest, position, last)))
+        picks.append(centre)
+        nearest[centre] = -1.0  # taken: below every distance, never picked again
+        if len(picks) == count:
+            return rows[np.asarray(picks, dtype=np.int64)]
         c = points[centre].float()
         for start in range(0, len(rows), chunk):
             end = start + chunk
             distance = torch.mv(points[start:end].float(), c).mul_(-2.0).add_(norms[start:end]).add_(norms[centre])
             torch.minimum(nearest[start:end], distance.clamp_(min=0.0), out=nearest[start:end])
-        nearest[centre] = -1.0  # taken: below every distance, never picked again
-        farthest = nearest == nearest.max()
-        centre = int(torch.argmin(torch.where(farthest, position, last)))
-        picks.append(centre)
-    return rows[np.asarray(picks, dtype=np.int64)]

@@ -17,6 +17,7 @@ import sys
 from PIL import Image
 
 import dataset
+import options
 import utils
 
 MAX_REPORTED = 50
@@ -121,11 +122,13 @@ def iter_samples(input_path, lines, check_valid, report):
             report.skip(line_no, reason, line[:80])
             continue
         path = os.path.join(input_path, relpath)
-        if not os.path.isfile(path):
+        if not os.path.exists(path):
             report.skip(line_no, "missing file", path)
             continue
-        with open(path, "rb") as f:
-            buf = f.read()
+        buf, reason = dataset.read_image_file(path)
+        if reason:
+            report.skip(line_no, reason, path)
+            continue
         if check_valid:
             reason = check_image(buf)
             if reason:
@@ -173,11 +176,9 @@ def iter_unlabelled(input_path, relpaths, report):
     count = 0
     for relpath in relpaths:
         path = os.path.join(input_path, relpath)
-        try:
-            with open(path, "rb") as f:
-                buf = f.read()
-        except OSError as err:
-            report.skip(relpath, f"unreadable file ({err.strerror or type(err).__name__})", path)
+        buf, reason = dataset.read_image_file(path)
+        if reason:
+            report.skip(relpath, reason, path)
             continue
         reason = check_image(buf)
         if reason:
@@ -203,6 +204,7 @@ def create_unlabelled_dataset(input_path, output_path, overwrite=False):
 @utils.exit_on_user_error
 def main(argv=None):
     opt = parse_args(argv)
+    options.check_output_dir(opt.outputPath, "--outputPath")
     if opt.unlabelled:
         if opt.gtFile:
             raise utils.UserError(f"--gtFile {opt.gtFile} with --unlabelled: an unlabelled LMDB reads no labels; "

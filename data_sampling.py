@@ -80,8 +80,14 @@ def get_args_parser():
     group.add_argument("--candidates", type=int, default=None,
                        help="coreset only: k-centre among the strategy's top M samples (default: all); at least "
                             "the number to query")
+    group.add_argument("--coreset_init", choices=coreset.INITS, default=None,
+                       help="coreset only: the starting centres. labelled (default): the labelled samples the next "
+                            "round trains on, embedded by the model as the pool is (Sener and Savarese's core-set; "
+                            "one more pass, over them); top: none, the first pick is the strategy's first choice "
+                            "(the default where an earlier coreset query set under --train_data predates this flag)")
     group.add_argument("--cali_threshold", type=float, default=0.5,
-                       help="cali: least calibrated confidence at or above this first, then the closest below it")
+                       help="cali: least calibrated confidence at or above this first, then the closest below it; "
+                            "in [0, 1] (recorded in the query set's query-meta)")
     group.add_argument("--mc_samples", type=int, default=10,
                        help="bald: number of stochastic passes (1 = mean token entropy of a single pass)")
     group.add_argument("--mc_dropout", type=float, default=0.2,
@@ -126,11 +132,15 @@ def get_args_parser():
 
 def check_inputs(opt):
     options.require_dir(opt.train_data, "--train_data", "give the root folder of the training LMDBs")
+    options.check_output_dir(opt.save_images, "--save_images")
+    options.check_output_dir(opt.export_annotation, "--export_annotation")
     if not (opt.dry_run and opt.saved_model and not os.path.exists(opt.saved_model)):
         options.require_file(opt.saved_model, "--saved_model", "give the model of the last round",
                              if_absent="train a model first")
     if not math.isfinite(opt.lock_timeout):
         raise utils.UserError(f"--lock_timeout {opt.lock_timeout}: give seconds (0: fail at once, -1: no limit)")
+    if not 0.0 <= opt.cali_threshold <= 1.0:  # also refuses nan, which would rank as uncali does
+        raise utils.UserError(f"--cali_threshold {opt.cali_threshold}: must lie in [0, 1] (a calibrated confidence)")
     if opt.mc_samples < 1:
         raise utils.UserError(f"--mc_samples {opt.mc_samples}: must be at least 1")
     if not 0.0 <= opt.mc_dropout < 1.0:
@@ -368,11 +378,12 @@ def merge_columns(parts, leaf_relpaths):
 # picking and writing
 
 
-def pick(columns, strategy, opt, count, round_name):
+def pick(columns, strategy, opt, count, round_name, centres=None):
     identities = list(zip(columns["relpath"], columns["index"].tolist()))
     keys = query_strategies.identity_keys(identities, opt.manualSeed)
     chosen = acquisition.select(opt.acquisition, opt.acquisition_beta, strategy, columns, keys, count,
-                                opt.manualSeed, round_name, candidates=opt.candidates, threshold=opt.cali_threshold)
+                                opt.manualSeed, round_name, candidates=opt.candidates, centres=centres,
+                                threshold=opt.cali_threshold)
     scores = strategy.score(columns, keys)
     return np.sort(chosen), scores
 
@@ -416,8 +427,10 @@ def stage_images(folder, samples, query_set):
                   "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
         with open(os.path.join(staged, EXPORT_MARKER), "w", encoding="utf-8") as f:
             f.write(json.dumps(marker, indent=2) + "\n")
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(staged, ignore_errors=True)
+        if isinstance(err, OSError):  # a full disk's error names no file: name the folder asked for
+            raise atomic_io.blame_output(err, folder)
         raise
     return staged
 
@@ -432,12 +445,15 @@ def publish_images(staged, folder, overwrite, query_path):
         os.replace(staged, folder)
 
 
-def query_meta(opt, strategy, name, pool, picked_scores, temperature):
+def query_meta(opt, strategy, name, pool, picked_scores, temperature, centres=None):
     return {
         "name": name, "strategy": strategy.name, "model": os.path.abspath(opt.saved_model),
         "acquisition": opt.acquisition,
         "acquisition_beta": opt.acquisition_beta if acquisition.uses_beta(opt.acquisition) else None,
         "candidates": opt.candidates,
+        "cali_threshold": opt.cali_threshold if "threshold" in strategy.params else None,
+        # coreset: its starting centres, and how many labelled samples were embedded as such
+        "coreset_init": opt.coreset_init, "coreset_labelled": None if centres is None else len(centres),
         "ratio": opt.ratio if opt.num_query is None else None, "num_query": opt.num_query,
         "num_picked": len(picked_scores), "pool_size": pool.total, "pool_subsample": opt.pool_subsample,
         "subsample_size": len(pool), "temperature": temperature,
@@ -634,6 +650,48 @@ def score_round(opt, model, converter, strategy, temperature, device, plan, rank
     return merge_columns(parts, [leaf.relpath for leaf in pool.leaves]), pool, temperature
 
 
+def coreset_init(opt):
+    """--coreset_init for --acquisition coreset (None for the others): as given, else labelled, but
+    top when a query set under --train_data was picked by coreset before the choice existed (its
+    query-meta has no coreset_init), so that a loop grown by more rounds keeps one method."""
+    if opt.coreset_init is not None or "embedding" not in acquisition.needs(opt.acquisition):
+        return opt.coreset_init
+    for rel, is_query in list_leaf_lmdbs(opt.train_data).items():
+        meta = dataset.read_query_meta(os.path.join(opt.train_data, rel)) if is_query else None
+        if meta and meta.get("acquisition") == "coreset" and "coreset_init" not in meta:
+            if int(os.environ.get("RANK", "0")) == 0:
+                print(f"coreset: {rel} was picked from the strategy's first choice (before --coreset_init existed); "
+                      f"this round starts there too (--coreset_init top); give --coreset_init labelled to change")
+            return "top"
+    return coreset.DEFAULT_INIT
+
+
+def labelled_centres(opt, model, plan, device, rank, world_size, distributed):
+    """--coreset_init labelled: the (m, d) float16 embeddings of the labelled samples the next round
+    trains on (relabel_names), taken as the pool's are (`score_batch`: the same model, forward pass
+    and hook), on rank 0 ((0, 0) when none is labelled: coreset then starts from the strategy's
+    first choice); None on the other ranks. Each rank embeds every world_size-th sample."""
+    data, _ = relabel.labelled_data(opt, relabel_names(plan), required=False)
+    if rank == 0:
+        print(f"coreset: embedding the {len(data)} labelled samples as the starting centres (--coreset_init labelled)")
+    if not len(data):
+        return np.zeros((0, 0), dtype=np.float16) if rank == 0 else None
+
+    def forward(images):
+        with utils.autocast_context(device, opt.amp):
+            forward_logits(model, images.to(device, non_blocking=True), opt.batch_max_length, opt.Prediction)
+
+    share = rank_share(data, rank, world_size)
+    rows, identities = coreset.embed_loader(model, eval_loader(share, opt, device), forward, capacity=len(share))
+    parts = utils.all_gather_object((rows, identities)) if distributed else [(rows, identities)]
+    if rank != 0:
+        return None
+    # in identity order, so that the distances' blocks are the same for any number of processes
+    identities = [identity for _, part in parts for identity in part]
+    order = sorted(range(len(identities)), key=lambda k: (str(identities[k][0]), int(identities[k][1])))
+    return np.concatenate([part for part, _ in parts])[order]
+
+
 def check_still_free(opt, plan, identities):
     """Just before publishing: the name is still ours to write and no picked sample has been
     queried meanwhile. Under the lock both hold; this catches a writer that ignored the lock."""
@@ -646,9 +704,10 @@ def check_still_free(opt, plan, identities):
                               f"(e.g. {sorted(taken)[0]}); nothing was written, run the round again")
 
 
-def write_round(opt, strategy, plan, columns, pool, temperature, start, labelled=None):
+def write_round(opt, strategy, plan, columns, pool, temperature, start, labelled=None, centres=None):
     """Pick, write the query set (and with --relabel_ratio the relabel set, `labelled` holding the
-    label-quality columns of the labelled samples) and print the summary."""
+    label-quality columns of the labelled samples) and print the summary; `centres` are coreset's
+    starting centres (`labelled_centres`)."""
     scored = len(columns["index"])
     if scored == 0:
         raise utils.UserError(f"the {'subsample' if pool.subsampled else 'pool'} of {len(pool)} samples holds "
@@ -659,15 +718,15 @@ def write_round(opt, strategy, plan, columns, pool, temperature, start, labelled
     relabelling = relabel_round(opt, plan, labelled, count)
     if relabelling:
         count -= len(relabelling["rows"])
-    picked, scores = pick(columns, strategy, opt, count, plan.name)
+    picked, scores = pick(columns, strategy, opt, count, plan.name, centres)
     identities = [(columns["relpath"][i], int(columns["index"][i])) for i in picked]
     if plan.package:
         return export_round(opt, strategy, plan, columns, picked, scores, identities, pool, temperature, start,
-                            relabelling, labelled)
+                            relabelling, labelled, centres)
     staged = stage_images(opt.save_images, read_raw_samples(opt.train_data, identities), plan.name) \
         if opt.save_images else None
     try:
-        meta = query_meta(opt, strategy, plan.name, pool, scores[picked], temperature)
+        meta = query_meta(opt, strategy, plan.name, pool, scores[picked], temperature, centres)
         # The summary is part of the folder from the start: a kill cannot leave a query set without it.
         summary = make_summary(opt, plan.name, plan.path, columns, picked, pool, temperature,
                                time.time() - start, plan.query_names,
@@ -691,7 +750,7 @@ def write_round(opt, strategy, plan, columns, pool, temperature, start, labelled
 
 
 def export_round(opt, strategy, plan, columns, picked, scores, identities, pool, temperature, start,
-                 relabelling=None, labelled=None):
+                 relabelling=None, labelled=None, centres=None):
     """Write the annotation package of the picked samples instead of the query set: the images,
     the model's readings, confidences and scores, and what import_annotations.py needs; with
     --relabel_ratio also the labelled samples chosen for a second look (`relabelling`, rows of the
@@ -721,7 +780,7 @@ def export_round(opt, strategy, plan, columns, picked, scores, identities, pool,
                     "batch_max_length": opt.batch_max_length},
         "selection": {"select_data": list(opt.select_data), "batch_ratio": [float(r) for r in opt.batch_ratio],
                       "unlabelled": list(plan.unlabelled), "pool_data": list(plan.whole)},
-        "query_meta": query_meta(opt, strategy, plan.name, pool, scores[picked], temperature),
+        "query_meta": query_meta(opt, strategy, plan.name, pool, scores[picked], temperature, centres),
         "relabel": relabelling and {
             "name": plan.relabel.name, "policy": opt.relabel_policy,
             "meta": relabel.relabel_meta(opt, plan.relabel, plan.name, relabelling["rows"], labelled)},
@@ -824,7 +883,8 @@ def main(opt, given=None):
         print(warning, file=sys.stderr)
     options.resolve_options(opt)
     strategy = query_strategies.get_strategy(opt.query)
-    acquisition.check(opt.acquisition, opt.acquisition_beta, strategy, opt.candidates)
+    acquisition.check(opt.acquisition, opt.acquisition_beta, strategy, opt.candidates, opt.coreset_init)
+    opt.coreset_init = coreset_init(opt)
     # "auto" is fitted once the pool is known to be non-empty, after the model is loaded.
     temperature = options.parse_temperature(opt.temperature, default="auto" if strategy.calibrated else None)
     # from here on: how the temperature is fitted ('token' or 'word'), None when it is not
@@ -843,11 +903,13 @@ def main(opt, given=None):
             plan = plan_output(opt)
             columns, pool, temperature = score_round(opt, model, converter, strategy, temperature, device,
                                                      plan, rank, world_size, distributed)
+            centres = labelled_centres(opt, model, plan, device, rank, world_size, distributed) \
+                if opt.coreset_init == "labelled" else None
             labelled = relabel.score_labelled(opt, model, converter, device, relabel_names(plan), rank, world_size,
                                               distributed) if opt.relabel_ratio > 0 else None
             if rank != 0:
                 return None
-            return write_round(opt, strategy, plan, columns, pool, temperature, start, labelled)
+            return write_round(opt, strategy, plan, columns, pool, temperature, start, labelled, centres)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ import math
 import os
 import shutil
 import signal
+import stat
 
 import lmdb
 import numpy as np
@@ -157,6 +158,28 @@ def decode_image(buf, rgb):
         return None
 
 
+def read_image_file(path):
+    """`(bytes, None)` for a regular file, else `(None, reason)`. A FIFO, socket or device named
+    like an image is never read (reading a FIFO blocks until someone writes to it): it is opened
+    without blocking and refused by its type, in one step, so a swap between a check and the open
+    cannot hang the reader either."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    except OSError as err:
+        return None, f"unreadable file ({err.strerror or type(err).__name__})"
+    with os.fdopen(fd, "rb") as f:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = ("a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode)
+                    else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a folder"
+                    if stat.S_ISDIR(mode) else "special")
+            return None, f"not a regular file ({kind})"
+        try:
+            return f.read(), None
+        except OSError as err:
+            return None, f"unreadable file ({err.strerror or type(err).__name__})"
+
+
 def lowercases_labels(opt):
     """Whether labels are lower-cased before filtering and training.
 
@@ -293,7 +316,7 @@ class LmdbDataset(Dataset):
             for index, raw in iter_labels(txn, self.num_total):
                 if not wanted[index]:
                     continue
-                identity = (read_origin(txn, index) if self.is_query or self.is_relabel else None) \
+                identity = (read_origin(txn, index, self.root) if self.is_query or self.is_relabel else None) \
                     or (self.relpath, index)
                 index_of[identity] = index
                 samples.append((identity, self.rules.clean(self.rules.normalise(raw))))
@@ -318,7 +341,7 @@ class LmdbDataset(Dataset):
             if self.is_query:
                 hits = {}
                 for index in self.indices.tolist():
-                    origin = read_origin(txn, index)
+                    origin = read_origin(txn, index, self.root)
                     if origin in relabels:
                         hits[index] = relabels[origin]
             else:
@@ -369,7 +392,7 @@ class LmdbDataset(Dataset):
         with shared_env(self.root).begin(write=False) as txn:
             for index in sorted(self.noisy_labels):
                 raw = (txn.get(label_key(index)) or b"").decode("utf-8", errors="replace")
-                origin = read_origin(txn, index) if self.is_query else None
+                origin = read_origin(txn, index, self.root) if self.is_query else None
                 clean = self.relabelled.get(index)
                 records.append({"relpath": self.relpath, "index": index,
                                 "origin_relpath": origin[0] if origin else None,
@@ -410,12 +433,45 @@ class LmdbDataset(Dataset):
         return image, label, (self.relpath, index)
 
 
-def read_origin(txn, index):
-    raw = txn.get(origin_key(index))
+def read_origin(txn, index, path=None):
+    """The origin `(relpath, index)` recorded for sample `index` of the LMDB at `path` (opened as
+    txn; named in the error of a damaged key), or None when it records none."""
+    return parse_origin(txn.get(origin_key(index)), path, origin_key(index))
+
+
+def parse_origin(raw, path, key):
+    """`(relpath, index)` from a stored `<relpath>TAB<index>` value (None stays None); anything else
+    is a UserError naming the LMDB and the key, since a damaged key must not pass as a sample."""
     if raw is None:
         return None
-    relpath, _, idx = raw.decode("utf-8").rpartition("\t")
-    return (relpath, int(idx))
+    try:
+        relpath, tab, idx = raw.decode("utf-8").rpartition("\t")
+        if tab and relpath and idx.isdigit():
+            return (relpath, int(idx))
+    except UnicodeDecodeError:
+        pass
+    raise UserError(f"{_lmdb_name(path)}: its key {key.decode()} holds {raw[:40]!r}, not '<dataset>TAB<index>'; "
+                    f"the LMDB is damaged: rebuild it (query and relabel sets: run their round again)")
+
+
+def _lmdb_name(path):
+    return "an LMDB" if path is None else os.path.normpath(path)
+
+
+def read_meta(txn, key, path):
+    """The JSON dict stored under `key` (query-meta, relabel-meta) of the LMDB at `path`, or None;
+    a value that is not a JSON object is a UserError naming the LMDB and the key."""
+    raw = txn.get(key)
+    if raw is None:
+        return None
+    try:
+        meta = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        meta = None
+    if not isinstance(meta, dict):
+        raise UserError(f"{_lmdb_name(path)}: its key {key.decode()} holds {raw[:40]!r}, not a JSON object; the LMDB "
+                        f"is damaged: rebuild it (query and relabel sets: run their round again)")
+    return meta
 
 
 class IdentityView(collections.abc.Sequence):
@@ -487,14 +543,50 @@ class SelectedDataset(Dataset):
 def find_lmdbs(root):
     """Relative POSIX paths of every leaf LMDB (a folder holding data.mdb) below root, natural order.
 
-    Hidden folders are skipped: they hold writes in progress (see write_lmdb)."""
+    Hidden folders are skipped: they hold writes in progress (see write_lmdb). Symbolic links are
+    followed, but a folder reached twice (a link to a dataset beside it, or to a folder above it)
+    is a UserError: its samples would count twice (a query set trained at double weight, a test
+    set scored twice) and a link to an ancestor would make the walk endless."""
     found = []
+    seen = {os.path.realpath(root): "."}  # each folder's real path -> the first path it was reached by
+    aliases = []
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        rel = _relpath(dirpath, root)
+        kept = []
+        for name in sorted(d for d in dirnames if not d.startswith(".")):
+            real = os.path.realpath(os.path.join(dirpath, name))
+            child = name if rel == "." else f"{rel}/{name}"
+            if real in seen:
+                aliases.append((child, seen[real]))
+            else:
+                seen[real] = child
+                kept.append(name)
+        dirnames[:] = kept
         if "data.mdb" in filenames:
-            rel = os.path.relpath(dirpath, root)
-            found.append("." if rel == "." else rel.replace(os.sep, "/"))
+            found.append(rel)
+    for alias, first in aliases:
+        # only an alias of a folder that holds an LMDB would count samples twice
+        if any(_within(leaf, first) for leaf in found):
+            link = first if _through_link(root, first) and not _through_link(root, alias) else alias
+            raise UserError(f"{root}: {first} and {alias} are one folder (reached twice through a symbolic link), "
+                            f"so its samples would count twice; remove the link {os.path.join(root, link)}")
     return natsorted(found)
+
+
+def _through_link(root, rel):
+    """Whether the relative path `rel` below root passes through a symbolic link."""
+    parts = [] if rel == "." else rel.split("/")
+    return any(os.path.islink(os.path.join(root, *parts[:k])) for k in range(1, len(parts) + 1))
+
+
+def _relpath(path, root):
+    rel = os.path.relpath(path, root)
+    return "." if rel == "." else rel.replace(os.sep, "/")
+
+
+def _within(rel, folder):
+    """Whether the relative path `rel` is `folder` or lies below it ("." holds everything)."""
+    return folder == "." or rel == folder or rel.startswith(folder + "/")
 
 
 def selects(relpath, name, root):
@@ -651,8 +743,7 @@ def is_relabel_set(path):
 def read_relabel_meta(path):
     """The decoded `relabel-meta` dict of a relabel set, or None."""
     with shared_env(path).begin(write=False) as txn:
-        raw = txn.get(RELABEL_META_KEY)
-    return None if raw is None else json.loads(raw.decode("utf-8"))
+        return read_meta(txn, RELABEL_META_KEY, path)
 
 
 def relabel_policy(path, meta):
@@ -706,7 +797,7 @@ def read_relabels(root, opt, relpaths, noise_ratio=0.0, noise_model=annotator_no
             leaf.add_noise(noise_ratio, relabel_noise_seed(seed, round_number), noise_model)
         with shared_env(leaf.root).begin(write=False) as txn:
             for index in leaf.indices.tolist():
-                origin = read_origin(txn, index)
+                origin = read_origin(txn, index, leaf.root)
                 if origin is None:
                     raise UserError(f"{leaf.root}: relabel set sample {index} has no origin key; rebuild it with "
                                     f"data_sampling.py")
@@ -714,7 +805,7 @@ def read_relabels(root, opt, relpaths, noise_ratio=0.0, noise_model=annotator_no
                 relabels.setdefault(origin, []).append(
                     RelabelEntry(leaf.rules.clean(leaf.rules.normalise(raw)), leaf.noisy_labels.get(index),
                                  leaf.noise_kinds.get(index), rel, index, policy))
-            for origin in read_unreadable_origins(txn):  # import_annotations.py: answered empty or ###
+            for origin in read_unreadable_origins(txn, leaf.root):  # import_annotations.py: answered empty or ###
                 relabels.setdefault(origin, []).append(RelabelEntry(None, None, None, rel, None, policy))
     return relabels
 
@@ -737,13 +828,13 @@ def selected_query_origins(root, select_data, flag="--train_data"):
 
 
 def labelled_dataset(root, opt, select_data, noise_ratio=0.0, noise_scope="queried",
-                     noise_model=annotator_noise.DEFAULT_MODEL, flag="--train_data"):
+                     noise_model=annotator_noise.DEFAULT_MODEL, flag="--train_data", required=True):
     """`(data, log)`: every labelled sample of `select_data`, with the labels `train.py --mode al`
     trains on (Batch_Balanced_Dataset): per name, `hierarchical_dataset(split="labelled")` with the
     selected query sets' origins excluded, the noise applied and the selected relabel sets applied
     over it (new labels; an `agree` set's disagreeing samples left out). A sample that two names
     select is kept once (the first name's). Items are `(image, label, identity)`; UserError when
-    there is none."""
+    there is none (with `required`; else an empty list)."""
     queried = selected_query_origins(root, select_data, flag)
     selected = natsorted({rel for name in select_data for rel in select_leaves(root, [name], flag)})
     relabels = read_relabels(root, opt, relabel_leaves(root, selected), noise_ratio, noise_model)
@@ -766,6 +857,8 @@ def labelled_dataset(root, opt, select_data, noise_ratio=0.0, noise_scope="queri
         if len(data):
             parts.append(data)
             earlier.append((relpaths, identities))
+    if not parts and not required:
+        return [], "\n".join(logs)
     if not parts:
         raise UserError(f"--select_data {'-'.join(select_data)}: no labelled sample under {root} (after filtering "
                         f"and --total_data_usage_ratio {getattr(opt, 'total_data_usage_ratio', 1.0)}); give the "
@@ -844,6 +937,22 @@ class EpochBatchSampler:
         return max(self.batches_per_epoch - self.start, 0)
 
 
+def check_selected_once(names, selected):
+    """Each LMDB in one stream only: two --select_data names selecting one LMDB (a name given
+    twice, or a folder and a dataset inside it) would train its samples at double weight.
+    `selected` maps each name to its leaves."""
+    owner = {}
+    for k, name in enumerate(names):
+        if name in names[:k]:
+            raise UserError(f"--select_data names {name} twice; name each dataset once (and give one --batch_ratio "
+                            f"share per name)")
+        for rel in selected[name]:
+            if rel in owner:
+                raise UserError(f"--select_data {owner[rel]} and {name} both select {rel}, whose samples would train "
+                                f"at double weight; name each dataset once")
+            owner[rel] = name
+
+
 class Batch_Balanced_Dataset:
     """One shuffled loader per --select_data name; `get_batch()` draws the batch_ratio share of
     each and concatenates them. `opt.batch_size` is the batch of this rank.
@@ -888,6 +997,7 @@ class Batch_Balanced_Dataset:
                          f"seed {opt.manualSeed}")
 
         selected = {name: select_leaves(root, [name], "--train_data") for name in names}
+        check_selected_once(names, selected)
         relabel_sets = {name: relabel_leaves(root, rels) for name, rels in selected.items()}
         only_relabels = self.relabel_names(names, ratios, selected, relabel_sets, query_sets)
         if only_relabels:  # a relabel set is no stream: its name is dropped, it relabels the others
@@ -1214,15 +1324,18 @@ class RawDataset(Dataset):
 
     def __getitem__(self, i):
         path = self.paths[i]
-        with open(path, "rb") as f:
-            image = decode_image(f.read(), self.rgb)
-        return image, path, path
+        data, _ = read_image_file(path)
+        return (None if data is None else decode_image(data, self.rgb)), path, path
 
 
 def check_image_file(path):
-    """None when Pillow can read the file's image header and data, else the reason."""
+    """None when the path is a regular file whose image header and data Pillow reads, else the
+    reason (read_image_file's for anything but a regular file)."""
+    data, reason = read_image_file(path)
+    if reason:
+        return reason
     try:
-        with Image.open(path) as img:
+        with Image.open(io.BytesIO(data)) as img:
             img.verify()
     except Exception as err:
         return f"undecodable image ({type(err).__name__}: {err})"
@@ -1361,8 +1474,7 @@ def is_empty_query_set(path):
 def read_query_meta(path):
     """The decoded `query-meta` dict of a query set, or None."""
     with shared_env(path).begin(write=False) as txn:
-        raw = txn.get(QUERY_META_KEY)
-    return None if raw is None else json.loads(raw.decode("utf-8"))
+        return read_meta(txn, QUERY_META_KEY, path)
 
 
 def read_query_origins(root, skip=()):
@@ -1379,20 +1491,23 @@ def read_query_origins(root, skip=()):
             if txn.get(QUERY_META_KEY) is None:
                 continue
             for index in range(1, read_num_samples(txn, path) + 1):
-                origin = read_origin(txn, index)
+                origin = read_origin(txn, index, path)
                 if origin is not None:
                     origins.add(origin)
-            origins.update(read_unreadable_origins(txn))
+            origins.update(read_unreadable_origins(txn, path))
     return origins
 
 
-def read_unreadable_origins(txn):
-    """The origins a query set records as unreadable (`unreadable-%09d`): queried, never trained on."""
-    count = int(txn.get(NUM_UNREADABLE_KEY) or 0)
+def read_unreadable_origins(txn, path=None):
+    """The origins the query set at `path` records as unreadable (`unreadable-%09d`): queried,
+    never trained on."""
+    raw = txn.get(NUM_UNREADABLE_KEY) or b"0"
+    if not raw.isdigit():
+        raise UserError(f"{_lmdb_name(path)}: its key {NUM_UNREADABLE_KEY.decode()} holds {raw[:40]!r}, not a count; "
+                        f"the LMDB is damaged: rebuild it (query and relabel sets: run their round again)")
     origins = []
-    for index in range(1, count + 1):
-        raw = txn.get(unreadable_key(index))
-        if raw is not None:
-            relpath, _, idx = raw.decode("utf-8").rpartition("\t")
-            origins.append((relpath, int(idx)))
+    for index in range(1, int(raw) + 1):
+        origin = parse_origin(txn.get(unreadable_key(index)), path, unreadable_key(index))
+        if origin is not None:
+            origins.append(origin)
     return origins

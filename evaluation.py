@@ -71,6 +71,13 @@ def forward_logits(model, images, batch_max_length, prediction, text=None):
     return model(images, text, is_train=False)
 
 
+def teacher_forced_logits(model, images, text):
+    """Attn logits of the decoder fed the label: `text` is the converter's encoding ([GO], the
+    characters, [s], padding) and the decoder reads its first batch_max_length + 1 columns, so
+    step t is conditioned on the label's prefix (its targets are text[:, 1:])."""
+    return model(images, text[:, :-1], is_train=True)
+
+
 def normalized_edit_similarity(pred, gt):
     """ICDAR 2019 normalised edit distance of one pair, as 1 - ED / max length (1 = identical)."""
     if len(gt) == 0 or len(pred) == 0:
@@ -150,25 +157,44 @@ def evaluate(model, loader, converter, opt, device, criterion=None, amp=False, t
     return result
 
 
-def collect_logits(model, loader, opt, device, amp=False):
-    """Greedy logits (fp32, on the CPU, one tensor per batch) and labels of every sample in `loader`."""
-    logits, labels = [], []
+def logits_pass(method, prediction):
+    """Which logits the temperature `method` is fitted on: `forced` (teacher-forced on the label)
+    for Attn at the token level, `greedy` otherwise. The token NLL scores every label token given
+    the label's prefix: on greedy logits, once the reading slips a character (a deletion, an
+    insertion), every later label token would be scored against a step conditioned on another
+    prefix, and T would absorb that misalignment, not the model's over- or under-confidence. The
+    word level judges the greedy reading, so it needs the greedy pass; a CTC model has no decoder
+    to feed (its logits do not depend on the text)."""
+    return "forced" if method == "token" and prediction != "CTC" else "greedy"
+
+
+def collect_logits(model, loader, converter, opt, device, amp=False, passes=("greedy",)):
+    """`({pass: [logits (fp32, on the CPU), one tensor per batch]}, labels)` of every sample in
+    `loader`, for each of `passes`: `greedy` (the model's own readings, `forward_logits`) and
+    `forced` (Attn: `teacher_forced_logits` on the label, encoded by `converter`)."""
+    logits, labels = {name: [] for name in passes}, []
     with torch.no_grad():
         for images, batch_labels, _ in loader:
             if len(batch_labels) == 0:
                 continue
+            images = images.to(device)
             with utils.autocast_context(device, amp):
-                out = forward_logits(model, images.to(device), opt.batch_max_length, opt.Prediction)
-            logits.append(out.float().cpu())
+                if "greedy" in logits:
+                    logits["greedy"].append(forward_logits(model, images, opt.batch_max_length, opt.Prediction)
+                                            .float().cpu())
+                if "forced" in logits:
+                    text, _ = converter.encode(batch_labels, batch_max_length=opt.batch_max_length)
+                    logits["forced"].append(teacher_forced_logits(model, images, text.to(device)).float().cpu())
             labels.extend(batch_labels)
     return logits, labels
 
 
 def fit_temperature_on_logits(logits, labels, converter, opt, method="token"):
-    """The temperature of `method` for (B, T, C) greedy `logits` and their `labels`.
-    token: minimising the NLL of the labels (Attn: the `text[:, 1:]` tokens, [s] included; CTC: the
-    CTC form). word: minimising the binary NLL of each greedy reading being right under its raw word
-    confidence ** (1 / T) (`calibration.fit_word_temperature`)."""
+    """The temperature of `method` for (B, T, C) `logits` and their `labels`, the logits of the
+    pass `logits_pass(method, opt.Prediction)` names.
+    token: minimising the NLL of the labels (Attn: the `text[:, 1:]` tokens, [s] included, under
+    teacher-forced logits; CTC: the CTC form). word: minimising the binary NLL of each greedy
+    reading being right under its raw word confidence ** (1 / T) (`calibration.fit_word_temperature`)."""
     if method == "word":
         texts = utils.decode_predictions(logits, converter)[0]
         correct = torch.tensor([p == g for p, g in zip(texts, labels)], dtype=torch.float64)
@@ -183,14 +209,17 @@ def fit_temperature_on_logits(logits, labels, converter, opt, method="token"):
 
 def fit_temperatures_on_loader(model, loader, converter, opt, device, methods=("token",), amp=False,
                                source="the loader"):
-    """{method: temperature} for each of `methods`, from one pass of the model over `loader` (see
+    """{method: temperature} for each of `methods`, from one pass over `loader` (each batch run
+    greedily, teacher-forced or both, as the methods need: see `logits_pass` and
     `fit_temperature_on_logits`). `source` names the data in the error raised when no sample is
     readable."""
-    logits, labels = collect_logits(model, loader, opt, device, amp)
+    passes = {method: logits_pass(method, opt.Prediction) for method in methods}
+    logits, labels = collect_logits(model, loader, converter, opt, device, amp, tuple(dict.fromkeys(passes.values())))
     if not labels:
         raise utils.UserError(f"{source}: no readable sample to fit the temperature on")
-    logits = torch.cat(logits)
-    return {method: float(fit_temperature_on_logits(logits, labels, converter, opt, method)) for method in methods}
+    logits = {name: torch.cat(parts) for name, parts in logits.items()}
+    return {method: float(fit_temperature_on_logits(logits[passes[method]], labels, converter, opt, method))
+            for method in methods}
 
 
 def fit_temperature_on_loader(model, loader, converter, opt, device, amp=False, source="the loader", method="token"):

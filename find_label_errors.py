@@ -67,7 +67,11 @@ def get_args_parser():
                        help="flag the labels whose quality is below this as issues; the count below it is "
                             "reported either way")
     group.add_argument("--show", type=int, default=20, metavar="N", help="print this many of the worst labels")
-    review = parser.add_argument_group("a second look by annotators (README: 'Finding wrong labels')")
+    group.add_argument("--overwrite", action="store_true",
+                       help="replace the label_errors.csv and summary.json of an earlier run in --out; with "
+                            "--export_annotation also an earlier package in DIR (one holding package.json), or draw "
+                            "a review whose package waits for its answers again")
+    review = parser.add_argument_group("a second look by annotators (docs/noisy-labels.md: 'Finding wrong labels')")
     review.add_argument("--export_annotation", default="", metavar="DIR",
                         help="write the flagged labels (--num_issues or --threshold) as an annotation package into "
                              "DIR; import_annotations.py turns the answers into the relabel set --review_name")
@@ -77,9 +81,6 @@ def get_args_parser():
     review.add_argument("--relabel_policy", default=relabel_policies.DEFAULT,
                         help="how training combines an answer with the label it trains on, recorded in the relabel "
                              "set: " + relabel_policies.known())
-    review.add_argument("--overwrite", action="store_true",
-                        help="replace an earlier package in DIR (one holding package.json), or draw a review whose "
-                             "package waits for its answers again")
     review.add_argument("--lock_timeout", type=float, default=0.0,
                         help="another writer holding the lock on --train_data: wait this many seconds for it "
                              "(0: fail at once, -1: wait without limit)")
@@ -123,6 +124,8 @@ def check_inputs(opt):
     if not opt.out:
         raise utils.UserError("--out is required: give a folder for label_errors.csv and summary.json")
     options.check_output_dir(opt.out, "--out")
+    options.check_output_dir(opt.export_annotation, "--export_annotation")
+    check_out_free(opt)
     if opt.num_issues is not None and opt.num_issues < 1:
         raise utils.UserError(f"--num_issues {opt.num_issues}: must be at least 1")
     if not (math.isfinite(opt.threshold) and 0.0 < opt.threshold <= 1.0):
@@ -141,6 +144,16 @@ def check_inputs(opt):
         raise utils.UserError(f"--lock_timeout {opt.lock_timeout}: give seconds (0: fail at once, -1: no limit)")
     if opt.export_annotation:
         review_target(opt)  # a taken name or folder fails before the scoring
+
+
+def check_out_free(opt):
+    """An earlier run's results in --out are replaced only with --overwrite."""
+    if opt.overwrite:
+        return
+    taken = [name for name in (CSV_NAME, SUMMARY_NAME) if os.path.lexists(os.path.join(opt.out, name))]
+    if taken:
+        raise utils.UserError(f"--out {opt.out}: already holds {' and '.join(taken)} of an earlier run; choose another "
+                              f"--out or pass --overwrite to replace them")
 
 
 def review_target(opt):
@@ -191,7 +204,7 @@ def source_facts(root, opt, relpaths, indices):
                     raise utils.UserError(f"{path}: sample {int(indices[row])} vanished while scoring; was the "
                                           f"dataset rewritten?")
                 clean[row] = rules.clean(rules.normalise(raw.decode("utf-8", errors="replace")))
-                origins[row] = dataset.read_origin(txn, int(indices[row]))
+                origins[row] = dataset.read_origin(txn, int(indices[row]), path)
     return clean, origins
 
 
@@ -310,6 +323,7 @@ def finish(opt, columns, labelled, start, world_size):
     if opt.export_annotation and not rows["issue"].any():  # before anything is written
         raise utils.UserError(f"--export_annotation: no label is flagged (none has quality below --threshold "
                               f"{opt.threshold:g}); raise --threshold or give --num_issues")
+    check_out_free(opt)  # again: another run may have written there while this one scored
     os.makedirs(opt.out, exist_ok=True)
     csv_path = os.path.join(opt.out, CSV_NAME)
     write_csv(csv_path, rows, noisy=opt.noise_ratio > 0)

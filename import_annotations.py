@@ -4,9 +4,10 @@ query set the next training round reads.
     python import_annotations.py --package train_data_lmdb/uncali_iter_1_annotation \
         --train_data train_data_lmdb [--answers export.json] [--name uncali_iter_1]
 
-The answers are the package's corrected gt.txt (the default), a Label Studio JSON export or a
-`file,label` CSV. Every exported image must be answered exactly once; an empty or `###` answer
-marks it unreadable (kept out of training, never queried again). Nothing is written unless every
+The answers are the package's corrected gt.txt (the default), a Label Studio export (JSON,
+JSON_MIN or CSV; docs/label-studio.md) or a `file,label` CSV. Every exported image must be answered
+exactly once (a task skipped in Label Studio counts as unreadable with --skipped unreadable); an
+empty or `###` answer marks it unreadable (kept out of training, never queried again). Nothing is written unless every
 check passes; the query set appears atomically, with `query-meta` and a summary.json. A package
 exported with --relabel_ratio also holds second looks at labelled samples: their answers become the
 relabel set `<name>_relabel` (written just before the query set), which the next round's selection
@@ -33,9 +34,15 @@ def get_args_parser():
                         help="name of the query set (default: the package's round, <query>_iter_<k>); the rules of "
                              "data_sampling.py --out_name apply")
     parser.add_argument("--answers", default="",
-                        help="the answers: a gt.txt (images/<file><TAB>label), a Label Studio JSON export or a "
-                             "file,label CSV, told apart by the extension (.txt/.tsv, .json, .csv) or else the "
-                             "content (default: the package's gt.txt)")
+                        help="the answers: a gt.txt (images/<file><TAB>label), a Label Studio export (JSON, JSON_MIN "
+                             "or CSV) or a file,label CSV, told apart by the extension (.txt/.tsv) and the content "
+                             "(default: the package's gt.txt)")
+    parser.add_argument("--skipped", choices=annotation.SKIPPED, default="missing",
+                        help="a task skipped in Label Studio (JSON export): missing, so the import is refused naming "
+                             "it, or unreadable (kept out of training, never asked again)")
+    parser.add_argument("--several_answers", choices=annotation.SEVERAL, default="latest",
+                        help="a Label Studio task answered more than once with different texts: take the latest "
+                             "(with a warning), count it unreadable, or refuse the import")
     parser.add_argument("--allow_unknown_characters", action="store_true",
                         help="keep answers with characters outside the model's charset (reported; training's label "
                              "filter leaves them out) instead of refusing the import")
@@ -57,8 +64,11 @@ def main(opt):
         raise utils.UserError(f"--lock_timeout {opt.lock_timeout}: give seconds (0: fail at once, -1: no limit)")
     package = annotation.Package(opt.package)
     answers_path, fmt = annotation.locate_answers(opt.package, opt.answers)
-    answers = annotation.read_answers(package, answers_path, fmt)
-    judged = annotation.judge(package, answers, answers_path, allow_unknown=opt.allow_unknown_characters)
+    answers, warnings = annotation.read_answers(package, answers_path, fmt, several=opt.several_answers)
+    judged = annotation.judge(package, answers, answers_path, allow_unknown=opt.allow_unknown_characters,
+                              skipped=opt.skipped, fmt=fmt)
+    for warning in warnings:
+        print(f"warning: {warning}")
     for where, label, outside, _ in judged.unknown:
         print(f"warning: {where}: {label!r} holds characters outside the charset ({outside!r}); kept, but "
               f"training's label filter leaves it out")

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import utils
-from evaluation import eval_loader, forward_logits, show_progress
+from evaluation import eval_loader, forward_logits, show_progress, teacher_forced_logits
 
 COLUMNS_FLOAT = ("log_quality", "label_log_prob", "reading_log_prob")
 
@@ -127,7 +127,7 @@ def score_batch(model, images, labels, converter, opt, device):
         reading_lp = ctc_reading_log_prob(greedy)
     else:
         with utils.autocast_context(device, amp):
-            forced = model(images, text[:, :-1], is_train=True)
+            forced = teacher_forced_logits(model, images, text)
         label_lp = attn_label_log_prob(forced.float(), text[:, 1:], lengths)
         reading_lp = attn_reading_log_prob(greedy, converter)
     values = {"log_quality": log_quality(label_lp, reading_lp), "label_log_prob": label_lp.double(),

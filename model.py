@@ -11,6 +11,7 @@ import collections.abc
 import dataclasses
 import os
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -156,13 +157,29 @@ def _shape_notes(mismatched):
     return [f"{key} {tuple(saved)} vs model {tuple(own)}" for key, saved, own in mismatched]
 
 
+def numpy_state_globals():
+    """The numpy globals that rebuild the generator state and numpy floats train.py's last.pth
+    holds: the only ones a checkpoint may name besides tensors."""
+    core = getattr(np, "_core", None) or np.core  # numpy >= 2 renamed the module
+    return [np.ndarray, np.dtype, type(np.dtype(np.uint32)), type(np.dtype(np.float64)),
+            core.multiarray._reconstruct, core.multiarray.scalar]
+
+
+def load_trusted(path):
+    """torch.load of `path` without running code from it (weights_only), numpy's state allowed; the
+    unpickler's own exception on anything else."""
+    with torch.serialization.safe_globals(numpy_state_globals()):
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
 def _read_checkpoint(path):
+    """A checkpoint's content: a state_dict (best_*.pth) or train.py's last.pth, whose `model` entry
+    `_extract_state_dict` then takes."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise UserError(f"checkpoint {path}: no such file")
     try:
-        # weights_only: a checkpoint must not be able to run code when it is opened
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return load_trusted(path)
     except Exception as err:  # a damaged file makes the unpickler raise almost anything
         raise UserError(f"checkpoint {path}: not a plain PyTorch weights file (damaged, or it pickles "
                         f"Python objects: {type(err).__name__}); give a state_dict saved with torch.save") from None

@@ -13,6 +13,7 @@ import torch
 import yaml
 
 import atomic_io
+import utils
 from utils import UserError
 
 DEFAULT_CHARACTER = "0123456789abcdefghijklmnopqrstuvwxyz"
@@ -80,7 +81,9 @@ def add_data_args(parser):
                        help="number of data loading workers; unless given, the smaller of 4 and the cores this "
                             "process may use")
     group.add_argument("--batch_size", type=int, default=192, help="input batch size")
-    group.add_argument("--manualSeed", type=int, default=1111, help="random seed")
+    group.add_argument("--manualSeed", type=int, default=1111,
+                       help=f"random seed, a whole number in {utils.SEED_RANGE_TEXT} (the range torch accepts; "
+                            f"NumPy is seeded with it modulo 2**32)")
     return group
 
 
@@ -356,8 +359,12 @@ def resolve_charset(opt):
         path = opt.character_file
         if not os.path.isfile(path):
             raise UserError(f"--character_file {path}: no such file")
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
+        try:
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+        except UnicodeDecodeError as err:
+            raise UserError(f"--character_file {path}: not UTF-8 text ({err.reason} at byte {err.start}); save it "
+                            f"as UTF-8") from None
         chars = []
         for ch in text:
             if ch not in "\r\n" and ch not in chars:
@@ -454,6 +461,10 @@ def check_ranges(opt):
         value = _whole_number(opt, name)
         if value is not None and value < least:
             raise UserError(f"--{name} {value}: must be at least {least} ({hint})")
+    seed = _whole_number(opt, "manualSeed")
+    if seed is not None and not utils.SEED_RANGE[0] <= seed <= utils.SEED_RANGE[1]:
+        raise UserError(f"--manualSeed {seed}: out of range; give a whole number in {utils.SEED_RANGE_TEXT} "
+                        f"(the range torch accepts)")
     need = {f"--FeatureExtraction {opt.FeatureExtraction}": MIN_IMG_W[opt.FeatureExtraction]}
     if opt.Transformation == "TPS":
         need["--Transformation TPS"] = MIN_IMG_W_TPS

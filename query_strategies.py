@@ -2,8 +2,12 @@
 per-sample scores into a ranking (the samples to query first come first).
 
 Scoring (data_sampling.py) computes only the per-sample quantities a strategy `needs`:
-    confidence      raw word confidence (product of the per-character max probabilities)
-    cal_confidence  word confidence after temperature scaling
+    confidence      raw word confidence of the greedy reading (utils.decode_predictions). Attn: the
+                    product of the per-step maximum probabilities up to and including the first
+                    [s]. CTC: the probability of the collapsed greedy text summed over all its
+                    alignments, exp(-CTC loss of that text); not a product of per-frame maxima
+    cal_confidence  the same after temperature scaling (token level: of the logits divided by T;
+                    word level: confidence ** (1 / T))
     margin          mean over counted tokens of top-1 minus top-2 probability
     entropy         mean over counted tokens of the token entropy
     mc              mutual information (BALD) from stochastic passes

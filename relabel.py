@@ -49,7 +49,7 @@ NOISE_SCOPES = dataset.NOISE_SCOPES
 
 
 def add_args(parser):
-    group = parser.add_argument_group("re-annotation (README: 'A re-annotation budget')")
+    group = parser.add_argument_group("re-annotation (docs/noisy-labels.md: 'A re-annotation budget')")
     group.add_argument("--relabel_ratio", type=float, default=0.0,
                        help="share of the round's budget spent on re-annotating the labelled samples of lowest "
                             "label quality instead of querying new ones: round(f x budget), into the relabel set "
@@ -178,9 +178,9 @@ def labelled_names(plan_names, relabel_plan, replaced_query_set):
     return names + [n for n in relabel_plan.existing if n not in names]
 
 
-def labelled_data(opt, names):
+def labelled_data(opt, names, required=True):
     return dataset.labelled_dataset(opt.train_data, opt, names, noise_ratio=opt.noise_ratio,
-                                    noise_scope=opt.noise_scope, noise_model=opt.noise_model)
+                                    noise_scope=opt.noise_scope, noise_model=opt.noise_model, required=required)
 
 
 def score_labelled(opt, model, converter, device, names, rank, world_size, distributed):
@@ -211,7 +211,7 @@ def sample_identities(root, relpaths, indices):
             query_set[rel] = dataset.is_query_set(path)
         if query_set[rel]:
             with dataset.shared_env(path).begin(write=False) as txn:
-                origin = dataset.read_origin(txn, int(index))
+                origin = dataset.read_origin(txn, int(index), path)
         identities.append(origin or (rel, int(index)))
     return identities
 

@@ -45,7 +45,9 @@ def get_args_parser():
     options.add_temperature_arg(group, allow_both=True)
     group.add_argument("--output", default="",
                        help="folder for results.json and the reliability diagrams reliability_<set>.png "
-                            "(default: test_results/<model name>/ beside --saved_model)")
+                            "(default: test_results/<folder of --saved_model>/<its file name without .pth>/ "
+                            "under the current folder, e.g. test_results/exp/best_accuracy for "
+                            "saved_models/exp/best_accuracy.pth; never beside the checkpoint)")
     group.add_argument("--output_json", default="", help="write the JSON here instead of <output>/results.json")
     options.add_common_args(parser, saved_model_help="model to evaluate (required)")
     return parser
@@ -206,9 +208,10 @@ def safe_name(name):
 def output_paths(opt):
     folder = opt.output
     if not folder:
-        model_dir = os.path.dirname(os.path.abspath(opt.saved_model))
+        # under the working folder: a model folder may be read-only or shared, and is not ours to fill
+        model_dir = os.path.basename(os.path.dirname(os.path.abspath(opt.saved_model)))
         stem = os.path.splitext(os.path.basename(opt.saved_model))[0]
-        folder = os.path.join(model_dir, "test_results", stem)
+        folder = os.path.abspath(os.path.join("test_results", model_dir, stem))
     json_path = opt.output_json or os.path.join(folder, "results.json")
     return folder, json_path
 

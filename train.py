@@ -36,8 +36,8 @@ import pretrained
 import utils
 from dataset import Batch_Balanced_Dataset, first_readable, hierarchical_dataset
 from evaluation import eval_loader, evaluate
-from model import (Model, carry_classes, freeze_stages, hold_frozen_in_eval, initialize_weights, load_weights,
-                   parse_stages, save_weights, state_dict_for_saving)
+from model import (Model, carry_classes, freeze_stages, hold_frozen_in_eval, initialize_weights, load_trusted,
+                   load_weights, parse_stages, save_weights, state_dict_for_saving)
 
 # Options a resumed run may change: where, and on what, it runs, not what it computes (with another
 # --device or --threads the floating-point results may differ in the last bits). The weights come
@@ -92,7 +92,7 @@ def get_args_parser():
     group.add_argument("--alpha", type=float, default=0.0,
                        help="smoothing mass for LS/boost_*/robust, focal gamma for FL")
     group.add_argument("--beta", type=float, default=0.95, help="weight of the given label in boost_soft/boost_hard")
-    group.add_argument("--smooth_tail", type=float, default=0.0, help="see the calibrator table in README")
+    group.add_argument("--smooth_tail", type=float, default=0.0, help="see the calibrator table in docs/calibration.md")
     group.add_argument("--B", type=float, default=16.0, help="exponential base of robust's global trust")
     group.add_argument("--t", type=float, default=0.5, help="transition point (fraction of training) of robust")
     group.add_argument("--patience", type=int, default=1000000,
@@ -108,7 +108,7 @@ def get_args_parser():
                        default=annotator_noise.DEFAULT_MODEL,
                        help="the simulated annotator's errors: substitute (one character, the original's), "
                             "confusable (look-alike glyphs), edit (one insertion, deletion or substitution), "
-                            "mixed (README)")
+                            "mixed (docs/noisy-labels.md)")
     group.add_argument("--noise_scope", choices=("queried", "all"), default="queried",
                        help="which labels the simulated annotator noise touches")
     group.add_argument("--freeze", default="",
@@ -271,14 +271,8 @@ def read_last_checkpoint(path):
     for anything else (a text file, a plain state_dict, an arbitrary pickle)."""
     hint = ("give the last.pth of an experiment folder; a best_*.pth holds weights only: start from it with "
             "--saved_model")
-    core = getattr(np, "_core", None) or np.core  # numpy >= 2 renamed the module
-    # numpy's generator state is an array (and older files hold numpy floats): allow exactly the
-    # globals that rebuild those
-    numpy_globals = [np.ndarray, np.dtype, type(np.dtype(np.uint32)), type(np.dtype(np.float64)),
-                     core.multiarray._reconstruct, core.multiarray.scalar]
     try:
-        with torch.serialization.safe_globals(numpy_globals):
-            state = torch.load(path, map_location="cpu", weights_only=True)
+        state = load_trusted(path)
     except Exception as err:  # a foreign file makes the unpickler raise almost anything
         raise utils.UserError(f"--resume {path}: not a checkpoint train.py can resume from "
                               f"({type(err).__name__}); {hint}") from None
@@ -462,6 +456,8 @@ def train(opt, rank, world_size, local_rank, distributed):
     if not opt.exp_name:
         opt.exp_name = default_exp_name(opt)
     save_dir = os.path.join(opt.output_dir, opt.exp_name)
+    options.check_output_dir(opt.output_dir, "--output_dir")
+    options.check_output_dir(save_dir, "--exp_name")
     if opt.resume == "auto":
         opt.resume = os.path.join(save_dir, "last.pth")
     checkpoint = None
@@ -726,12 +722,9 @@ def train(opt, rank, world_size, local_rank, distributed):
 def run(argv=None):
     """The command line: parse, train, and report bad input as one line (exit 2). A Ctrl-C outside
     the training loop (which handles its own) ends quietly with the usual status 130."""
-    try:
-        utils.exit_on_user_error(main)(options.parse_with_given(get_args_parser(), argv))
-    except KeyboardInterrupt:
-        print("\ninterrupted outside the training loop; last.pth, if there is one, holds the last saved "
-              "iteration", file=sys.stderr)
-        sys.exit(130)
+    utils.exit_on_user_error(main, interrupted="interrupted outside the training loop; last.pth, if there is one, "
+                                               "holds the last saved iteration")(
+        options.parse_with_given(get_args_parser(), argv))
 
 
 if __name__ == "__main__":

@@ -42,15 +42,26 @@ def lmdb_error_message(err):
             f"with create_lmdb_dataset.py")
 
 
-def exit_on_user_error(main):
+INTERRUPTED = "interrupted; no output is left half-written (each is written whole or not at all)"
+
+
+def exit_on_user_error(main=None, *, interrupted=INTERRUPTED):
     """Wrap a script's `main` so that a UserError, an OSError from a read-only, full or forbidden
-    place (`os_error_message`) or an LMDB error becomes one `error: ...` line on stderr and exit 2.
-    Other exceptions keep their traceback: they are bugs."""
+    place (`os_error_message`) or an LMDB error becomes one `error: ...` line on stderr and exit 2,
+    and a Ctrl-C the one line `interrupted` and exit 130 (128 + SIGINT), as a shell reports it.
+    Other exceptions keep their traceback: they are bugs. Usable as `@exit_on_user_error` and as
+    `exit_on_user_error(main, interrupted=...)`."""
+    if main is None:
+        return functools.partial(exit_on_user_error, interrupted=interrupted)
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
         try:
             return main(*args, **kwargs)
+        except KeyboardInterrupt:
+            # on a line of its own: the terminal's ^C (or a progress bar) ends mid-line
+            print(f"\n{interrupted}", file=sys.stderr)
+            sys.exit(130)
         except UserError as err:
             message = str(err)
         except OSError as err:
@@ -451,8 +462,14 @@ def autocast_context(device, enabled):
     return torch.autocast(device_type=device_type, dtype=dtype)
 
 
+# torch.manual_seed (and torch.Generator) accept these; NumPy gets the seed modulo 2**32 and
+# Python's generator and the hash-based draws take any integer, so torch's range is the seed's range.
+SEED_RANGE = (-2 ** 63, 2 ** 64 - 1)
+SEED_RANGE_TEXT = "-2**63 .. 2**64-1"
+
+
 def set_seed(seed):
-    """Seed Python's, NumPy's and torch's (CPU and CUDA) generators."""
+    """Seed Python's, NumPy's and torch's (CPU and CUDA) generators; `seed` in SEED_RANGE."""
     random.seed(seed)
     np.random.seed(seed % 2 ** 32)
     torch.manual_seed(seed)

@@ -51,7 +51,7 @@ usage: scripts/al_loop.sh [--name value ...]      (or the upper-case environment
   --train_args "FLAGS"    extra flags for every train.py call        ("")
   --batch_size N          batch size                                 (192)
   --workers N             data-loading workers                       (min(4, usable cores))
-  --seed N                --manualSeed                               (1111)
+  --seed N                --manualSeed, in -2**63 .. 2**64-1         (1111)
   --out DIR               output root; this run goes to DIR/<query>  (runs/al)
 
 Round 0 trains on the labelled part. Round k >= 1 runs data_sampling.py with round k-1's
@@ -85,7 +85,8 @@ a stage as the checkpoint has it (train.py --freeze).
 Every setting is checked (train.py and data_sampling.py --dry_run included) before the first
 command. Running the same command again continues the run: finished steps (a round's query set,
 training, evaluation) are skipped and a killed training resumes from its last.pth. Other settings
-for an existing run folder are refused; only --rounds (to add rounds) and --workers may change.
+for an existing run folder are refused; only --rounds (to add rounds) and --workers may change,
+and --test_data until the first round is evaluated with it.
 EOF
 }
 
@@ -176,7 +177,9 @@ for pair in "ITERS iters" "VAL_INTERVAL val_interval" "BATCH_SIZE batch_size"; d
   { is_int "${!var}" && [ "${!var}" -ge 1 ]; } || fail "--$flag ${!var}: give a whole number of at least 1"
 done
 is_int "$WORKERS" || fail "--workers $WORKERS: give a whole number (0: load in the main process)"
-[[ "$SEED" =~ ^-?[0-9]+$ ]] || fail "--seed $SEED: give a whole number"
+# train.py's --manualSeed range (utils.SEED_RANGE: torch's); bash's own numbers stop at 2**63-1
+{ [[ "$SEED" =~ ^-?[0-9]+$ ]] && "$PYTHON" -c 'import sys; sys.exit(not -2**63 <= int(sys.argv[1]) < 2**64)' "$SEED"; } || \
+  fail "--seed $SEED: give a whole number in -2**63 .. 2**64-1 (train.py --manualSeed, the range torch accepts)"
 is_ratio "$LABEL_RATIO" || fail "--label_ratio $LABEL_RATIO: give a share in (0, 1]"
 is_ratio "$NOISE_RATIO" closed || fail "--noise_ratio $NOISE_RATIO: give a share in [0, 1]"
 is_ratio "$RELABEL_RATIO" closed || fail "--relabel_ratio $RELABEL_RATIO: give a share of the budget in [0, 1]"
@@ -204,14 +207,40 @@ fi
 for dir in "$TRAIN_DATA" "$VALID_DATA" "$TEST_DATA"; do
   [ -d "$dir" ] || fail "$dir: no such folder (run \`make data\` or set --train_data/--valid_data)"
 done
+# test.py first reads --test_data after the base round: an LMDB-less folder must fail here, not
+# hours later (lmdb alone: importing dataset, i.e. torch, takes seconds)
+problem=$("$PYTHON" -c 'import os, sys, lmdb
+for flag, folder in zip(sys.argv[1::2], sys.argv[2::2]):
+    leaves = []
+    for top, dirs, files in os.walk(folder, followlinks=True):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        leaves += [top] if "data.mdb" in files else []
+    if not leaves:
+        sys.exit(f"--{flag} {folder}: holds no LMDB (no data.mdb below it); give the folder of labelled LMDBs")
+    for leaf in leaves:
+        try:
+            env = lmdb.open(leaf, readonly=True, lock=False)
+            with env.begin() as txn:
+                unlabelled = txn.get(b"unlabelled") is not None
+            env.close()
+        except lmdb.Error as err:
+            sys.exit(f"--{flag} {folder}: cannot read the LMDB {leaf} ({err}); rebuild it with create_lmdb_dataset.py")
+        if unlabelled:
+            sys.exit(f"--{flag} {folder}: {leaf} is an unlabelled LMDB, which cannot be scored; give labelled LMDBs")' \
+  valid_data "$VALID_DATA" test_data "$TEST_DATA" 2>&1) || fail "$(tail -n1 <<< "${problem:-cannot read --valid_data and --test_data}")"
+# names become path components of links and of the run folder: a '/' or '..' would write outside --out
+plain_name() { [[ -n "$2" && "$2" != */* && "$2" != .* ]] || fail "$1 $2: give a plain name (no '/', not starting with '.')"; }
+plain_name --query "$QUERY"
 IFS='-' read -r -a BASE_NAMES <<< "$SELECT_DATA"
 for name in "${BASE_NAMES[@]}"; do
+  plain_name --select_data "$name"
   [ -e "$TRAIN_DATA/$name" ] || fail "--select_data $name: $TRAIN_DATA/$name does not exist"
 done
 POOL_NAMES=()
 [ -z "$POOL_DATA" ] || IFS='-' read -r -a POOL_NAMES <<< "$POOL_DATA"
 for name in "${POOL_NAMES[@]}"; do
   [ -n "$name" ] || fail "--pool_data $POOL_DATA: an empty name; separate the names by single '-'"
+  plain_name --pool_data "$name"
   [ -e "$TRAIN_DATA/$name" ] || fail "--pool_data $name: $TRAIN_DATA/$name does not exist"
   [[ " ${BASE_NAMES[*]} " != *" $name "* ]] || \
     fail "--pool_data $name: named by --select_data too; a pool dataset is never trained on, name it in one of the two"
@@ -314,11 +343,30 @@ if [ -f "$SETTINGS_FILE" ]; then
   # a setting recorded on one side only (NOISE_MODEL, when not the default) counts as changed too
   changed=$(diff <(settings) "$SETTINGS_FILE" | sed -n 's/^[<>] \([A-Z_]*\)=.*/\1/p' | awk '!seen[$0]++' | \
             tr '[:upper:]' '[:lower:]' | sed 's/^/--/' | paste -sd' ' -) || true
-  [ -z "$changed" ] || fail "$RUN holds a run made with other settings ($changed); use the same ones to continue it, or another --out"
+  # A setting that has produced nothing yet is a correction, not another experiment: --test_data
+  # until a round's evaluation exists (docs/DESIGN.md, "Correcting a setting on rerun").
+  refused=() corrected=()
+  for flag in $changed; do
+    if [ "$flag" = --test_data ] && ! compgen -G "$RUN/eval/round*/results.json" > /dev/null; then
+      corrected+=("$flag")
+    else
+      refused+=("$flag")
+    fi
+  done
+  [ ${#refused[@]} -eq 0 ] || fail "$RUN holds a run made with other settings (${refused[*]}); use the same ones to continue it, or another --out"
+  if [ ${#corrected[@]} -gt 0 ]; then
+    settings > "$SETTINGS_FILE.tmp" && mv "$SETTINGS_FILE.tmp" "$SETTINGS_FILE"
+    echo "${corrected[*]} corrected: no round was evaluated with the earlier value"
+  fi
   echo "continuing the run in $RUN (finished steps are skipped)"
 elif [ -e "$RUN/models/round0" ]; then
   fail "$RUN holds a run without $SETTINGS_FILE (made by an older version); continue it by hand or choose another --out"
 else
+  # the run folder is named after the strategy, whether or not a round queries (--rounds 0); a run
+  # continued later holds the name checked here (it is one of its recorded settings)
+  known=$("$PYTHON" -c 'import query_strategies; print(", ".join(query_strategies.STRATEGIES))') || \
+    fail "cannot read the query strategies of query_strategies.py; run this script from the repository root"
+  [[ ", $known, " == *", $QUERY, "* ]] || fail "--query $QUERY: unknown strategy; choose one of $known"
   # The scripts' own checks, without training or scoring, in a scratch root that links the base
   # datasets (the run folder is made only once they pass).
   scratch=$(mktemp -d)

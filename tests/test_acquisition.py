@@ -1,5 +1,6 @@
 """Batch acquisition on hand-made scores: top-k, the stochastic power/softmax/softrank draws, and
 coreset's greedy k-centre on hand-made points."""
+import json
 import math
 import os
 import shutil
@@ -10,6 +11,10 @@ import torch
 
 import acquisition
 import coreset
+import data_sampling
+import dataset
+import evaluation
+import options
 import query_strategies
 from test_sampling import models, one_thread, work  # noqa: F401  (fixtures)
 from utils import UserError
@@ -146,6 +151,62 @@ def reference_k_centre(points, order, count):
     return picks
 
 
+# Points on a line (second coordinate 0): pool A 0, B 2, C 5, D 9, the strategy ranking D first; one
+# labelled sample L at 10. top: D (the strategy's first), then the farthest from D: A (81), then C
+# (min(25, 16) = 16) over B (min(4, 49) = 4) -> D, A, C. labelled: squared distances to L are A 100,
+# B 64, C 25, D 1 -> A; then B min(64, 4) = 4, C min(25, 25) = 25, D min(1, 81) = 1 -> C; then B
+# (4) over D (1) -> A, C, B: D, one unit from a labelled sample, comes last instead of first.
+LINE = np.array([[0, 0], [2, 0], [5, 0], [9, 0]], dtype=np.float16)  # A B C D
+LINE_RANKING = [3, 2, 1, 0]  # D, C, B, A
+LABELLED = np.array([[10, 0]], dtype=np.float16)
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 1024])
+def test_k_centre_from_the_labelled_centres(chunk):
+    assert coreset.k_centre(LINE, LINE_RANKING, 3, chunk=chunk).tolist() == [3, 0, 2]
+    assert coreset.k_centre(LINE, LINE_RANKING, 3, chunk=chunk, labelled=LABELLED).tolist() == [0, 2, 1]
+    assert coreset.k_centre(LINE, LINE_RANKING, 4, chunk=chunk, labelled=LABELLED).tolist() == [0, 2, 1, 3]
+    # a second labelled sample at 1 (A 1, B 1, C 16, D 64 from it): nearest labelled A 1, B 1, C 16,
+    # D 1 -> C; then A min(1, 25) = 1, B min(1, 9) = 1, D min(1, 16) = 1: a tie, by the ranking D, B, A
+    two = np.array([[10, 0], [1, 0]], dtype=np.float16)
+    assert coreset.k_centre(LINE, LINE_RANKING, 4, chunk=chunk, labelled=two).tolist() == [2, 3, 1, 0]
+    # no labelled sample: as top
+    empty = np.zeros((0, 0), dtype=np.float16)
+    assert coreset.k_centre(LINE, LINE_RANKING, 3, chunk=chunk, labelled=empty).tolist() == [3, 0, 2]
+
+
+def test_a_candidate_on_a_labelled_sample_comes_last_and_widths_must_agree():
+    # C coincides with a labelled sample at 5 (distance 0), and the strategy ranks it first: from 5,
+    # A 25, B 9, C 0, D 16 -> A; then B min(9, 4) = 4, D min(16, 81) = 16 -> D; then B; C last
+    assert coreset.k_centre(LINE, [2, 0, 1, 3], 4, labelled=np.array([[5, 0]], np.float16)).tolist() == [0, 3, 1, 2]
+    with pytest.raises(ValueError, match="width 3 against the pool's 2"):
+        coreset.k_centre(LINE, LINE_RANKING, 2, labelled=np.zeros((1, 3), np.float16))
+
+
+def reference_k_centre_from(points, order, count, labelled):
+    """The same rule in float64 with starting centres, all distances at once (small data only)."""
+    points, labelled = points.astype(np.float64), labelled.astype(np.float64)
+    position = {row: k for k, row in enumerate(order)}
+    nearest = ((points[:, None, :] - labelled[None, :, :]) ** 2).sum(2).min(1)
+    picks = []
+    while len(picks) < count:
+        left = [row for row in order if row not in picks]
+        best = max(nearest[row] for row in left)
+        picks.append(min((row for row in left if nearest[row] == best), key=position.get))
+        nearest = np.minimum(nearest, ((points - points[picks[-1]]) ** 2).sum(1))
+    return picks
+
+
+def test_labelled_centres_in_blocks_equal_the_float64_reference():
+    rng = np.random.default_rng(7)
+    embeddings = coreset.to_float16(torch.from_numpy(rng.normal(0.0, 3.0, (300, 16))))
+    labelled = coreset.to_float16(torch.from_numpy(rng.normal(0.0, 3.0, (150, 16))))
+    order = rng.permutation(300)
+    for candidates in (300, 120):
+        expected = reference_k_centre_from(embeddings, order[:candidates], 40, labelled)
+        assert coreset.k_centre(embeddings, order[:candidates], 40, chunk=64, labelled=labelled).tolist() == expected
+
+
 def test_float16_selection_equals_the_float64_reference():
     rng = np.random.default_rng(5)
     features = torch.from_numpy(rng.normal(0.0, 3.0, (300, 16)))
@@ -177,6 +238,22 @@ def test_coreset_acquisition_takes_the_top_candidates_of_the_strategy():
     assert pick(3, candidates=3) == [5, 3, 4]
     with pytest.raises(UserError, match=r"^--candidates 2 is fewer than the 3 samples to query; give at least 3"):
         pick(3, candidates=2)
+
+
+def test_coreset_acquisition_starts_from_the_given_centres():
+    scores = {"confidence": np.array([0.9, 0.8, 0.7, 0.1]), "embedding": LINE}  # uncali: D, C, B, A
+    keys = query_strategies.identity_keys([("p", i) for i in range(4)], 0)
+    pick = acquisition.select("coreset", 1.0, UNCALI, scores, keys, 3, 1, "r", centres=LABELLED).tolist()
+    assert pick == [0, 2, 1]
+    assert acquisition.select("coreset", 1.0, UNCALI, scores, keys, 3, 1, "r").tolist() == [3, 0, 2]
+
+
+def test_coreset_init_errors_name_the_flag():
+    with pytest.raises(UserError, match="^--coreset_init top: only --acquisition coreset starts from centres"):
+        acquisition.check("topk", 1.0, UNCALI, None, "top")
+    with pytest.raises(UserError, match="^--coreset_init middle: unknown; choose one of labelled, top$"):
+        acquisition.check("coreset", 1.0, UNCALI, None, "middle")
+    acquisition.check("coreset", 1.0, UNCALI, None, "labelled")
 
 
 def test_candidates_errors_name_the_flag():
@@ -237,6 +314,73 @@ def test_data_sampling_coreset_round(work, models, tmp_path_factory):
         assert (meta["acquisition"], meta["acquisition_beta"], meta["candidates"]) == ("coreset", None, 30)
         picks.append([origin for _, _, origin in rows])
     assert picks[0] == picks[1]
+
+
+def test_data_sampling_coreset_starts_from_the_labelled_set(work, models, tiny_data, monkeypatch, capsys):
+    from test_sampling import USAGE, ctc_args, read_set, run_main
+
+    given = []
+    k_centre = coreset.k_centre
+
+    def spy(embeddings, order, count, chunk=coreset.CHUNK, labelled=None):
+        given.append((embeddings, labelled))
+        return k_centre(embeddings, order, count, chunk, labelled)
+
+    monkeypatch.setattr(coreset, "k_centre", spy)
+    train = work / "train_data_lmdb"
+    summary = run_main(ctc_args(work, models.ctc, "--query", "uncali", "--num_query", "5", "--out_name", "lab",
+                                "--acquisition", "coreset"))
+    # the labelled samples the next round trains on: the first int(120 x 0.7) = 84 of each base set,
+    # less those the charset and length filter drop (7 and 4 of them: the log says labelled 77 and 80)
+    labelled = 2 * int(tiny_data.counts["CVPR2016"] * float(USAGE)) - 7 - 4
+    pool, centres = given.pop()
+    assert centres.dtype == np.float16 and centres.shape == (labelled, pool.shape[1]) and np.isfinite(centres).all()
+    assert f"coreset: embedding the {labelled} labelled samples" in capsys.readouterr().out
+    _, meta = read_set(str(train / "lab"))
+    assert (meta["coreset_init"], meta["coreset_labelled"]) == ("labelled", labelled) and summary["num_picked"] == 5
+    # the labelled images embedded as the pool's are: their rows match a scoring pass over them
+    opt = options.parse_with_given(data_sampling.get_args_parser(), ctc_args(work, models.ctc))
+    options.fill_from_saved(opt, options.given_option_names(opt, data_sampling.get_args_parser()))
+    options.resolve_options(opt)
+    model, _ = evaluation.load_model(opt, torch.device("cpu"))
+    data, _ = dataset.labelled_dataset(str(train), opt, ["CVPR2016", "NIPS2014"])
+    with torch.no_grad(), coreset.capture_embeddings(model) as found:
+        for images, _, _ in evaluation.eval_loader(data, opt, "cpu"):
+            model(images, None, is_train=False)
+    assert np.allclose(np.concatenate(found).astype(np.float32), centres.astype(np.float32), rtol=1e-2, atol=1e-2)
+
+    run_main(ctc_args(work, models.ctc, "--query", "uncali", "--num_query", "5", "--out_name", "top",
+                      "--acquisition", "coreset", "--coreset_init", "top"))
+    assert given.pop()[1] is None
+    _, meta = read_set(str(train / "top"))
+    assert (meta["coreset_init"], meta["coreset_labelled"]) == ("top", None)
+    run_main(ctc_args(work, models.ctc, "--query", "uncali", "--num_query", "5", "--out_name", "plain"))
+    _, meta = read_set(str(train / "plain"))
+    assert (meta["coreset_init"], meta["coreset_labelled"]) == (None, None)
+    with pytest.raises(SystemExit) as info:
+        run_main(ctc_args(work, models.ctc, "--query", "uncali", "--num_query", "5", "--coreset_init", "top"))
+    assert info.value.code == 2 and "error: --coreset_init top: only --acquisition coreset" in capsys.readouterr().err
+
+
+def test_a_loop_whose_coreset_rounds_predate_the_choice_continues_from_the_top_pick(work, models, capsys):
+    import lmdb
+
+    from test_sampling import ctc_args, read_set, run_main
+
+    train = work / "train_data_lmdb"
+    args = ["--query", "uncali", "--num_query", "4", "--acquisition", "coreset"]
+    run_main(ctc_args(work, models.ctc, *args, "--out_name", "coreset_iter_1", "--coreset_init", "top"))
+    # make it a query set of the version before --coreset_init: its query-meta without the key
+    with lmdb.open(str(train / "coreset_iter_1")) as env, env.begin(write=True) as txn:
+        meta = json.loads(txn.get(b"query-meta"))
+        del meta["coreset_init"], meta["coreset_labelled"]
+        txn.put(b"query-meta", json.dumps(meta).encode())
+    capsys.readouterr()
+    run_main(ctc_args(work, models.ctc, *args, "--out_name", "coreset_iter_2"))
+    assert "coreset: coreset_iter_1 was picked from the strategy's first choice" in capsys.readouterr().out
+    assert read_set(str(train / "coreset_iter_2"))[1]["coreset_init"] == "top"
+    run_main(ctc_args(work, models.ctc, *args, "--out_name", "coreset_iter_3", "--coreset_init", "labelled"))
+    assert read_set(str(train / "coreset_iter_3"))[1]["coreset_init"] == "labelled"
 
 
 def test_data_sampling_rejects_bad_candidates(work, models, capsys):

@@ -1,6 +1,7 @@
 """Real annotators: unlabelled pools, annotation packages out and answers back in, and the loop
 that waits for them (create_lmdb_dataset.py --unlabelled, data_sampling.py --export_annotation,
 import_annotations.py, annotation.py, scripts/al_loop.sh --annotator human)."""
+import base64
 import csv
 import hashlib
 import json
@@ -80,7 +81,7 @@ def test_gt_round_trip_writes_the_query_set_and_keeps_unreadable_images_out(work
     assert summary["query_set"] is None and summary["num_picked"] == 6 and summary["round"] == "uncali_iter_1"
     assert "no query set is written yet" in out and "import_annotations.py --package" in out
     assert sorted(os.listdir(package)) == ["README.txt", "gt.txt", "images", "label_config.xml", "package.json",
-                                           "predictions.csv", "tasks.json"]
+                                           "predictions.csv", "tasks-local-files.json", "tasks.json"]
     assert hidden(work) == []
     meta = manifest(package)
     images = meta["images"]
@@ -89,7 +90,8 @@ def test_gt_round_trip_writes_the_query_set_and_keeps_unreadable_images_out(work
     with open(package / "predictions.csv", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
     tasks = json.loads((package / "tasks.json").read_text(encoding="utf-8"))
-    for image, line, row, task in zip(images, gt_lines, rows, tasks):
+    local = json.loads((package / "tasks-local-files.json").read_text(encoding="utf-8"))
+    for image, line, row, task, local_task in zip(images, gt_lines, rows, tasks, local):
         relpath, index = image["origin"]
         data = (package / image["file"]).read_bytes()
         assert data == source_image(str(train), (relpath, index))  # the original bytes
@@ -99,7 +101,12 @@ def test_gt_round_trip_writes_the_query_set_and_keeps_unreadable_images_out(work
         assert line == f"{image['file']}\t{image['reading']}"  # pre-filled with the model's reading
         assert (row["file"], row["origin"], row["reading"]) == (image["file"], f"{relpath}:{index}", image["reading"])
         assert float(row["confidence"]) == pytest.approx(image["confidence"])
-        assert task["data"]["file"] == image["file"] and task["data"]["image"].endswith(f"round1_package/{image['file']}")
+        # a small package embeds its images in tasks.json; tasks-local-files.json points at them
+        mime = "image/jpeg" if extension == "jpg" else "image/png"
+        assert task["data"]["file"] == image["file"] and task["data"]["round"] == "uncali_iter_1"
+        assert task["data"]["image"] == f"data:{mime};base64,{base64.b64encode(data).decode()}"
+        assert local_task["data"]["image"] == f"/data/local-files/?d=round1_package/{image['file']}"
+        assert local_task["predictions"] == task["predictions"]
         prediction = task["predictions"][0]
         assert prediction["score"] == image["confidence"]
         texts = [r["value"]["text"] for r in prediction["result"] if r["type"] == "textarea"]
@@ -385,13 +392,13 @@ def gt_answers(package, truth):
 
 
 @pytest.mark.parametrize("case, expected", [
-    ("missing", "no answer for images/"),
+    ("missing", "answers.txt: no answer for 1 image: images/"),
     ("duplicate", "answers.txt line 5: a second answer for images/"),
     ("unknown file", "answers.txt line 5: names no exported image (images/elsewhere.png)"),
     ("unknown characters", "answers.txt line 2: 'ab$' holds characters the model does not know ('$')"),
     ("no tab", "answers.txt line 3: no tab between the file and the answer"),
     ("csv duplicate", "answers.csv row 4: a second answer for images/"),
-    ("label studio skipped", "no answer for images/"),
+    ("label studio skipped", "export.json: no answer for 1 image: images/"),
 ])
 def test_a_bad_answer_file_exits_2_naming_it_and_writes_nothing(exported, capsys, case, expected):
     root, package = exported

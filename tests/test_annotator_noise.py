@@ -66,6 +66,27 @@ def test_exactly_the_rounded_share_is_corrupted(model, ratio, n, expected):
     assert len(wrong) == expected
 
 
+@pytest.mark.parametrize("ratio, n, expected", [(0.29, 50, 15), (0.58, 25, 15), (0.35, 90, 32), (0.7, 45, 32)])
+def test_a_half_that_doubles_would_put_just_below_rounds_up(ratio, n, expected):
+    # 0.29 x 50 = 14.5 exactly, 0.58 x 25 = 14.5, 0.35 x 90 = 31.5, 0.7 x 45 = 31.5: halves, so up; in
+    # doubles the products are 14.499999999999998, 14.499999999999998, 31.499999999999996 and
+    # 31.499999999999996, which floor(x + 0.5) took down
+    assert annotator_noise.corrupted_count(ratio, n) == expected
+    assert len(annotator_noise.noisy_labels(samples(n), ratio, CHARSET, seed=1111)) == expected
+
+
+def test_the_count_takes_exact_ratios_of_every_kind():
+    from decimal import Decimal
+    from fractions import Fraction
+
+    assert annotator_noise.corrupted_count(Fraction(29, 100), 50) == 15
+    assert annotator_noise.corrupted_count(Decimal("0.29"), 50) == 15
+    assert annotator_noise.corrupted_count("0.29", 50) == 15
+    assert annotator_noise.corrupted_count(1, 50) == 50
+    assert annotator_noise.corrupted_count(1.5, 50) == 50  # never more than there are
+    assert annotator_noise.corrupted_count(0.289, 50) == 14  # 14.45: below the half
+
+
 @pytest.mark.parametrize("model", MODELS)
 def test_the_share_is_exact_for_every_seed_unlike_a_per_sample_coin(model):
     # a per-sample coin at 0.2 gave anywhere from 12 to 32 of the same 100 labels across seeds
@@ -137,7 +158,9 @@ def test_repeatable_across_processes():
 
 
 def original_noisy_labels(samples, noise_ratio, charset, seed, max_length=None):
-    """The annotator before noise models existed, verbatim in behaviour: {identity: wrong label}."""
+    """The annotator before noise models existed, verbatim in behaviour: {identity: wrong label}.
+    Its count rounded in doubles (0.29 x 50 -> 14, now 15); the ratios and sizes compared below
+    (0.1, 0.3, 1.0 of 448) are ones where doubles and exact arithmetic agree."""
     target = min(len(samples), int(math.floor(noise_ratio * len(samples) + 0.5)))
     drawn = []
     for identity, label in samples:

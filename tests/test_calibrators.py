@@ -122,6 +122,34 @@ def test_boost_soft_gradient_is_beta_ce_plus_one_minus_beta_entropy():
     assert (counted_ratio.max(-1).values - counted_ratio.min(-1).values).max() > 1e-2
 
 
+def kl_bootstrap_factor(p_y, beta):
+    """c in the gradient c (p - y) of the original's KL(m || p), m = beta y + (1 - beta) p, p live.
+    From dKL/dz_j = beta (p_j - y_j) + (1 - beta) p_j (r_j - sum_k p_k r_k), r_k = log(m_k / p_k):
+    r_k = log(1 - beta) off the label and log(1 - beta) + log(1 + beta / ((1 - beta) p_y)) on it."""
+    return beta - (1 - beta) * p_y * math.log(1 + beta / ((1 - beta) * p_y))
+
+
+@pytest.mark.parametrize("beta", [0.5, 0.8, 0.95])
+@pytest.mark.parametrize("label_logit", [-2.0, math.log(3.0), 4.0, 12.0])
+def test_the_originals_kl_bootstrap_gradient_is_c_times_p_minus_y_with_c_at_most_beta(beta, label_logit):
+    # one token over 4 classes, label 0; label_logit log 3 gives p_y = 3 / 6 = 1/2 exactly
+    logits = torch.tensor([label_logit, 0.0, 0.0, 0.0], dtype=torch.float64, requires_grad=True)
+    y = torch.tensor([1.0, 0.0, 0.0, 0.0], dtype=torch.float64)
+    log_p = logits.log_softmax(-1)
+    m = beta * y + (1 - beta) * log_p.exp()
+    F.kl_div(log_p, m, reduction="sum").backward()  # the original's nn.KLDivLoss(log p, m)
+    p = log_p.exp().detach()
+    p_y = p[0].item()
+    c = kl_bootstrap_factor(p_y, beta)
+    assert torch.allclose(logits.grad, c * (p - y), rtol=1e-9, atol=1e-12)
+    # below beta, never between beta and 1; its floor at p_y = 1 is beta + (1 - beta) log(1 - beta)
+    assert beta + (1 - beta) * math.log(1 - beta) < c < beta
+    if label_logit == math.log(3.0) and beta == 0.8:
+        assert c == pytest.approx(0.8 - 0.1 * math.log(9.0), rel=1e-12)  # 0.5803
+    if label_logit == 12.0:
+        assert c == pytest.approx(beta + (1 - beta) * math.log(1 - beta), abs=1e-3)  # 0.478 at beta 0.8
+
+
 def test_boost_hard_from_the_formula():
     logits, targets = attn_batch(seed=3)
     tokens = counted(targets)

@@ -17,6 +17,7 @@ import math
 import os
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
@@ -127,7 +128,7 @@ def test_benchmark_run_figures_order_and_outputs(world):
     result = run_script("test", ["--eval_data", world["eval"], "--saved_model", world["model"],
                                  "--benchmark_all_eval"], cwd=world["root"])
     assert result.returncode == 0, result.stderr
-    out_dir = world["model_dir"] / "test_results" / "best_accuracy"
+    out_dir = world["root"] / "test_results" / "exp" / "best_accuracy"  # under the working folder (cwd)
     report = json.loads((out_dir / "results.json").read_text())
 
     names = [s["name"] for s in report["sets"]]
@@ -372,6 +373,64 @@ def test_format_table_aligns_columns_and_draws_rules():
     assert text.splitlines() == ["file      prediction  confidence",
                                  "-" * 32,
                                  "img1.png  a" + " " * 15 + "0.4900"]
+
+
+class BigramAttn(torch.nn.Module):
+    """A stand-in Attn model that ignores the image: each step's logits depend on the previous
+    token alone, `logits[previous]` (C x C); greedy decoding feeds back its argmax, teacher forcing
+    the given text ([GO] first). It records (is_train, text) of every call."""
+
+    def __init__(self, logits, steps):
+        super().__init__()
+        self.logits, self.steps, self.calls = logits, steps, []
+
+    def forward(self, images, text, is_train=True):
+        self.calls.append((is_train, text.tolist()))
+        if is_train:
+            return self.logits[text[:, :self.steps]]
+        previous, steps = torch.zeros(images.size(0), dtype=torch.long), []
+        for _ in range(self.steps):
+            steps.append(self.logits[previous])
+            previous = steps[-1].argmax(-1)
+        return torch.stack(steps, 1)
+
+
+def test_attn_token_temperature_is_fitted_on_teacher_forced_logits():
+    # [GO] 0, [s] 1, a 2, b 3. After each token one winner at logit log 13 against one runner-up at
+    # 0 (p = 13/14 and 1/14; the rest at -1e4, nothing): [GO] -> a over b, a -> b over [s],
+    # b -> [s] over a, [s] -> [s] over a. Greedy: "ab" with confidence (13/14)^3.
+    converter = utils.AttnLabelConverter("ab")
+    pairs = {0: (2, 3), 2: (3, 1), 3: (1, 2), 1: (1, 2)}
+    logits = torch.full((4, 4), -1e4)
+    for previous, (winner, runner_up) in pairs.items():
+        logits[previous, winner], logits[previous, runner_up] = math.log(13.0), 0.0
+    model = BigramAttn(logits, steps=4)
+    opt = types.SimpleNamespace(batch_max_length=3, Prediction="Attn")
+    labels = ["ab", "ab", "ab", "b", "ab"]  # 20% one-character deletions
+    loader = [(torch.zeros(3, 1, 32, 100), labels[:3], None), (torch.zeros(2, 1, 32, 100), labels[3:], None)]
+    # With two candidates per step, each at margin log 13, the NLL of the labels under logits / T is
+    # least where sigmoid(log 13 / T) = (label tokens that are winners) / (all label tokens).
+    # Teacher-forced: "ab" scores a, b, [s] after [GO], a, b: 3 winners each; "b" scores b after
+    # [GO] (runner-up) and [s] after b (winner): 13 of 14, sigmoid(log 13 / T) = 13/14, T = 1.
+    # Greedy: "b"'s [s] is scored after the reading's a, where it is the runner-up: 12 of 14,
+    # sigmoid(log 13 / T) = 6/7, T = log 13 / log 6 = 1.43.
+    fitted = evaluation.fit_temperatures_on_loader(model, loader, converter, opt, "cpu", methods=("token", "word"))
+    assert fitted["token"] == pytest.approx(1.0, rel=1e-3)
+    # the word level still judges the greedy readings, "ab" each, 4 of 5 right at (13/14)^3:
+    # c^(1/T) = 4/5
+    assert fitted["word"] == pytest.approx(3 * math.log(13 / 14) / math.log(4 / 5), rel=1e-4)
+    greedy, forced = model.calls[0], model.calls[1]
+    assert not greedy[0] and forced[0] and forced[1] == [[0, 2, 3, 1], [0, 2, 3, 1], [0, 2, 3, 1]]
+    assert model.calls[3][1] == [[0, 3, 1, 0], [0, 2, 3, 1]]  # the second batch, fed [GO] + label
+    # what the greedy logits give (the fit before teacher forcing)
+    greedy_logits = torch.cat([model(images, torch.zeros(len(batch), 4, dtype=torch.long), is_train=False)
+                               for images, batch, _ in loader])
+    assert evaluation.fit_temperature_on_logits(greedy_logits, labels, converter, opt) == \
+        pytest.approx(math.log(13) / math.log(6), rel=1e-3)
+    # token level alone runs the teacher-forced pass only
+    model.calls.clear()
+    assert evaluation.fit_temperature_on_loader(model, loader, converter, opt, "cpu") == pytest.approx(1.0, rel=1e-3)
+    assert [is_train for is_train, _ in model.calls] == [True, True]
 
 
 def test_load_model_and_fit_temperature_on_a_loader(world, tmp_path):

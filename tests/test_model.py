@@ -412,3 +412,21 @@ def test_module_prefix_constant_is_dataparallel_layout():
     wrapped = nn.DataParallel(small_model("None-VGG-None-CTC"))
     assert all(key.startswith(model_lib.PREFIX) for key in wrapped.state_dict())
     assert list(state_dict_for_saving(wrapped)) == list(wrapped.state_dict())
+
+
+def test_a_last_pth_is_read_for_its_weights(tmp_path):
+    """data_sampling.py, test.py and demo.py take --saved_model .../last.pth (when validation stayed
+    flat, best_accuracy.pth is the first iteration's model): its `model` entry is loaded, though the
+    file also holds numpy's generator state, which a plain weights-only load refuses."""
+    import numpy as np
+
+    trained = small_model("None-VGG-None-CTC", seed=3)
+    path = tmp_path / "last.pth"
+    torch.save({"model": state_dict_for_saving(trained), "optimizer": {"state": {}, "param_groups": []},
+                "iteration": 20, "opt": {"num_iter": 20}, "loss_avg": np.float64(0.5),
+                "rng": {"numpy": np.random.RandomState(0).get_state(), "torch": torch.get_rng_state()}}, path)
+    target = small_model("None-VGG-None-CTC", seed=4)
+    report = load_weights(target, path)
+    assert report.complete and len(report.loaded) == len(trained.state_dict())
+    for key, value in trained.state_dict().items():
+        assert torch.equal(target.state_dict()[key], value), key

@@ -91,6 +91,9 @@ def test_the_budget_splits_into_rounded_relabels_and_new_queries():
     assert relabel.split_budget(8, 1.0, 3) == (3, 5)  # no more than there are labelled samples
     assert relabel.split_budget(8, 0.0, 100) == (0, 8)
     assert relabel.split_budget(8, 1.0, 100) == (8, 0)
+    # halves in exact arithmetic (doubles put 0.29 x 50 and 0.35 x 90 just below 14.5 and 31.5)
+    assert relabel.split_budget(50, 0.29, 100) == (15, 35)
+    assert relabel.split_budget(90, 0.35, 100) == (32, 58)
 
 
 def test_a_sample_is_chosen_once_lowest_quality_first():

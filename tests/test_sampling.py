@@ -341,8 +341,9 @@ def test_interrupted_write_leaves_no_dataset(work, models, monkeypatch, export):
 
     monkeypatch.setattr(data_sampling, "read_raw_samples", interrupted)
     extra = ["--save_images", str(work / "export")] if export else []
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(SystemExit) as stopped:  # Ctrl-C: one line (test_reliability_third.py), exit 130
         run_main(ctc_args(work, models.ctc, "--query", "random", "--num_query", "6", *extra))
+    assert stopped.value.code == 130
     assert listing(train) == before  # nothing, hidden temporary folders included
     assert listing(work) == around   # no export either
 
@@ -476,6 +477,26 @@ def test_score_batch_computes_only_what_the_strategy_needs():
         probs = (model(images) / 2.0).softmax(-1)
     assert np.allclose(scaled["entropy"], utils.mean_entropy(probs, torch.ones(3, probs.size(1), dtype=torch.bool)),
                        atol=1e-5)
+
+
+def test_ctc_confidence_is_the_texts_probability_over_alignments_not_a_product_of_maxima():
+    # Two frames over (blank, a). Sample 0, p(a) = (0.7, 0.01): reads "a" by the path a-, and
+    # P("a") = every path but -- = 1 - 0.3 x 0.99 = 0.703. Sample 1, p(a) = (0.55, 0.55): reads "a"
+    # by aa, P("a") = 1 - 0.45 x 0.45 = 0.7975. The emitting frame's maximum (0.7 against 0.55) and
+    # the product of the frame maxima (0.693 against 0.3025) both rank them the other way round.
+    probs = torch.tensor([[[0.3, 0.7], [0.99, 0.01]], [[0.45, 0.55], [0.45, 0.55]]], dtype=torch.float64)
+
+    class Fixed(torch.nn.Module):
+        def forward(self, images, text, is_train=False):
+            return probs.log().float()
+
+    converter = utils.make_converter("CTC", "a")
+    texts, values = data_sampling.score_batch(Fixed(), torch.zeros(2, 1, 32, 100), converter, mc_opt(1, 0.0),
+                                              query_strategies.get_strategy("uncali").needs, None, torch.device("cpu"))
+    assert texts == ["a", "a"]
+    assert np.asarray(values["confidence"]).tolist() == pytest.approx([0.703, 0.7975], rel=1e-6)
+    uncali = query_strategies.get_strategy("uncali")
+    assert list(uncali.select(values, query_strategies.identity_keys([("p", 1), ("p", 2)], 0), 1)) == [0]
 
 
 def test_merge_puts_sharded_records_back_in_pool_order():

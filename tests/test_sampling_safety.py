@@ -72,7 +72,8 @@ def test_overwrite_never_replaces_a_base_dataset(work, models, capsys):
 
 def test_overwrite_never_replaces_a_link_or_a_plain_folder(work, models, capsys):
     train = work / "train_data_lmdb"
-    os.symlink(train / "CVPR2016", train / "linked")
+    # a dataset outside the root: one linked beside its own folder would count twice (refused as such)
+    os.symlink(work / "test_data_lmdb" / "synth_eval", train / "linked")
     (train / "notes").mkdir()
     (train / "notes" / "keep.txt").write_text("mine")
     for name in ("linked", "notes"):

@@ -37,7 +37,7 @@ children get OMP_NUM_THREADS=1 unless it is set), fills a CPU; every job uses th
 again skips finished rounds and continues a killed one (a training from its last.pth). Settings
 are recorded in <out>/experiment.json (one written before --noise_models, --relabel_ratios,
 --acquisitions or --sampling_args existed means substitute, 0, topk and none); only --rounds (to grow), --workers and the grid's lists (to gain values) may change for
-an existing --out. Exit status: 0 when every cell finished, 1 when a
+an existing --out, and --test_data until a round has been evaluated with it. Exit status: 0 when every cell finished, 1 when a
 cell failed (the others still ran), 2 for bad settings (nothing is run), 130 when interrupted.
 
 --combine DIR,DIR,... runs nothing: it writes the tables and plots of several finished (or
@@ -69,6 +69,7 @@ Layout of --out:
 import argparse
 import datetime
 import fcntl
+import glob
 import json
 import math
 import os
@@ -101,7 +102,8 @@ SETTINGS = {
     "relabel_ratios": ("0", "shares of each round's budget spent re-annotating the labelled samples of lowest label "
                             "quality (data_sampling.py --relabel_ratio), comma-separated"),
     "acquisitions": ("topk", "batch acquisitions (data_sampling.py --acquisition), comma-separated"),
-    "seeds": ("1111", "seeds (--manualSeed), comma-separated; one round-0 model per seed"),
+    "seeds": ("1111", "seeds (--manualSeed, each in -2**63 .. 2**64-1), comma-separated; one round-0 model per "
+                      "seed"),
     "base_calibrator": ("CE", "calibrator of round 0 (trained once per seed, clean labels)"),
     "base_model": ("", "checkpoint round 0 starts from instead of random weights; its architecture and character "
                        "set come from the opt.yaml beside it, else --model_preset, else --arch (which then keeps only "
@@ -198,6 +200,9 @@ def read_grid_file(path):
     try:
         with open(path, encoding="utf-8") as f:
             data = yaml.safe_load(f)
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"--grid {path}: not UTF-8 text ({err.reason} at byte {err.start}); save it as UTF-8") \
+            from None
     except (OSError, yaml.YAMLError) as err:
         raise ConfigError(f"--grid {path}: not readable as YAML ({str(err).splitlines()[0]})") from None
     if data is None:
@@ -233,11 +238,11 @@ def _list(name, text):
     return items
 
 
-def _int(name, text, minimum, what):
+def _int(name, text, minimum, what, maximum=None):
     if not re.fullmatch(r"-?[0-9]+", text.strip()):
         raise ConfigError(f"--{name} {text}: give {what}")
     value = int(text)
-    if value < minimum:
+    if value < minimum or (maximum is not None and value > maximum):
         raise ConfigError(f"--{name} {text}: give {what}")
     return value
 
@@ -381,7 +386,8 @@ def resolve_settings(raw, arch_given=True):
         if name not in acquisition.ACQUISITIONS:
             raise ConfigError(f"--acquisitions {name}: unknown acquisition; choose from "
                               f"{', '.join(acquisition.ACQUISITIONS)}")
-    s["seeds"] = [_int("seeds", item, -2 ** 63, "whole numbers") for item in _list("seeds", raw["seeds"])]
+    s["seeds"] = [_int("seeds", item, -2 ** 63, "whole numbers in -2**63 .. 2**64-1 (the range torch accepts)",
+                       maximum=2 ** 64 - 1) for item in _list("seeds", raw["seeds"])]
     if len(set(s["seeds"])) != len(s["seeds"]):
         raise ConfigError(f"--seeds {raw['seeds']}: a seed appears twice")
     s["rounds"] = _int("rounds", raw["rounds"], 0, "a whole number of rounds after the base round (0 or more)")
@@ -409,10 +415,14 @@ def resolve_settings(raw, arch_given=True):
         if not os.path.isdir(path):
             raise ConfigError(f"--{name} {path}: no such folder (run `make data` or set --{name})")
         s[name] = os.path.abspath(path)
+    for name in ("valid_data", "test_data"):  # the dry runs never read --test_data: test.py does, after round 0
+        check_scored_data(name, s[name])
     names = raw["select_data"].strip().split("-")
     if not raw["select_data"].strip() or any(not n for n in names):
         raise ConfigError(f"--select_data {raw['select_data']}: give '-'-separated dataset names")
     for name in names:
+        if "/" in name or name.startswith("."):  # each becomes a link's name in a cell's train_data
+            raise ConfigError(f"--select_data {name}: give a plain name (no '/', not starting with '.')")
         if not os.path.exists(os.path.join(s["train_data"], name)):
             raise ConfigError(f"--select_data {name}: {os.path.join(s['train_data'], name)} does not exist")
     s["select_data"] = raw["select_data"].strip()
@@ -434,6 +444,21 @@ def resolve_settings(raw, arch_given=True):
                               f"experiment itself (a grid axis or the loop); drop it")
     s["sampling_args"] = raw["sampling_args"].strip()
     return s
+
+
+def check_scored_data(name, path):
+    """--valid_data and --test_data must hold labelled LMDBs; ConfigError naming the first problem."""
+    import dataset
+    import utils
+
+    try:
+        leaves = dataset.find_lmdbs(path)
+        if not leaves:
+            raise ConfigError(f"--{name} {path}: holds no LMDB (no data.mdb below it); give the folder of labelled "
+                              f"LMDBs")
+        dataset.refuse_unlabelled(path, leaves, f"--{name}")
+    except utils.UserError as err:
+        raise ConfigError(str(err)) from None
 
 
 def parse(argv):
@@ -478,11 +503,25 @@ def setting_label(name):
             "base_model_sha256": "--base_model's content"}.get(name, f"--{name}")
 
 
-def merge_with_recorded(out, recorded, settings):
-    """The settings to continue an experiment with: `recorded` (experiment.json's) with the grid's
-    new values appended and --rounds/--workers taken from `settings`. ConfigError naming every
-    setting that may not change like this."""
+# Fixed settings whose outputs may not exist yet, with the test of whether one does: a setting
+# that has produced nothing is corrected on a rerun rather than refused (docs/DESIGN.md).
+CORRECTABLE = {"test_data": lambda out: bool(glob.glob(os.path.join(glob.escape(out), "*", "*", "eval", "round*",
+                                                                      "results.json")))}
+
+
+def corrections(out, recorded, settings):
+    """The names of the fixed settings that differ from `recorded` but have produced nothing in
+    `out` yet (CORRECTABLE), so that the new value replaces the recorded one."""
     recorded = upgrade_recorded(recorded)
+    return {name for name, produced in CORRECTABLE.items()
+            if _comparable(name, recorded.get(name)) != _comparable(name, settings[name]) and not produced(out)}
+
+
+def merge_with_recorded(out, recorded, settings, corrected=()):
+    """The settings to continue an experiment with: `recorded` (experiment.json's) with the grid's
+    new values appended, --rounds/--workers and the `corrected` settings (`corrections`) taken from
+    `settings`. ConfigError naming every setting that may not change like this."""
+    recorded = {**upgrade_recorded(recorded), **{name: settings[name] for name in corrected}}
     if (recorded["base_model"] and recorded["base_model"] == settings["base_model"]
             and recorded["base_model_sha256"] != settings["base_model_sha256"]):
         raise ConfigError(f"--base_model {settings['base_model']}: not the checkpoint {out} started from (sha256 "
@@ -1128,7 +1167,10 @@ def prepare(out, settings):
     if os.path.isfile(path):
         lock_output(out)
         recorded = read_json(path)
-        merged = merge_with_recorded(out, recorded["settings"], settings)
+        corrected = corrections(out, recorded["settings"], settings)
+        merged = merge_with_recorded(out, recorded["settings"], settings, corrected)
+        for name in sorted(corrected):
+            print(f"--{name} corrected: no round was evaluated with the earlier value", flush=True)
         old = upgrade_recorded(recorded["settings"])
         new_calibrators = [c for c in merged["calibrators"] if c not in old["calibrators"] or old["rounds"] == 0]
         new_queries = [q for q in merged["queries"] if q not in old["queries"] or old["rounds"] == 0]

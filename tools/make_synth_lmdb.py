@@ -7,6 +7,17 @@ Writes, deterministically from --seed, under --out (default `data`):
   test_data_lmdb/synth_seen_fonts    both styles, training fonts (PNG)
   test_data_lmdb/synth_unseen_fonts  both styles, fonts the training sets never use (PNG)
 
+With --target STYLE it writes a target-domain root instead (`make target-data`: --target signage
+--out data/target), in a style the source sets never show:
+  train_data_lmdb/STYLE         the pool, --num_pool labelled words (JPEG); the loop's
+                                --label_ratio splits it into the labelled seed and the pool
+  valid_data_lmdb/STYLE_valid   --num_valid words for choosing settings (PNG)
+  test_data_lmdb/STYLE_test     --num_test words for reporting only (PNG)
+All three draw from every font, the held-out ones included: the target brings typefaces too.
+Target styles: `curved` (arcs and waves), `perspective` (one end farther away), `cluttered` (parts of
+neighbouring lines, rules and poles in the crop), `lowres` (16-24 pixels high, low JPEG quality) and
+`signage`, which mixes them at the strengths in SIGNAGE.
+
 Words come from the `english-words` package (GCIDE list), else /usr/share/dict/words; fonts from
 matplotlib's bundled TTFs plus any usable TTF/OTF under the system font folders. Labels are stored
 in mixed case. Every sample draws from its own generator seeded by (seed, set number, index), so the
@@ -308,10 +319,178 @@ def render_mixed(text, rng, fonts):
     return RENDERERS[style](text, rng, fonts)
 
 
-RENDERERS = {"cvpr2016": render_cvpr2016, "nips2014": render_nips2014, "mixed": render_mixed}
+# ---------------------------------------------------------------- target styles (a shifted domain)
+# Degradations a recognizer trained on the two source styles above has not seen: perspective,
+# curved baselines, clutter at the crop's edges and low resolution. `signage` combines them and is
+# the target domain of `--target` (docs/pretrained-domain.md says how its strength was chosen).
+
+def bilinear_sample(array, src_x, src_y):
+    """Sample a 2-D float array at fractional source coordinates; outside the array reads 0."""
+    h, w = array.shape
+    padded = np.zeros((h + 2, w + 2), dtype=np.float32)
+    padded[1:-1, 1:-1] = array
+    x = np.clip(src_x + 1, 0, w + 1)
+    y = np.clip(src_y + 1, 0, h + 1)
+    x0 = np.clip(np.floor(x).astype(np.int64), 0, w)
+    y0 = np.clip(np.floor(y).astype(np.int64), 0, h)
+    fx, fy = x - x0, y - y0
+    top = padded[y0, x0] * (1 - fx) + padded[y0, x0 + 1] * fx
+    bottom = padded[y0 + 1, x0] * (1 - fx) + padded[y0 + 1, x0 + 1] * fx
+    return top * (1 - fy) + bottom * fy
+
+
+def curve(mask, rng, strength):
+    """Bend the baseline along an arc or a wave whose height is up to `strength` text heights; each
+    column moves vertically and leans with the local slope, as text printed on a curved surface."""
+    w, h = mask.size
+    # short words bend less: a whole arc over three letters makes a blob no reader would call text
+    amplitude = rng.uniform(0.4, 1.0) * strength * h * min(1.0, w / (4.0 * h)) * (1 if rng.random() < 0.5 else -1)
+    t = np.linspace(-1.0, 1.0, w, dtype=np.float32)
+    if rng.random() < 0.6:  # an arc, as on a round sign or a bottle
+        offset = amplitude * (t ** 2)
+    else:  # a wave, as on cloth or a flag
+        offset = amplitude * np.sin(np.pi * rng.uniform(0.6, 1.4) * t + rng.uniform(0, 2 * np.pi))
+    offset -= offset.min()
+    slope = np.gradient(offset)  # pixels per pixel: columns lean with the baseline
+    out_h = h + int(np.ceil(offset.max())) + 1
+    yy, xx = np.mgrid[0:out_h, 0:w].astype(np.float32)
+    centre = h / 2.0
+    src_y = yy - offset[None, :]
+    src_x = xx + (src_y - centre) * slope[None, :]
+    out = bilinear_sample(np.asarray(mask, dtype=np.float32), src_x, src_y)
+    return Image.fromarray(np.clip(out, 0, 255).astype(np.uint8), "L")
+
+
+def perspective_coefficients(out_points, in_points):
+    """The 8 coefficients of PIL's PERSPECTIVE transform that map each out point to its in point."""
+    rows, rhs = [], []
+    for (x, y), (u, v) in zip(out_points, in_points):
+        rows.append([x, y, 1, 0, 0, 0, -u * x, -u * y])
+        rows.append([0, 0, 0, x, y, 1, -v * x, -v * y])
+        rhs.extend([u, v])
+    return tuple(float(c) for c in np.linalg.solve(np.array(rows, dtype=np.float64), np.array(rhs, dtype=np.float64)))
+
+
+def perspective(mask, rng, strength):
+    """View the text plane from the side: one end up to `strength` of the height shorter than the
+    other, with the corners jittered and the whole tilted a little."""
+    w, h = mask.size
+    shrink = rng.uniform(0.3, 1.0) * strength * h
+    near_left = rng.random() < 0.5
+    jitter = rng.uniform(-0.12, 0.12, size=(4, 2)) * h
+    tilt = rng.normal(0, 0.08) * w
+    # out corners (top-left, top-right, bottom-right, bottom-left) before shifting into the canvas
+    top_l, bot_l = (shrink / 2, h - shrink / 2) if not near_left else (0.0, float(h))
+    top_r, bot_r = (0.0, float(h)) if not near_left else (shrink / 2, h - shrink / 2)
+    corners = np.array([[0, top_l - tilt / 2], [w, top_r + tilt / 2], [w, bot_r + tilt / 2], [0, bot_l - tilt / 2]],
+                       dtype=np.float64) + jitter
+    corners -= corners.min(axis=0)
+    size = tuple(int(np.ceil(v)) + 1 for v in corners.max(axis=0))
+    coeffs = perspective_coefficients(corners, [(0, 0), (w, 0), (w, h), (0, h)])
+    return mask.transform(size, Image.PERSPECTIVE, coeffs, resample=Image.BICUBIC)
+
+
+def clutter(image, rng, fonts, words, text_height):
+    """Things a loose crop catches: parts of the lines above and below, and strokes (borders, poles,
+    underlines) across or beside the word, in their own colours."""
+    img = image.copy()
+    w, h = img.size
+    draw = ImageDraw.Draw(img)
+    for edge in ("top", "bottom"):
+        if rng.random() < 0.6:
+            font = get_font(fonts[int(rng.integers(len(fonts)))], max(8, int(text_height * rng.uniform(0.7, 1.2))))
+            other = words[int(rng.integers(len(words)))]
+            ascent, descent = font.getmetrics()
+            visible = rng.uniform(0.15, 0.4) * (ascent + descent)  # never enough to be read as a word
+            y = -(ascent + descent) + visible if edge == "top" else h - visible
+            x = rng.uniform(-0.3, 0.3) * w
+            colour = tuple(int(c) for c in rng.integers(0, 256, size=3))
+            draw.text((x, y), other * 3, font=font, fill=colour)
+    for _ in range(int(rng.integers(0, 3))):
+        colour = tuple(int(c) for c in rng.integers(0, 256, size=3))
+        width = int(rng.integers(1, max(2, h // 10) + 1))
+        if rng.random() < 0.5:  # a horizontal rule near the top or bottom
+            y = rng.choice([rng.uniform(0, 0.15), rng.uniform(0.85, 1.0)]) * h
+            draw.line((0, y, w, y + rng.normal(0, 2)), fill=colour, width=width)
+        else:  # an upright stroke at one end
+            x = rng.choice([rng.uniform(0, 0.06), rng.uniform(0.94, 1.0)]) * w
+            draw.line((x, 0, x + rng.normal(0, 2), h), fill=colour, width=width)
+    return img
+
+
+def low_resolution(img, rng, lowest, highest):
+    """Shrink to a height of `lowest`..`highest` pixels, JPEG at low quality, and scale back to 32:
+    a far-away or heavily compressed word."""
+    small = resize_to_height(img, int(rng.integers(lowest, highest + 1)))
+    buf = io.BytesIO()
+    small.save(buf, format="JPEG", quality=int(rng.integers(20, 60)))
+    buf.seek(0)
+    return resize_to_height(Image.open(buf).convert("RGB"), 32)
+
+
+# Strength of each degradation in the `signage` style. Chosen by measurement: the source-trained
+# start (`make pretrain`) must read 40-80% of the target's test words (docs/pretrained-domain.md).
+SIGNAGE = {"curve": 0.25, "perspective": 0.35, "p_curve": 0.25, "p_perspective": 0.35,
+           "p_clutter": 0.5, "p_lowres": 0.2, "lowres": (16, 24)}
+
+
+def render_degraded(text, rng, fonts, geometry, p_clutter, p_lowres):
+    """A source-like word (textured or plain background) after the given degradations."""
+    font = get_font(fonts[int(rng.integers(len(fonts)))], int(rng.integers(26, 44)))
+    mask = text_mask(text, font, rng)
+    ascent, descent = font.getmetrics()
+    for warp in geometry:
+        mask = warp(mask, rng)
+    mask = crop_to_ink(mask, rng, (0.05, 0.3))
+    alpha = np.asarray(mask, dtype=np.float32) / 255.0 * rng.uniform(0.85, 1.0)
+    if rng.random() < 0.5:
+        background = textured_background(rng, mask.size)
+    else:
+        background = np.full((mask.height, mask.width, 3), rng.uniform(0, 255), dtype=np.float32)
+        background += rng.uniform(-25, 25, size=3)
+    colour = contrasting_colour(rng, background)
+    img = Image.fromarray(np.clip(compose(background, colour, alpha), 0, 255).astype(np.uint8), "RGB")
+    if rng.random() < p_clutter:
+        img = clutter(img, rng, fonts, load_words(), ascent + descent)
+    if rng.random() < 0.4:
+        img = img.filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 1.0)))
+    if rng.random() < p_lowres:
+        return low_resolution(img, rng, *SIGNAGE["lowres"])
+    return resize_to_height(img, 32)
+
+
+def render_curved(text, rng, fonts):
+    return render_degraded(text, rng, fonts, [lambda m, r: curve(m, r, SIGNAGE["curve"])], 0.0, 0.0)
+
+
+def render_perspective(text, rng, fonts):
+    return render_degraded(text, rng, fonts, [lambda m, r: perspective(m, r, SIGNAGE["perspective"])], 0.0, 0.0)
+
+
+def render_cluttered(text, rng, fonts):
+    return render_degraded(text, rng, fonts, [], 1.0, 0.0)
+
+
+def render_lowres(text, rng, fonts):
+    return render_degraded(text, rng, fonts, [], 0.0, 1.0)
+
+
+def render_signage(text, rng, fonts):
+    geometry = []
+    if rng.random() < SIGNAGE["p_curve"]:
+        geometry.append(lambda m, r: curve(m, r, SIGNAGE["curve"]))
+    if rng.random() < SIGNAGE["p_perspective"]:
+        geometry.append(lambda m, r: perspective(m, r, SIGNAGE["perspective"]))
+    return render_degraded(text, rng, fonts, geometry, SIGNAGE["p_clutter"], SIGNAGE["p_lowres"])
+
+
+RENDERERS = {"cvpr2016": render_cvpr2016, "nips2014": render_nips2014, "mixed": render_mixed,
+             "curved": render_curved, "perspective": render_perspective, "cluttered": render_cluttered,
+             "lowres": render_lowres, "signage": render_signage}
 # Image encoding per set: JPEG like the real training sets (and 4x smaller than PNG on these noisy
 # crops); the evaluation sets in PNG so that both decoders are exercised.
 FORMATS = {"cvpr2016": "JPEG", "nips2014": "JPEG", "mixed": "PNG"}
+TARGET_STYLES = ("signage", "curved", "perspective", "cluttered", "lowres")
 
 
 def get_renderer(style):
@@ -345,46 +524,60 @@ def sample_rng(seed, index):
 _JOB = {}
 
 
-def _init_job(style, seed, fonts):
-    _JOB.update(style=style, seed=seed, fonts=list(fonts), words=load_words())
+def _init_job(style, seed, fonts, fmt):
+    _JOB.update(style=style, seed=seed, fonts=list(fonts), words=load_words(), fmt=fmt)
 
 
 def _render_sample(index):
     rng = sample_rng(_JOB["seed"], index)
     label = make_label(rng, _JOB["words"])
     img = render_word(label, _JOB["style"], rng, _JOB["fonts"])
-    return encode_image(img, FORMATS[_JOB["style"]], rng), label
+    return encode_image(img, _JOB["fmt"], rng), label
 
 
-def make_samples(n, style, seed, fonts=None, workers=1):
-    """Yield `(image_bytes, label)` for samples 0..n-1, in order, rendered by `workers` processes."""
+def make_samples(n, style, seed, fonts=None, workers=1, fmt=None):
+    """Yield `(image_bytes, label)` for samples 0..n-1, in order, rendered by `workers` processes.
+    `fmt` ("JPEG" or "PNG") defaults to the style's own (PNG for the target styles)."""
     get_renderer(style)
     fonts = split_fonts()[0] if fonts is None else list(fonts)
+    fmt = fmt or FORMATS.get(style, "PNG")
     if workers <= 1 or n < 64:  # a pool costs more than it saves on a handful of images
-        _init_job(style, seed, fonts)
+        _init_job(style, seed, fonts, fmt)
         for i in range(n):
             yield _render_sample(i)
         return
     with multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn").Pool(
-            workers, initializer=_init_job, initargs=(style, seed, fonts)) as pool:
+            workers, initializer=_init_job, initargs=(style, seed, fonts, fmt)) as pool:
         yield from pool.imap(_render_sample, range(n), chunksize=64)
 
 
-def make_lmdb_set(path, n, style, seed, fonts=None, workers=1, overwrite=False):
+def make_lmdb_set(path, n, style, seed, fonts=None, workers=1, overwrite=False, fmt=None):
     """Render n samples of a style into a new LMDB at path; returns the number written."""
-    samples = ((img, label, None) for img, label in make_samples(n, style, seed, fonts, workers))
+    samples = ((img, label, None) for img, label in make_samples(n, style, seed, fonts, workers, fmt))
     return dataset.write_lmdb(path, samples, overwrite=overwrite)
 
 
 def plan_sets(opt, seen, unseen):
-    """(relative path, count, style, fonts) of every set to build."""
-    return [
+    """(relative path, count, style, fonts, seed, format) of every set to build."""
+    if opt.target:
+        # The target domain brings its own fonts too: every set draws from all of them, so the
+        # pool teaches the typefaces the source sets hold out.
+        fonts = list(seen) + list(unseen)
+        # Seeds apart from the source sets' (seed, 0..4) and from every other target style's.
+        tag = 100 + TARGET_STYLES.index(opt.target)
+        return [
+            (f"train_data_lmdb/{opt.target}", opt.num_pool, opt.target, fonts, [opt.seed, tag, 0], "JPEG"),
+            (f"valid_data_lmdb/{opt.target}_valid", opt.num_valid, opt.target, fonts, [opt.seed, tag, 1], "PNG"),
+            (f"test_data_lmdb/{opt.target}_test", opt.num_test, opt.target, fonts, [opt.seed, tag, 2], "PNG"),
+        ]
+    sets = [
         ("train_data_lmdb/CVPR2016", opt.num, "cvpr2016", seen),
         ("train_data_lmdb/NIPS2014", opt.num, "nips2014", seen),
         ("valid_data_lmdb/synth_valid", opt.num_valid, "mixed", seen),
         ("test_data_lmdb/synth_seen_fonts", opt.num_test, "mixed", seen),
         ("test_data_lmdb/synth_unseen_fonts", opt.num_test, "mixed", unseen),
     ]
+    return [(rel, n, style, fonts, [opt.seed, k], FORMATS[style]) for k, (rel, n, style, fonts) in enumerate(sets)]
 
 
 def parse_args(argv=None):
@@ -393,14 +586,20 @@ def parse_args(argv=None):
     parser.add_argument("--num", type=int, default=10000, help="images in each training set")
     parser.add_argument("--num_valid", type=int, default=1000, help="images in the validation set")
     parser.add_argument("--num_test", type=int, default=2000, help="images in each evaluation set")
+    parser.add_argument("--target", choices=TARGET_STYLES, default=None,
+                        help="build a target-domain root in this style instead of the source sets, in all "
+                             "fonts: train_data_lmdb/STYLE (the pool, --num_pool labelled words), "
+                             "valid_data_lmdb/STYLE_valid and test_data_lmdb/STYLE_test")
+    parser.add_argument("--num_pool", type=int, default=25000, help="images in the target pool (with --target)")
     parser.add_argument("--seed", type=int, default=2016, help="random seed; the same seed gives the same bytes")
     parser.add_argument("--workers", type=int, default=options.usable_cores(),
                         help="rendering processes (default: the cores this process may use)")
     parser.add_argument("--overwrite", action="store_true", help="rebuild sets that already exist")
     opt = parser.parse_args(argv)
-    for flag in ("num", "num_valid", "num_test"):
+    for flag in ("num", "num_valid", "num_test", "num_pool"):
         if getattr(opt, flag) < 1:
             raise utils.UserError(f"--{flag} must be at least 1")
+    options.check_output_dir(opt.out, "--out")
     return opt
 
 
@@ -412,16 +611,18 @@ def main(argv=None):
     print(f"{len(words)} words; {len(seen)} training fonts, {len(unseen)} held-out fonts")
     started = time.time()
     info = {"seed": opt.seed, "words": "english-words (gcide)", "sets": {}}
-    for k, (rel, n, style, fonts) in enumerate(plan_sets(opt, seen, unseen)):
+    for rel, n, style, fonts, seed, fmt in plan_sets(opt, seen, unseen):
         path = os.path.join(opt.out, rel)
         if os.path.isfile(os.path.join(path, "data.mdb")) and not opt.overwrite:
             print(f"{path}: exists, kept (use --overwrite to rebuild)")
             continue
         t0 = time.time()
-        count = make_lmdb_set(path, n, style, (opt.seed, k), fonts, opt.workers, overwrite=opt.overwrite)
+        count = make_lmdb_set(path, n, style, seed, fonts, opt.workers, overwrite=opt.overwrite, fmt=fmt)
         print(f"{path}: {count} {style} images in {time.time() - t0:.1f}s")
-        info["sets"][rel] = {"num": count, "style": style, "seed": [opt.seed, k],
+        info["sets"][rel] = {"num": count, "style": style, "seed": seed, "format": fmt,
                              "fonts": [os.path.basename(f) for f in fonts]}
+        if style in TARGET_STYLES:
+            info["sets"][rel]["strength"] = SIGNAGE
     if info["sets"]:
         atomic_io.atomic_write_text(os.path.join(opt.out, "synth_info.json"), json.dumps(info, indent=1) + "\n")
     print(f"done in {time.time() - started:.1f}s")
