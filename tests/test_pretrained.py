@@ -42,14 +42,13 @@ def make_checkpoint(folder, seed=3, character=DIGITS_LOWER, with_yaml=True):
 
 
 def lmdb_labels(path):
-    import lmdb
+    # through dataset's cache: LMDB refuses a second environment of one path in a process, and
+    # in-process runs (experiment.main's coverage report) keep theirs open
+    import dataset
 
-    env = lmdb.open(path, readonly=True, lock=False)
-    with env.begin() as txn:
+    with dataset.shared_env(path).begin() as txn:
         count = int(txn.get(b"num-samples"))
-        labels = [txn.get(b"label-%09d" % i).decode("utf-8") for i in range(1, count + 1)]
-    env.close()
-    return labels
+        return [txn.get(b"label-%09d" % i).decode("utf-8") for i in range(1, count + 1)]
 
 
 def sha256(path):
@@ -538,9 +537,10 @@ def test_english_g2_has_the_reference_layout_at_its_own_widths():
 @needs_english_g2
 @pytest.mark.slow
 def test_english_g2_reads_with_test_py_and_demo_py(tiny_data, tmp_path):
-    from PIL import Image
     import io
-    import lmdb
+
+    import dataset
+    from PIL import Image
 
     result = run([sys.executable, os.path.join(REPO_ROOT, "test.py"), "--eval_data", tiny_data.valid,
                   "--saved_model", ENGLISH_G2, "--workers", "0", "--batch_size", "32", "--output", str(tmp_path / "eval")])
@@ -551,13 +551,11 @@ def test_english_g2_reads_with_test_py_and_demo_py(tiny_data, tmp_path):
     assert total["accuracy"] > 50, total
     folder = tmp_path / "images"
     folder.mkdir()
-    env = lmdb.open(tiny_data.eval, readonly=True, lock=False)
     labels = {}
-    with env.begin() as txn:
+    with dataset.shared_env(tiny_data.eval).begin() as txn:
         for i in range(1, 9):
             Image.open(io.BytesIO(txn.get(b"image-%09d" % i))).save(folder / f"{i}.png")
             labels[f"{i}.png"] = txn.get(b"label-%09d" % i).decode()
-    env.close()
     result = run([sys.executable, os.path.join(REPO_ROOT, "demo.py"), "--image_folder", str(folder),
                   "--saved_model", ENGLISH_G2, "--workers", "0", "--csv", str(tmp_path / "demo.csv")])
     assert result.returncode == 0, result.stderr[-2000:]
