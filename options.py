@@ -87,11 +87,18 @@ def add_data_args(parser):
     return group
 
 
-def add_model_args(parser, required=True, saved_model_help=None):
+def add_model_args(parser, required=True, saved_model_help=None, preset=None):
+    """The model group. `preset` (default: with `saved_model_help`) adds --model_preset."""
     group = parser.add_argument_group("model")
     if saved_model_help:
         group.add_argument("--saved_model", default="", help=f"{saved_model_help}; architecture flags not given "
-                                                              "are read from the opt.yaml beside it")
+                                                              "are read from the opt.yaml beside it, else from "
+                                                              "--model_preset")
+    if saved_model_help if preset is None else preset:
+        group.add_argument("--model_preset", default="",
+                           help="architecture and character set of a known model for a --saved_model without an "
+                                "opt.yaml beside it: a name under configs/models/ (e.g. easyocr_english_g2) or a "
+                                "YAML file; flags given win")
     for name, choices in STAGE_CHOICES.items():
         group.add_argument(f"--{name}", required=required, default=None,
                            help=f"stage: {' | '.join(choices)}")
@@ -162,12 +169,42 @@ def _saved_type_ok(name, value):
     return isinstance(value, str)
 
 
+def read_model_preset(opt, saved=None):
+    """The architecture options of --model_preset ({} when not given); a UserError when they
+    disagree with `saved` (the opt.yaml beside the checkpoint, which describes it)."""
+    preset = getattr(opt, "model_preset", "") or ""
+    if not preset:
+        return {}
+    import pretrained  # it builds on this module
+
+    values = pretrained.read_preset(preset)
+    differ = [name for name, value in values.items() if (saved or {}).get(name) not in (None, value)]
+    if differ:
+        raise UserError(f"--model_preset {preset}: disagrees with {opt_yaml_path(opt.saved_model)} on "
+                        f"{', '.join(differ)}; leave --model_preset out (the opt.yaml describes the checkpoint)")
+    return values
+
+
+def fill_from_preset(opt, argv_given):
+    """Take architecture options the user did not give from --model_preset (train.py, where no
+    opt.yaml is read)."""
+    for name, value in read_model_preset(opt).items():
+        if name not in argv_given:
+            setattr(opt, name, value)
+
+
 def fill_from_saved(opt, argv_given):
-    """Take architecture options the user did not give from the opt.yaml beside --saved_model. A
-    value of the wrong type there is a UserError naming the file (null counts as absent)."""
+    """Take architecture options the user did not give from the opt.yaml beside --saved_model,
+    else from --model_preset. A value of the wrong type there is a UserError naming the file (null
+    counts as absent)."""
     saved = load_opt_yaml(getattr(opt, "saved_model", ""))
+    preset = read_model_preset(opt, saved)
     for name in ARCHITECTURE_OPTIONS:
-        if name in argv_given or saved.get(name) is None:
+        if name in argv_given:
+            continue
+        if saved.get(name) is None:
+            if name in preset:
+                setattr(opt, name, preset[name])
             continue
         value = saved[name]
         if not _saved_type_ok(name, value):
@@ -378,7 +415,7 @@ def resolve_options(opt):
     for name, choices in STAGE_CHOICES.items():
         value = getattr(opt, name, None)
         if value is None:
-            raise UserError(f"--{name} is required (no opt.yaml beside --saved_model gives it); "
+            raise UserError(f"--{name} is required (no opt.yaml beside --saved_model or --model_preset gives it); "
                             f"choose one of {', '.join(choices)}")
         if value not in choices:
             raise UserError(f"--{name} {value}: unknown; choose one of {', '.join(choices)}")

@@ -32,19 +32,21 @@ import atomic_io
 import calibration
 import calibrators
 import options
+import pretrained
 import utils
 from dataset import Batch_Balanced_Dataset, first_readable, hierarchical_dataset
 from evaluation import eval_loader, evaluate
-from model import Model, initialize_weights, load_trusted, load_weights, save_weights, state_dict_for_saving
+from model import (Model, carry_classes, freeze_stages, hold_frozen_in_eval, initialize_weights, load_trusted,
+                   load_weights, parse_stages, save_weights, state_dict_for_saving)
 
 # Options a resumed run may change: where, and on what, it runs, not what it computes (with another
 # --device or --threads the floating-point results may differ in the last bits). The weights come
-# from last.pth, so --saved_model and --FT are not read. Every other option must match.
+# from last.pth, so --saved_model, --FT and --model_preset are not read. Every other option must match.
 RESUME_MAY_CHANGE = ("num_iter", "workers", "device", "threads", "no_progress", "resume", "output_dir", "exp_name",
-                     "dry_run", "saved_model", "FT")
+                     "dry_run", "saved_model", "FT", "model_preset")
 PATH_OPTIONS = ("train_data", "valid_data", "character_file")
 # Options added after checkpoints were written without them: the value such a checkpoint's run used.
-RESUME_DEFAULTS = {"noise_model": annotator_noise.DEFAULT_MODEL}
+RESUME_DEFAULTS = {"noise_model": annotator_noise.DEFAULT_MODEL, "freeze": ""}
 # What a run leaves in its folder that a new run there must not be mixed with: the earlier run's
 # records (metrics.jsonl, train_summary.json) and its best-calibrated model, which a new run only
 # replaces once it reads some words.
@@ -55,16 +57,19 @@ NOISE_LOG_COLUMNS = ("relpath", "index", "origin_relpath", "origin_index", "clea
 def get_args_parser():
     parser = options.make_parser("Train a recognizer for one round of active learning (base or al).")
     options.add_data_args(parser)
-    options.add_model_args(parser, required=True)
+    # not required here: --model_preset may give the stages
+    options.add_model_args(parser, required=False, preset=True)
     options.add_runtime_args(parser)
     group = parser.add_argument_group("training")
     group.add_argument("--exp_name", default="", help="output folder name under --output_dir (default: from "
                        "architecture, seed, query_iter, mode, calibrator and alpha)")
     group.add_argument("--output_dir", default="saved_models", help="root of the experiment folders")
-    group.add_argument("--num_iter", type=int, default=300000, help="number of iterations to train for")
+    group.add_argument("--num_iter", type=int, default=300000, help="number of iterations to train for (0: none; "
+                       "--saved_model, validated, becomes this run's best_accuracy.pth in this project's layout)")
     group.add_argument("--valInterval", type=int, default=2000, help="validate every this many iterations")
-    group.add_argument("--saved_model", default="", help="checkpoint to start from (the last round's model); its "
-                       "opt.yaml, when there is one, must record the same character set unless --FT")
+    group.add_argument("--saved_model", default="", help="checkpoint to start from (the last round's model); "
+                       "architecture flags not given are read from the opt.yaml beside it, else from --model_preset; "
+                       "a character set given that differs from the one it records needs --FT")
     group.add_argument("--FT", action="store_true", help="fine-tune: load what fits from --saved_model, skip the rest")
     group.add_argument("--resume", nargs="?", const="auto", default="",
                        help="continue exactly from a last.pth (default: the one in this experiment's folder); every "
@@ -106,6 +111,10 @@ def get_args_parser():
                             "mixed (docs/noisy-labels.md)")
     group.add_argument("--noise_scope", choices=("queried", "all"), default="queried",
                        help="which labels the simulated annotator noise touches")
+    group.add_argument("--freeze", default="",
+                       help="stages to keep as --saved_model has them while fine-tuning, comma-separated (e.g. "
+                            "FeatureExtraction or Transformation,FeatureExtraction): their parameters get no "
+                            "gradient and their BatchNorm layers stay in eval mode (running statistics unchanged)")
     group.add_argument("--channels_last", action="store_true",
                        help="channels-last memory format for the convolutional stages (always on with --amp)")
     return parser
@@ -222,7 +231,9 @@ def check_train_options(opt):
     def finite(name):
         return math.isfinite(getattr(opt, name))
 
-    require(opt.num_iter >= 1, "num_iter", "must be at least 1")
+    require(opt.num_iter >= 0, "num_iter", "must be 0 (keep --saved_model as it is, validated) or more")
+    require(opt.num_iter >= 1 or (opt.saved_model and not opt.resume), "num_iter",
+            "trains nothing: 0 keeps --saved_model as the round's model (validated and saved), so give --saved_model")
     require(opt.valInterval >= 1, "valInterval", "must be at least 1")
     require(opt.warmup_iters >= 0, "warmup_iters", "must be 0 (no warm-up) or more")
     require(opt.patience >= 1, "patience", "must be at least 1")
@@ -237,6 +248,7 @@ def check_train_options(opt):
     require(0.0 <= opt.noise_ratio <= 1.0, "noise_ratio", "must lie between 0 and 1")
     for name in ("alpha", "smooth_tail", "B", "t"):
         require(finite(name), name, "give a finite number")
+    opt.freeze = ",".join(parse_stages(opt.freeze))  # recorded in opt.yaml in the model's order
 
 
 def check_saved_model_charset(opt):
@@ -416,6 +428,14 @@ class StoppedTogether(SystemExit):
 
 
 def main(opt):
+    given = options.given_option_names(opt, get_args_parser())
+    vars(opt).pop("given_options", None)  # not an option: kept out of opt.yaml and last.pth
+    if opt.saved_model and not opt.resume and os.path.isfile(opt.saved_model):
+        # the architecture travels with the checkpoint: its opt.yaml (else --model_preset) fills
+        # what the flags do not give
+        options.fill_from_saved(opt, given)
+    else:
+        options.fill_from_preset(opt, given)
     options.resolve_options(opt)
     check_train_options(opt)
     check_data_paths(opt)
@@ -477,14 +497,37 @@ def train(opt, rank, world_size, local_rank, distributed):
     model = Model(opt)
     initialize_weights(model)
     if opt.saved_model and checkpoint is None:
-        report = load_weights(model, opt.saved_model, strict=not opt.FT)
+        weights, new_classes = opt.saved_model, []
+        saved_charset = pretrained.checkpoint_charset(opt.saved_model, opt.model_preset) if opt.FT else None
+        if saved_charset is not None and saved_charset != opt.character:
+            # another character set: the outputs of the characters both sets hold keep their rows
+            weights, carried, new_classes = carry_classes(
+                opt.saved_model, model, opt.Prediction, utils.make_converter(opt.Prediction, saved_charset).character,
+                converter.character)
+            if is_main:
+                print(f"classes: {len(carried)} of {opt.num_class} carried over from the checkpoint by character"
+                      + (f"; new (initial values): {''.join(new_classes)!r}" if new_classes else ""))
+        report = load_weights(model, weights, strict=not opt.FT)
+        if opt.num_iter == 0 and (not report.complete or new_classes):
+            problems = report.problems() or f"no output for {''.join(new_classes)!r}"
+            raise utils.UserError(f"--num_iter 0 keeps --saved_model {opt.saved_model} as it is, but it does not fit "
+                                  f"this model ({problems}); train the new parts (--num_iter 1 or more) or give the "
+                                  f"checkpoint's own --character")
         if is_main:
-            print(f"loaded {opt.saved_model}" + (f" ({report})" if opt.FT else ""))
+            print(f"loaded {opt.saved_model}" + (f" ({report.fine_tune_summary()})" if opt.FT else ""))
     model.to(device)
     if opt.channels_last or opt.amp:
         # with autocast the convolutions run fastest on channels-last weights (tools/benchmark.py)
         model.to(memory_format=torch.channels_last)
+    frozen_stages = parse_stages(opt.freeze)
+    frozen = freeze_stages(model, frozen_stages)
+    if frozen_stages and is_main:
+        print(f"frozen: {', '.join(frozen_stages)} ({frozen:,} parameters)")
+        if not opt.saved_model and checkpoint is None:
+            print("warning: --freeze without --saved_model keeps those stages at their random initial values",
+                  file=sys.stderr)
     model.train()
+    hold_frozen_in_eval(model, frozen_stages)
     optimizer = make_optimizer(model, opt)
     # the schedule scales these; a resumed optimizer's lr is the scaled one of its last step
     base_lrs = [group["lr"] for group in optimizer.param_groups]
@@ -623,12 +666,17 @@ def train(opt, rank, world_size, local_rank, distributed):
     if checkpoint is not None:
         # last: everything above (model construction, loader set-up) may draw random numbers
         set_rng_state(checkpoint["rng"])
+    if opt.num_iter == 0 and is_main:
+        # the starting model as the round's model: validated and saved like a trained one, so that
+        # the next round and test.py find it (in this project's layout, with its opt.yaml)
+        validate(0)
     try:
         with StopOnSignal() as interrupt:
             while iteration < opt.num_iter:
                 factor = learning_rate_factor(iteration, opt)
                 for group, base_lr in zip(optimizer.param_groups, base_lrs):
                     group["lr"] = base_lr * factor
+                hold_frozen_in_eval(model, frozen_stages)  # validation ends with model.train()
                 loss = train_step(train_model, train_dataset.get_batch(), converter, criterion, optimizer, scaler,
                                   opt, device, iteration)
                 loss_avg.add(loss)
@@ -675,7 +723,8 @@ def run(argv=None):
     """The command line: parse, train, and report bad input as one line (exit 2). A Ctrl-C outside
     the training loop (which handles its own) ends quietly with the usual status 130."""
     utils.exit_on_user_error(main, interrupted="interrupted outside the training loop; last.pth, if there is one, "
-                                               "holds the last saved iteration")(get_args_parser().parse_args(argv))
+                                               "holds the last saved iteration")(
+        options.parse_with_given(get_args_parser(), argv))
 
 
 if __name__ == "__main__":

@@ -36,11 +36,18 @@ usage: scripts/al_loop.sh [--name value ...]      (or the upper-case environment
   --relabel_policy P      how training combines a re-annotation with the earlier label:
                           replace, or agree (keep equal answers, drop a sample whose two
                           answers differ) (data_sampling.py --relabel_policy) (replace)
-  --base_iters N          iterations of round 0                      (2000)
+  --base_model CKPT       checkpoint round 0 starts from instead of random weights; its
+                          architecture and character set come from the opt.yaml beside it,
+                          else --model_preset, else --arch                 ("")
+  --model_preset P        architecture and character set of a --base_model without an
+                          opt.yaml: a name under configs/models/ or a YAML file ("")
+  --base_iters N          iterations of round 0; with --base_model, 0 takes the checkpoint
+                          as it is as round 0's model                (2000)
   --iters N               iterations of each later round             (1000)
   --val_interval N        validation interval                        (500)
   --arch "FLAGS"          architecture and optimiser flags for train.py
-                          ("--Transformation TPS --FeatureExtraction ResNet --SequenceModeling BiLSTM --Prediction Attn")
+                          ("--Transformation TPS --FeatureExtraction ResNet --SequenceModeling BiLSTM --Prediction Attn";
+                          with a --base_model that describes itself: "", and no structure flags)
   --train_args "FLAGS"    extra flags for every train.py call        ("")
   --batch_size N          batch size                                 (192)
   --workers N             data-loading workers                       (min(4, usable cores))
@@ -65,6 +72,15 @@ import_annotations.py command that turns the transcribers' answers into the quer
 command that continues the loop (this one again); run again before the import, it prints the same
 and stops. With --relabel_ratio the package also asks for a second look at the labelled samples
 of lowest label quality, and the import writes their answers into the relabel set.
+
+With --base_model, round 0 starts from the checkpoint: --base_iters 0 keeps it as it is
+(validated and tested), N fine-tunes it on the labelled part (with train.py --FT when --arch or
+--train_args give another character set; train.py names the re-initialised layers). Before round
+0 the loop prints, and writes to DIR/<query>/charset_coverage.txt, how many labels of the base
+datasets, the validation and the test data hold characters outside round 0's character set, and
+which (tools/base_model.py). The checkpoint's SHA-256 is recorded with the settings: a changed
+checkpoint is refused when the run is continued. --train_args "--freeze FeatureExtraction" keeps
+a stage as the checkpoint has it (train.py --freeze).
 
 Every setting is checked (train.py and data_sampling.py --dry_run included) before the first
 command. Running the same command again continues the run: finished steps (a round's query set,
@@ -93,9 +109,12 @@ NOISE_MODEL=${NOISE_MODEL:-substitute}
 ANNOTATOR=${ANNOTATOR:-simulated}
 RELABEL_RATIO=${RELABEL_RATIO:-0}
 RELABEL_POLICY=${RELABEL_POLICY:-replace}
+BASE_MODEL=${BASE_MODEL:-}
+MODEL_PRESET=${MODEL_PRESET:-}
 BASE_ITERS=${BASE_ITERS:-2000}
 ITERS=${ITERS:-1000}
 VAL_INTERVAL=${VAL_INTERVAL:-500}
+ARCH_GIVEN=${ARCH+given}  # a --base_model that describes itself replaces the default architecture
 ARCH=${ARCH:---Transformation TPS --FeatureExtraction ResNet --SequenceModeling BiLSTM --Prediction Attn}
 TRAIN_ARGS=${TRAIN_ARGS:-}
 BATCH_SIZE=${BATCH_SIZE:-192}
@@ -114,8 +133,9 @@ while [ $# -gt 0 ]; do
       case "$var" in
         TRAIN_DATA|VALID_DATA|TEST_DATA|SELECT_DATA|POOL_DATA|BATCH_RATIO|LABEL_RATIO|QUERY|BASE_CALIBRATOR|\
         AL_CALIBRATOR|ROUNDS|QUERY_RATIO|NUM_QUERY|POOL_SUBSAMPLE|NOISE_RATIO|NOISE_MODEL|ANNOTATOR|RELABEL_RATIO|\
-        RELABEL_POLICY|BASE_ITERS|ITERS|VAL_INTERVAL|ARCH|\
-        TRAIN_ARGS|BATCH_SIZE|WORKERS|SEED|OUT|PYTHON) printf -v "$var" '%s' "$2" ;;
+        RELABEL_POLICY|BASE_ITERS|ITERS|VAL_INTERVAL|ARCH|BASE_MODEL|MODEL_PRESET|\
+        TRAIN_ARGS|BATCH_SIZE|WORKERS|SEED|OUT|PYTHON) printf -v "$var" '%s' "$2"
+          [ "$var" != ARCH ] || ARCH_GIVEN=given ;;
         *) echo "error: unknown option $1 (see --help)" >&2; exit 2 ;;
       esac
       shift 2 ;;
@@ -146,7 +166,13 @@ fi
 # Every setting is checked before the first command: a typo must not surface after hours of
 # base-round training.
 is_int "$ROUNDS" || fail "--rounds $ROUNDS: give a whole number of rounds after the base round (0 or more)"
-for pair in "BASE_ITERS base_iters" "ITERS iters" "VAL_INTERVAL val_interval" "BATCH_SIZE batch_size"; do
+if [ -n "$BASE_MODEL" ] && [ "$BASE_ITERS" = 0 ]; then
+  :  # round 0 is the checkpoint as it is
+else
+  { is_int "$BASE_ITERS" && [ "$BASE_ITERS" -ge 1 ]; } || \
+    fail "--base_iters $BASE_ITERS: give a whole number of at least 1 (0 only with --base_model: round 0 is then the checkpoint)"
+fi
+for pair in "ITERS iters" "VAL_INTERVAL val_interval" "BATCH_SIZE batch_size"; do
   read -r var flag <<< "$pair"
   { is_int "${!var}" && [ "${!var}" -ge 1 ]; } || fail "--$flag ${!var}: give a whole number of at least 1"
 done
@@ -239,6 +265,32 @@ print(" ".join(n for n in sys.argv[2:] if unlabelled(os.path.join(sys.argv[1], n
   [ -z "$unlabelled" ] || fail "--pool_data $POOL_DATA: ${unlabelled// /, } holds no labels for a simulated annotator to answer with; pass --annotator human"
 fi
 
+# round 0 from a checkpoint: its architecture flags (before --arch's), its hash, --FT when round 0
+# has another character set (tools/base_model.py checks the combination)
+BASE_ARCH_ARGS=()
+BASE_START=()
+BASE_SHA256=""
+if [ -n "$BASE_MODEL" ]; then
+  [ -f "$BASE_MODEL" ] || fail "--base_model $BASE_MODEL: no such file"
+  BASE_MODEL=$(cd "$(dirname "$BASE_MODEL")" && pwd)/$(basename "$BASE_MODEL")
+  [ -n "$ARCH_GIVEN" ] || [ -f "$(dirname "$BASE_MODEL")/opt.yaml" ] || [ -n "$MODEL_PRESET" ] || ARCH_GIVEN=given
+  [ -n "$ARCH_GIVEN" ] || ARCH=""
+  base_info=$(mktemp)
+  if ! "$PYTHON" tools/base_model.py --base_model "$BASE_MODEL" --model_preset "$MODEL_PRESET" --arch "$ARCH" \
+       --train_args "$TRAIN_ARGS" --base_iters "$BASE_ITERS" --print0 > "$base_info"; then
+    rm -f "$base_info"
+    exit 2
+  fi
+  mapfile -d '' -t fields < "$base_info"
+  rm -f "$base_info"
+  BASE_SHA256=${fields[0]}
+  BASE_START=(--saved_model "$BASE_MODEL")
+  [ -z "${fields[1]}" ] || BASE_START+=("${fields[1]}")
+  BASE_ARCH_ARGS=("${fields[@]:3}")
+elif [ -n "$MODEL_PRESET" ]; then
+  fail "--model_preset $MODEL_PRESET: describes the checkpoint of --base_model; give --base_model too, or leave it out"
+fi
+
 RUN="$OUT/$QUERY"
 RUN_TRAIN="$RUN/train_data"
 SETTINGS_FILE="$RUN/loop_settings.txt"
@@ -257,10 +309,16 @@ settings() {
   [ "$RELABEL_POLICY" = replace ] || printf 'RELABEL_POLICY=%s\n' "$RELABEL_POLICY"
   [ -z "$POOL_SUBSAMPLE" ] || printf 'POOL_SUBSAMPLE=%s\n' "$POOL_SUBSAMPLE"
   [ -z "$POOL_DATA" ] || printf 'POOL_DATA=%s\n' "$POOL_DATA"
+  if [ -n "$BASE_MODEL" ]; then
+    printf 'BASE_MODEL=%s\n' "$BASE_MODEL"
+    [ -z "$MODEL_PRESET" ] || printf 'MODEL_PRESET=%s\n' "$MODEL_PRESET"
+    printf 'BASE_ARCH=%s\n' "${BASE_ARCH_ARGS[*]@Q}"
+    printf 'BASE_MODEL_SHA256=%s\n' "$BASE_SHA256"
+  fi
 }
 
 # shellcheck disable=SC2206
-ARCH_ARGS=($ARCH)
+ARCH_ARGS=("${BASE_ARCH_ARGS[@]}" $ARCH)
 # shellcheck disable=SC2206
 EXTRA_ARGS=($TRAIN_ARGS)
 COMMON=(--valid_data "$VALID_DATA" --manualSeed "$SEED" --batch_size "$BATCH_SIZE" --workers "$WORKERS"
@@ -277,6 +335,11 @@ relabel_args=(--relabel_ratio "$RELABEL_RATIO" --relabel_policy "$RELABEL_POLICY
 [ -n "$POOL_SUBSAMPLE" ] && query_size+=(--pool_subsample "$POOL_SUBSAMPLE")
 
 if [ -f "$SETTINGS_FILE" ]; then
+  recorded_sha=$(sed -n 's/^BASE_MODEL_SHA256=//p' "$SETTINGS_FILE")
+  if [ -n "$BASE_MODEL" ] && [ -n "$recorded_sha" ] && [ "$recorded_sha" != "$BASE_SHA256" ] && \
+     grep -qxF "BASE_MODEL=$BASE_MODEL" "$SETTINGS_FILE"; then
+    fail "--base_model $BASE_MODEL: not the checkpoint $RUN started from (sha256 ${BASE_SHA256:0:12}..., recorded ${recorded_sha:0:12}...); put the original back, or use another --out"
+  fi
   # a setting recorded on one side only (NOISE_MODEL, when not the default) counts as changed too
   changed=$(diff <(settings) "$SETTINGS_FILE" | sed -n 's/^[<>] \([A-Z_]*\)=.*/\1/p' | awk '!seen[$0]++' | \
             tr '[:upper:]' '[:lower:]' | sed 's/^/--/' | paste -sd' ' -) || true
@@ -318,7 +381,7 @@ else
   }
   check "$PYTHON" train.py --dry_run --train_data "$scratch" "${COMMON[@]}" "${ARCH_ARGS[@]}" "${EXTRA_ARGS[@]}" \
     --select_data "$SELECT_DATA" --batch_ratio "$BATCH_RATIO" --calibrator "$BASE_CALIBRATOR" --mode base \
-    --num_iter "$BASE_ITERS" --valInterval "$VAL_INTERVAL" --output_dir "$scratch/models"
+    --num_iter "$BASE_ITERS" --valInterval "$VAL_INTERVAL" --output_dir "$scratch/models" "${BASE_START[@]}"
   if [ "$ROUNDS" -ge 1 ]; then
     check "$PYTHON" train.py --dry_run --train_data "$scratch" "${COMMON[@]}" "${ARCH_ARGS[@]}" "${EXTRA_ARGS[@]}" \
       --select_data "$SELECT_DATA" --batch_ratio "$BATCH_RATIO" --calibrator "$AL_CALIBRATOR" --mode al \
@@ -395,8 +458,17 @@ record_time() {  # one line per round: its number and the seconds of its last (o
 for round in $(seq 0 "$ROUNDS"); do
   start=$(date +%s)
   if [ "$round" -eq 0 ]; then
+    if [ -n "$BASE_MODEL" ] && [ ! -f "$RUN/charset_coverage.txt" ]; then
+      "$PYTHON" tools/base_model.py --base_model "$BASE_MODEL" --model_preset "$MODEL_PRESET" --arch "$ARCH" \
+        --train_args "$TRAIN_ARGS" --base_iters "$BASE_ITERS" --coverage --train_data "$TRAIN_DATA" \
+        --select_data "$SELECT_DATA" --valid_data "$VALID_DATA" --test_data "$TEST_DATA" \
+        > "$RUN/charset_coverage.txt.tmp" || exit 2
+      mv "$RUN/charset_coverage.txt.tmp" "$RUN/charset_coverage.txt"
+    fi
+    [ -z "$BASE_MODEL" ] || cat "$RUN/charset_coverage.txt"
     train_round --select_data "$SELECT_DATA" --batch_ratio "$BATCH_RATIO" --calibrator "$BASE_CALIBRATOR" \
-      --mode base --num_iter "$BASE_ITERS" --valInterval "$VAL_INTERVAL" --query_iter "${QUERY}_iter_0"
+      --mode base --num_iter "$BASE_ITERS" --valInterval "$VAL_INTERVAL" --query_iter "${QUERY}_iter_0" \
+      "${BASE_START[@]}"
   else
     previous="$RUN/models/round$((round - 1))/best_accuracy.pth"
     summary="$RUN_TRAIN/${QUERY}_iter_${round}/summary.json"

@@ -311,7 +311,7 @@ def main_with(args):
     ("--lr", "inf", "--lr inf: give a positive finite learning rate"),
     ("--lr", "0", "--lr 0.0: give a positive finite learning rate"),
     ("--grad_clip", "nan", "--grad_clip nan: give a positive finite gradient-norm limit"),
-    ("--num_iter", "-5", "--num_iter -5: must be at least 1"),
+    ("--num_iter", "-5", "--num_iter -5: must be 0 (keep --saved_model as it is, validated) or more"),
     ("--valInterval", "0", "--valInterval 0: must be at least 1"),
     ("--warmup_iters", "-1", "--warmup_iters -1: must be 0"),
     ("--patience", "0", "--patience 0: must be at least 1"),

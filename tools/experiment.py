@@ -19,6 +19,16 @@ file holds the same keys (the flags' names without the dashes; a list may be a Y
 comma-separated string); flags given on the command line override it, relative paths are relative
 to the current folder.
 
+--base_model CKPT starts round 0 of every seed from a checkpoint instead of random weights (its
+architecture and character set from the opt.yaml beside it, else --model_preset NAME|FILE, else
+--arch): --base_iters 0 takes it as it is (validated and tested: round 0 is the checkpoint, which
+every strategy continues from), --base_iters N fine-tunes it on the labelled seed set first (with
+train.py --FT when --arch/--train_args give another character set: the characters both sets hold
+keep their outputs, and its log names what was re-initialised). Before round 0 the tool prints, and writes to <out>/charset_coverage.txt, how many
+labels of the base datasets, the validation and the test data hold characters outside round 0's
+character set, and which. The checkpoint's path, architecture and SHA-256 are recorded: a changed
+checkpoint is refused on resume, and --base_from and --combine compare them.
+
 Work order: every base model first, then round 1 of every cell, round 2 of every cell, and so on;
 the tables and plots in --out are rewritten after every finished round. --jobs N runs N rounds at
 once in that order, each as soon as what it starts from is done (a cell's round 1 waits for its
@@ -79,6 +89,8 @@ sys.path.insert(0, REPO)
 
 import comparison  # noqa: E402
 import options  # noqa: E402
+import pretrained  # noqa: E402
+from utils import UserError  # noqa: E402
 
 # name: (default, help); the loop settings carry scripts/al_loop.sh's defaults.
 SETTINGS = {
@@ -93,6 +105,11 @@ SETTINGS = {
     "seeds": ("1111", "seeds (--manualSeed, each in -2**63 .. 2**64-1), comma-separated; one round-0 model per "
                       "seed"),
     "base_calibrator": ("CE", "calibrator of round 0 (trained once per seed, clean labels)"),
+    "base_model": ("", "checkpoint round 0 starts from instead of random weights; its architecture and character "
+                       "set come from the opt.yaml beside it, else --model_preset, else --arch (which then keeps only "
+                       "optimiser flags and, to fine-tune onto another character set, character flags)"),
+    "model_preset": ("", "architecture and character set of a --base_model without an opt.yaml beside it: a name "
+                         "under configs/models/ (e.g. easyocr_english_g2) or a YAML file"),
     "train_data": ("data/train_data_lmdb", "training LMDB root"),
     "valid_data": ("data/test_data_lmdb", "validation LMDB root used during training"),
     "test_data": ("", "LMDB root evaluated by test.py after each round (default: --valid_data)"),
@@ -102,16 +119,20 @@ SETTINGS = {
     "rounds": ("3", "active-learning rounds after round 0"),
     "query_ratio": ("0.01", "share of the pool queried per round"),
     "num_query": ("", "or a fixed number queried per round (overrides --query_ratio)"),
-    "base_iters": ("2000", "iterations of round 0"),
+    "base_iters": ("2000", "iterations of round 0; with --base_model, 0 takes the checkpoint as it is as round "
+                           "0's model (validated and tested, not trained) and N fine-tunes it on the labelled seed "
+                           "set (--FT when the character set differs from the checkpoint's)"),
     "iters": ("1000", "iterations of each later round"),
     "al_start": ("warm", "what each later round trains from: warm (the previous round's model, as the original "
-                         "does) or fresh (random weights, on every label so far; give --iters about --base_iters)"),
+                         "does) or fresh (random weights, or --base_model when given, on every label so far; give --iters about "
+                         "--base_iters)"),
     "val_interval": ("500", "validation interval"),
     "batch_size": ("192", "batch size"),
     "workers": (str(options.default_workers()), "data-loading workers; default: the smaller of 4 and the cores "
                                                 "this process may use"),
     "arch": ("--Transformation TPS --FeatureExtraction ResNet --SequenceModeling BiLSTM --Prediction Attn",
-             "architecture and optimiser flags for train.py"),
+             "architecture and optimiser flags for train.py (with a --base_model that describes itself: empty "
+             "unless given, and no structure flags)"),
     "train_args": ("", "extra flags for every train.py call"),
     "sampling_args": ("", "extra flags for every data_sampling.py call, e.g. '--acquisition_beta 2'"),
 }
@@ -121,12 +142,15 @@ DEFAULT_NOISE_MODEL = "substitute"  # train.py's default
 DEFAULT_RELABEL_RATIO = 0.0  # data_sampling.py's defaults
 DEFAULT_ACQUISITION = "topk"
 AL_STARTS = ("warm", "fresh")
+# recorded beside the settings, derived from --base_model and --model_preset: the checkpoint's
+# architecture flags and its content hash (a resumed experiment refuses another checkpoint)
+DERIVED = ("base_arch", "base_model_sha256")
 # data_sampling.py flags the grid sets per cell, which --sampling_args may not give
 CELL_SAMPLING_FLAGS = ("--relabel_ratio", "--acquisition", "--query", "--noise_ratio", "--noise_model",
                        "--noise_scope", "--out_name", "--train_data", "--saved_model", "--select_data",
                        "--batch_ratio", "--manualSeed")
 MAY_CHANGE = ("rounds", "workers")
-FIXED = tuple(name for name in SETTINGS if name not in GRID + MAY_CHANGE)
+FIXED = tuple(name for name in SETTINGS if name not in GRID + MAY_CHANGE) + DERIVED
 EXPERIMENT_FILE = "experiment.json"
 LOCK_FILE = ".experiment.lock"
 TAIL_LINES = 20
@@ -250,9 +274,69 @@ def _flag_value(flags, flag):
     return None
 
 
-def resolve_settings(raw):
+def resolve_base_model(raw, arch_given):
+    """The --base_model settings: (base_model, model_preset, base_arch, sha256, arch text). With a
+    checkpoint that describes itself (opt.yaml or preset), --arch not given is empty (the
+    checkpoint's architecture replaces the default one) and one that changes its structure is
+    refused."""
+    base_model, preset = raw["base_model"].strip(), raw["model_preset"].strip()
+    arch_text = raw["arch"].strip()
+    if not base_model:
+        if preset:
+            raise ConfigError(f"--model_preset {preset}: describes the checkpoint of --base_model; give --base_model "
+                              f"too, or leave it out")
+        return "", "", "", "", arch_text
+    try:
+        values, _ = pretrained.checkpoint_architecture(base_model, preset)
+    except UserError as err:
+        raise ConfigError(str(err)) from None
+    if values and not arch_given:
+        arch_text = ""
+    try:
+        pretrained.check_start(base_model, values, _split_flags("arch", arch_text) + _split_flags(
+            "train_args", raw["train_args"]), _int("base_iters", raw["base_iters"], 0, "0 or more iterations"),
+            f"--arch {arch_text!r} / --train_args {raw['train_args'].strip()!r}")
+    except UserError as err:
+        raise ConfigError(str(err)) from None
+    if preset and (preset.endswith((".yaml", ".yml")) or os.sep in preset):
+        preset = os.path.abspath(preset)
+    return (os.path.abspath(base_model), preset, shlex.join(pretrained.architecture_flags(values)),
+            pretrained.file_sha256(base_model), arch_text)
+
+
+def model_args(s):
+    """The architecture and optimiser flags of every train.py call: the checkpoint's (--base_model),
+    then --arch's (later flags win)."""
+    return shlex.split(s.get("base_arch") or "") + shlex.split(s["arch"])
+
+
+def base_charsets(s):
+    """(the checkpoint's character set, round 0's) with --base_model described by an opt.yaml or a
+    preset; (None, None) otherwise."""
+    if not s.get("base_arch"):
+        return None, None
+    try:
+        own, _ = pretrained.parse_architecture(shlex.split(s["base_arch"]))
+        run, _ = pretrained.parse_architecture(model_args(s) + shlex.split(s["train_args"]))
+    except UserError as err:
+        raise ConfigError(f"--arch {s['arch']!r}: {err}") from None
+    return own["character"], run["character"]
+
+
+def base_start_args(s):
+    """train.py flags of round 0 with --base_model: start from it, with --FT when round 0 has
+    another character set than the checkpoint (its prediction layer is then re-initialised)."""
+    if not s.get("base_model"):
+        return []
+    own, run = base_charsets(s)
+    return ["--saved_model", s["base_model"]] + (["--FT"] if own is not None and own != run else [])
+
+
+def resolve_settings(raw, arch_given=True):
     """Check every raw (string) setting and return the normalized settings (what experiment.json
-    holds): lists for the grid, numbers, absolute data paths. ConfigError on the first bad one."""
+    holds): lists for the grid, numbers, absolute data paths. ConfigError on the first bad one.
+    `arch_given`: whether --arch was given (else, with a self-describing --base_model, it is
+    empty rather than the default architecture)."""
     import calibrators
     import query_strategies
 
@@ -262,7 +346,11 @@ def resolve_settings(raw):
         if query not in query_strategies.STRATEGIES:
             raise ConfigError(f"--queries {query}: unknown strategy; choose from {', '.join(query_strategies.STRATEGIES)}")
     s["queries"] = queries
-    arch = _split_flags("arch", raw["arch"])
+    _split_flags("arch", raw["arch"])
+    (s["base_model"], s["model_preset"], s["base_arch"], s["base_model_sha256"],
+     arch_text) = resolve_base_model(raw, arch_given)
+    raw = {**raw, "arch": arch_text}
+    arch = shlex.split(s["base_arch"]) + _split_flags("arch", raw["arch"])
     _split_flags("train_args", raw["train_args"])
     prediction = _flag_value(arch, "--Prediction")
     known = calibrators.names_for(prediction) if prediction in ("CTC", "Attn") else list(calibrators.CALIBRATORS)
@@ -303,8 +391,14 @@ def resolve_settings(raw):
     if len(set(s["seeds"])) != len(s["seeds"]):
         raise ConfigError(f"--seeds {raw['seeds']}: a seed appears twice")
     s["rounds"] = _int("rounds", raw["rounds"], 0, "a whole number of rounds after the base round (0 or more)")
-    for name in ("base_iters", "iters", "val_interval", "batch_size"):
+    for name in ("iters", "val_interval", "batch_size"):
         s[name] = _int(name, raw[name], 1, "a whole number of at least 1")
+    if s["base_model"]:
+        s["base_iters"] = _int("base_iters", raw["base_iters"], 0, "0 (round 0 = --base_model as it is) or more "
+                                                                   "iterations of fine-tuning")
+    else:
+        s["base_iters"] = _int("base_iters", raw["base_iters"], 1, "a whole number of at least 1 (0 only with "
+                                                                   "--base_model: round 0 is then the checkpoint)")
     s["workers"] = _int("workers", raw["workers"], 0, "a whole number (0: load in the main process)")
     s["al_start"] = raw["al_start"].strip()
     if s["al_start"] not in AL_STARTS:
@@ -372,31 +466,41 @@ def parse(argv):
     args = get_args_parser().parse_args(argv)
     raw = {name: default for name, (default, _) in SETTINGS.items()}
     out = None
+    given = set()
     if args.grid:
         values = read_grid_file(args.grid)
         out = values.pop("out", None)
         raw.update(values)
+        given.update(values)
     for name in SETTINGS:
         if getattr(args, name) is not None:
             raw[name] = getattr(args, name)
+            given.add(name)
     out = args.out if args.out is not None else out
     if not out or not out.strip():
         raise ConfigError("--out: give the experiment's output folder (on the command line or in --grid)")
-    return os.path.abspath(out), resolve_settings(raw)
+    return os.path.abspath(out), resolve_settings(raw, arch_given="arch" in given)
 
 
 def _comparable(name, value):
-    return _split_flags(name, value) if name in ("arch", "train_args", "sampling_args") else value
+    return _split_flags(name, value) if name in ("arch", "train_args", "sampling_args", "base_arch") else value
 
 
 def upgrade_recorded(recorded):
     """experiment.json's settings as this version reads them: one written before --noise_models,
     --relabel_ratios, --acquisitions, --sampling_args or --al_start existed ran every cell with the
     defaults."""
-    return {**recorded, "noise_models": recorded.get("noise_models") or [DEFAULT_NOISE_MODEL],
+    return {"base_model": "", "model_preset": "", **{name: "" for name in DERIVED}, **recorded,
+            "noise_models": recorded.get("noise_models") or [DEFAULT_NOISE_MODEL],
             "relabel_ratios": recorded.get("relabel_ratios") or [DEFAULT_RELABEL_RATIO],
             "acquisitions": recorded.get("acquisitions") or [DEFAULT_ACQUISITION],
             "sampling_args": recorded.get("sampling_args") or "", "al_start": recorded.get("al_start") or "warm"}
+
+
+def setting_label(name):
+    """How a message names a setting: its flag, or what a derived one stands for."""
+    return {"base_arch": "--base_model's architecture (its opt.yaml or --model_preset)",
+            "base_model_sha256": "--base_model's content"}.get(name, f"--{name}")
 
 
 # Fixed settings whose outputs may not exist yet, with the test of whether one does: a setting
@@ -418,10 +522,15 @@ def merge_with_recorded(out, recorded, settings, corrected=()):
     new values appended, --rounds/--workers and the `corrected` settings (`corrections`) taken from
     `settings`. ConfigError naming every setting that may not change like this."""
     recorded = {**upgrade_recorded(recorded), **{name: settings[name] for name in corrected}}
+    if (recorded["base_model"] and recorded["base_model"] == settings["base_model"]
+            and recorded["base_model_sha256"] != settings["base_model_sha256"]):
+        raise ConfigError(f"--base_model {settings['base_model']}: not the checkpoint {out} started from (sha256 "
+                          f"{settings['base_model_sha256'][:12]}..., recorded {recorded['base_model_sha256'][:12]}...); "
+                          f"put the original back, or start another --out")
     changed = []
     for name in FIXED:
         if _comparable(name, recorded.get(name)) != _comparable(name, settings[name]):
-            changed.append(f"--{name}")
+            changed.append(setting_label(name))
     if settings["rounds"] < recorded["rounds"]:
         changed.append(f"--rounds (fewer than {recorded['rounds']})")
     merged = dict(recorded)
@@ -630,7 +739,7 @@ def preflight(s, base, calibrators, queries):
     scratch = tempfile.mkdtemp(prefix="experiment-check-")
     try:
         link_base_datasets(s, scratch)
-        arch, extra = shlex.split(s["arch"]), shlex.split(s["train_args"])
+        arch, extra = model_args(s), shlex.split(s["train_args"])
         seed = s["seeds"][0]
         selection = ["--select_data", s["select_data"], "--batch_ratio", s["batch_ratio"]]
         checks = [("help", script("train.py") + ["--help"])]
@@ -652,7 +761,8 @@ def preflight(s, base, calibrators, queries):
             if base:
                 train_checks.append(("base", train + ["--calibrator", s["base_calibrator"], "--mode", "base",
                                                       "--num_iter", str(s["base_iters"]),
-                                                      "--valInterval", str(s["val_interval"])]))
+                                                      "--valInterval", str(s["val_interval"]),
+                                                      *base_start_args(s)]))
             for calibrator in calibrators:
                 train_checks.append((f"calibrator {calibrator}", train + [
                     "--calibrator", calibrator, "--mode", "al", "--noise_ratio", repr(max(s["noise"])),
@@ -798,7 +908,7 @@ def train_round(unit, k, s, arguments):
         resume = ["--resume", os.path.join(folder, "last.pth")]
     elif os.path.exists(folder):
         shutil.rmtree(folder)
-    command = script("train.py") + ["--train_data", unit.root, *common_args(s, unit.seed), *shlex.split(s["arch"]),
+    command = script("train.py") + ["--train_data", unit.root, *common_args(s, unit.seed), *model_args(s),
                                     *shlex.split(s["train_args"]), "--output_dir", os.path.dirname(folder),
                                     "--exp_name", os.path.basename(folder), *resume, *arguments]
     if not run_logged(command, unit.log(k, "train")):
@@ -821,7 +931,8 @@ def run_round(unit, k, s):
     selection = ["--select_data", s["select_data"], "--batch_ratio", s["batch_ratio"]]
     if unit.base is None:
         train_round(unit, 0, s, [*selection, "--calibrator", s["base_calibrator"], "--mode", "base",
-                                 "--num_iter", str(s["base_iters"]), "--valInterval", str(s["val_interval"])])
+                                 "--num_iter", str(s["base_iters"]), "--valInterval", str(s["val_interval"]),
+                                 *base_start_args(s)])
     else:
         previous = unit.model(k - 1)
         summary = os.path.join(unit.query_set(k), "summary.json")
@@ -834,7 +945,8 @@ def run_round(unit, k, s):
             if not run_logged(command, unit.log(k, "query")):
                 raise StepFailed("query", unit.log(k, "query"))
         picked = read_json(summary)
-        warm_start = ["--saved_model", previous] if s["al_start"] == "warm" else []
+        # fresh: from where round 0 started (random weights, or --base_model), on every label so far
+        warm_start = ["--saved_model", previous] if s["al_start"] == "warm" else base_start_args(s)
         train_round(unit, k, s, ["--select_data", picked["next_select_data"], "--batch_ratio",
                                  picked["next_batch_ratio"], *warm_start, "--calibrator", unit.calibrator,
                                  "--mode", "al", "--num_iter", str(s["iters"]),
@@ -1085,7 +1197,8 @@ def prepare(out, settings):
 
 # what round 0 depends on: an experiment whose values differ cannot lend its base models
 BASE_SETTINGS = ("base_calibrator", "train_data", "valid_data", "test_data", "select_data", "batch_ratio",
-                 "label_ratio", "base_iters", "val_interval", "batch_size", "arch", "train_args")
+                 "label_ratio", "base_iters", "val_interval", "batch_size", "arch", "train_args", "base_model",
+                 "model_preset") + DERIVED
 
 
 def check_base_from(source, s):
@@ -1096,7 +1209,7 @@ def check_base_from(source, s):
     if not os.path.isfile(path):
         raise ConfigError(f"--base_from {source}: no {EXPERIMENT_FILE} there; name a tools/experiment.py output folder")
     theirs = upgrade_recorded(read_json(path)["settings"])
-    differ = [f"--{name}" for name in BASE_SETTINGS
+    differ = [setting_label(name) for name in BASE_SETTINGS
               if _comparable(name, theirs.get(name)) != _comparable(name, s[name])]
     if differ:
         raise ConfigError(f"--base_from {source}: its round 0 ran with other settings ({', '.join(differ)}); "
@@ -1146,7 +1259,7 @@ def combine(out, sources):
     base_models = {}  # seed -> (folder, digest of its round-0 model)
     kept = {}  # (cell name, sampling args) -> (folder, records)
     for source, s in grids:
-        differ = [f"--{name}" for name in ROUND_SETTINGS
+        differ = [setting_label(name) for name in ROUND_SETTINGS
                   if _comparable(name, s.get(name)) != _comparable(name, first_settings.get(name))]
         if differ:
             raise ConfigError(f"--combine {source}: ran with other settings than {first} ({', '.join(differ)}); "
@@ -1193,6 +1306,24 @@ def run_combine(args):
     return 0
 
 
+COVERAGE_FILE = "charset_coverage.txt"
+
+
+def base_model_report(s):
+    """Lines saying where round 0 starts from and how its character set covers the labels of the
+    base datasets, the validation and the test data ([] without --base_model)."""
+    if not s.get("base_model"):
+        return []
+    try:
+        _, source = pretrained.checkpoint_architecture(s["base_model"], s.get("model_preset") or "")
+        own, run = base_charsets(s)
+        found = [] if run is None else pretrained.data_coverage(run, s["train_data"], s["select_data"].split("-"),
+                                                                 s["valid_data"], s["test_data"])
+    except UserError as err:
+        raise ConfigError(str(err)) from None
+    return pretrained.start_report(s["base_model"], s["base_model_sha256"], s["base_iters"], source, own, run, found)
+
+
 def _terminate(signum, frame):
     raise KeyboardInterrupt
 
@@ -1228,6 +1359,10 @@ def run(argv):
         if base_from:
             linked = link_bases(out, settings, base_from)
             print(f"round 0 of seeds {', '.join(map(str, linked)) or 'none'} linked from {base_from}", flush=True)
+        report = base_model_report(settings)
+        if report:
+            print("\n".join(report), flush=True)
+            comparison.atomic_write(os.path.join(out, COVERAGE_FILE), "\n".join(report) + "\n")
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
