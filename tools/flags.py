@@ -146,7 +146,12 @@ def _default_text(action):
         return ""
     if action.default is None or action.default == "" or action.default is argparse.SUPPRESS:
         return ""
-    return f"`{action.default}`"
+    default = action.default
+    # a default inside the checkout (labelstudio_check's --venv) is shown relative to it, so that the
+    # page is the same in every clone
+    if isinstance(default, str) and os.path.isabs(default) and default.startswith(REPO + os.sep):
+        default = os.path.relpath(default, REPO)
+    return f"`{default}`"
 
 
 def _flag_text(parser, action):
