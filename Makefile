@@ -15,8 +15,14 @@ $(STAMP): requirements.txt
 	$(PY) -m pip install --quiet -r requirements.txt
 	touch $(STAMP)
 
+# The suite on TEST_JOBS pytest-xdist workers (default: the cores this process may use), a whole
+# test module per worker, the longest modules first (tests/conftest.py), one torch thread each: two
+# workers with two threads each on two cores would spin against each other. TEST_JOBS=0 runs it in
+# this one process.
+TEST_JOBS ?= $(shell nproc 2>/dev/null || echo 2)
+
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest -q -n $(TEST_JOBS) --dist loadfile --no-loadscope-reorder tests
 
 data: $(STAMP)
 	$(PY) tools/make_synth_lmdb.py --out data

@@ -19,6 +19,22 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "slow: end-to-end runs of the scripts (still part of make test)")
 
 
+# `make test` runs the modules on two pytest-xdist workers, a whole module per worker (its module
+# fixtures are built once), handed out in collection order (--no-loadscope-reorder). The longest go
+# first so that neither worker is left alone with a long module at the end: these took the most time
+# on a 2-core CPU (`--durations=0`), longest first; every other module follows in its usual order.
+# A module that becomes slow belongs in this list.
+SLOWEST_MODULES = ("test_experiment.py", "test_train.py", "test_al_loop.py", "test_benchmark.py", "test_resume.py",
+                   "test_distributed.py", "test_sampling_safety.py", "test_annotation.py", "test_sampling.py",
+                   "test_eval_scripts.py", "test_pool_subsample.py", "test_label_errors.py", "test_create_lmdb.py")
+
+
+def pytest_collection_modifyitems(session, config, items):
+    # a stable sort keeps each module's tests together and in their written order
+    rank = {name: k for k, name in enumerate(SLOWEST_MODULES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+
+
 # Options a test gets unless it overrides them: everything else is options.py's default.
 # workers=0 keeps loaders in-process (2 shared cores); the stages pick the smallest model.
 TEST_DEFAULTS = {

@@ -150,6 +150,9 @@ def test_coreset_part_measures_storage_and_selection():
     args = benchmark.get_args_parser().parse_args(["--only", "coreset", "--coreset_pool", "3000", "--coreset_dim",
                                                    "64", "--coreset_picks", "20", "--coreset_candidates", "500"])
     benchmark.validate_args(args)
+    # once untimed: the first run in a process also pays torch's one-time allocations (about 12 MB
+    # here), which only an earlier test in the same process would have paid before
+    benchmark.bench_coreset(args)
     result = benchmark.bench_coreset(args)
     assert result["embeddings_mb"] == pytest.approx(3000 * 64 * 2 / MIB)  # float16: 2 bytes a value
     assert [(r["candidates"], r["picked"]) for r in result["selection"].values()] == [(3000, 20), (500, 20)]
