@@ -17,6 +17,8 @@ import sys
 from PIL import Image
 
 import dataset
+from data_layer import lmdb_format
+from data_layer import lmdb_writing
 import options
 import utils
 
@@ -151,8 +153,8 @@ def create_dataset(input_path, gt_file, output_path, check_valid=True, overwrite
         raise utils.UserError(f"--gtFile {gt_file}: no such file")
     lines = read_gt_lines(gt_file)
     report = Report()
-    written = dataset.write_lmdb(output_path, iter_samples(input_path, lines, check_valid, report),
-                                 overwrite=overwrite)
+    written = lmdb_writing.write_lmdb(output_path, iter_samples(input_path, lines, check_valid, report),
+                                      overwrite=overwrite)
     return written, report
 
 
@@ -196,8 +198,8 @@ def create_unlabelled_dataset(input_path, output_path, overwrite=False):
         raise utils.UserError(f"--inputPath {input_path}: no such folder")
     relpaths = list_image_files(input_path, output_path)  # listed before the LMDB's temporary folder exists
     report = Report(unit="file")
-    written = dataset.write_lmdb(output_path, iter_unlabelled(input_path, relpaths, report), overwrite=overwrite,
-                                 extra_keys={dataset.UNLABELLED_KEY: b"1"})
+    written = lmdb_writing.write_lmdb(output_path, iter_unlabelled(input_path, relpaths, report), overwrite=overwrite,
+                                      extra_keys={lmdb_format.UNLABELLED_KEY: b"1"})
     return written, report
 
 

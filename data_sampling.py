@@ -21,25 +21,26 @@ import time
 from datetime import datetime, timezone
 
 import numpy as np
-import torch
-import torch.utils.data
-from tqdm import tqdm
 
-import acquisition
-import annotation
-import atomic_io
-import calibration
-import coreset
-import dataset
-import locking
-import options
-import query_strategies
-import relabel
-import utils
-from query_sets import ROUND_PATTERN, check_out_name, check_output_free, empty_names, list_leaf_lmdbs, next_round, \
+from active_learning import acquisition
+from active_learning import coreset
+from active_learning import pool_scoring
+from active_learning.query_sets import ROUND_PATTERN, check_out_name, check_output_free, empty_names, list_leaf_lmdbs, next_round, \
     query_set_names, unselected_query_sets
-from evaluation import (concatenate_columns, eval_loader, fit_temperature_on_valid_data, forward_logits, load_model,
-                        rank_share, show_progress)
+from active_learning import query_strategies
+from active_learning import relabel
+from annotators import annotation
+import dataset
+from data_layer import leaf_selection
+from data_layer import lmdb_format
+from data_layer import lmdb_writing
+from data_layer import set_records
+from measurement import calibration
+from measurement.evaluation import eval_loader, fit_temperature_on_valid_data, forward_logits, load_model, rank_share
+import options
+from safe_files import atomic_io
+from safe_files import locking
+import utils
 
 TRAINING_ONLY_FLAGS = ("exp_name", "output_dir", "valInterval", "num_iter", "lr", "beta1", "rho", "eps", "grad_clip",
                        "lr_schedule", "warmup_iters", "calibrator", "alpha", "beta", "smooth_tail", "patience", "mode",
@@ -178,73 +179,6 @@ def check_export_free(folder, overwrite, query_path):
                                  avoid=query_path)
 
 
-class Pool(torch.utils.data.ConcatDataset):
-    """The unlabelled samples of several selections; `leaves` are its non-empty leaf datasets in
-    pool order (within a leaf, samples keep LMDB order). `total` counts the pool before a
-    --pool_subsample draw, which leaves len(pool) samples to score."""
-
-    def __init__(self, parts, total=None):
-        super().__init__(parts)
-        self.leaves = [leaf for part in parts for leaf in part.parts]
-        self.total = len(self) if total is None else total
-
-    @property
-    def subsampled(self):
-        return len(self) < self.total
-
-
-def subsample_pool(pool, size, seed, round_name):
-    """A random `size` of the pool's samples (all of them when it holds no more). Each sample's key
-    comes from (seed, round name, its identity) alone and the `size` smallest keys are kept, so every
-    rank of a torchrun draws the same subsample, and the same pool gives the same one on a rerun.
-    Kept samples stay in pool order."""
-    if size >= len(pool):
-        return pool
-    salt = np.uint64(query_strategies.text_salt(f"{seed}\t{round_name}\tpool_subsample"))
-    keys = np.concatenate([query_strategies.mix_keys(query_strategies.leaf_keys(leaf.relpath, leaf.indices, seed),
-                                                     salt) for leaf in pool.leaves])
-    kept = np.zeros(len(keys), dtype=bool)
-    kept[np.argpartition(keys, size - 1)[:size]] = True
-    start = 0
-    for leaf in pool.leaves:
-        count = len(leaf)
-        leaf.indices = leaf.indices[kept[start:start + count]]
-        start += count
-    for part in pool.datasets:
-        part.refresh()
-    return Pool([part for part in pool.datasets if len(part)], total=pool.total)
-
-
-def build_pool(opt, pool_names, queried, round_name, whole=()):
-    """The round's pool: the unlabelled part of `pool_names` (all of it for the names in `whole`,
-    i.e. --pool_data) less the `queried` identities, then the --pool_subsample draw of round
-    `round_name`; returns `(pool, log text)`."""
-    parts, logs = [], []
-    whole_opt = argparse.Namespace(**{**vars(opt), "total_data_usage_ratio": 0.0})
-    for name in pool_names:
-        exclude = queried
-        overlap = {leaf.relpath for part in parts for leaf in part.parts
-                   if dataset.selects(leaf.relpath, name, opt.train_data)}
-        if overlap:  # two names selecting one LMDB must not pool its samples twice
-            exclude = set(queried) | {i for part in parts for i in part.identities if i[0] in overlap}
-        part, log = dataset.hierarchical_dataset(opt.train_data, whole_opt if name in whole else opt, [name],
-                                                 split="unlabelled", exclude=exclude, flag="--train_data")
-        logs.append(log.rstrip("\n"))
-        if len(part):
-            parts.append(part)
-    if not parts:
-        raise utils.UserError(f"the pool is empty: no unlabelled sample of {'-'.join(pool_names)} under "
-                              f"{opt.train_data} is left to query (all already queried, or "
-                              f"--total_data_usage_ratio {opt.total_data_usage_ratio} labels everything)")
-    pool = Pool(parts)
-    if opt.pool_subsample is not None:
-        pool = subsample_pool(pool, opt.pool_subsample, opt.manualSeed, round_name)
-        logs.append(f"pool: {pool.total} samples; --pool_subsample {opt.pool_subsample}: "
-                    + (f"scoring a random {len(pool)} (seed {opt.manualSeed}, round {round_name})"
-                       if pool.subsampled else "scoring all of them"))
-    return pool, "\n".join(logs)
-
-
 def query_size(opt, pool):
     """How many samples the round queries: --num_query, or --ratio of the whole pool (a subsample
     changes what is scored, not the labelling budget), which must fit in the subsample."""
@@ -255,123 +189,6 @@ def query_size(opt, pool):
         raise utils.UserError(f"--pool_subsample {opt.pool_subsample}: the round queries {count} samples ({asked}), "
                               f"more than it scores; give --pool_subsample {count} or more, or query fewer")
     return count
-
-
-# ---------------------------------------------------------------------------------------------
-# scoring
-
-
-def scale(logits, temperature):
-    """The logits the token quantities are computed from (a word-level scaling leaves them be)."""
-    return logits if temperature is None else calibration.as_scaling(temperature).logits(logits)
-
-
-def mutual_information(model, images, opt, temperature, mask, device):
-    """BALD: H(mean_k p_k) - mean_k H(p_k) per token, averaged over the counted tokens (the masked
-    mean is linear, so it is taken per term); with one pass, the mean token entropy of that single
-    stochastic pass."""
-    previous = getattr(model, "mc_dropout_p", 0.0)
-    model.mc_dropout_p = opt.mc_dropout
-    mean_probs, mean_entropy = 0.0, 0.0
-    try:
-        for _ in range(opt.mc_samples):
-            with utils.autocast_context(device, opt.amp):
-                logits = forward_logits(model, images, opt.batch_max_length, opt.Prediction)
-            probs = scale(logits.float(), temperature).softmax(-1)
-            mean_probs = mean_probs + probs / opt.mc_samples
-            mean_entropy = mean_entropy + utils.mean_entropy(probs, mask) / opt.mc_samples
-    finally:
-        model.mc_dropout_p = previous
-    if opt.mc_samples == 1:
-        return mean_entropy
-    return utils.mean_entropy(mean_probs, mask) - mean_entropy
-
-
-def score_batch(model, images, converter, opt, needs, temperature, device):
-    """Predictions and the per-sample quantities in `needs` for one batch (all vectorised)."""
-    with coreset.capture_embeddings(model, "embedding" in needs) as embeddings, \
-            utils.autocast_context(device, opt.amp):
-        logits = forward_logits(model, images, opt.batch_max_length, opt.Prediction)
-    logits = logits.float()
-    texts, confidence, _ = utils.decode_predictions(logits, converter)
-    values = {"confidence": confidence}
-    scaling = calibration.as_scaling(temperature, getattr(opt, "calibration", None))
-    scaled = scale(logits, scaling)
-    if temperature is not None:
-        values["cal_confidence"] = calibration.decode_calibrated(logits, converter, scaling)[1]
-    elif "cal_confidence" in needs:
-        values["cal_confidence"] = confidence
-    if {"margin", "entropy", "mc"} & set(needs):
-        # Counted steps come from the deterministic pass: the stochastic ones are compared on them.
-        mask = utils.token_mask(logits, converter)
-        probs = scaled.softmax(-1)
-        if "margin" in needs:
-            values["margin"] = utils.mean_margin(probs, mask)
-        if "entropy" in needs:
-            values["entropy"] = utils.mean_entropy(probs, mask)
-        if "mc" in needs:
-            values["mc"] = mutual_information(model, images, opt, scaling, mask, device)
-    values = {k: v.detach().float().cpu().numpy() for k, v in values.items()}
-    if embeddings is not None:
-        values["embedding"] = embeddings[0]
-    return texts, values
-
-
-class ScoreTable:
-    """Per-sample records, column-wise: identity, prediction, correctness and the float quantities."""
-
-    def __init__(self, capacity=0):
-        self.relpaths, self.indices, self.predictions, self.correct = [], [], [], []
-        self.values = {}
-        self.capacity, self.rows = capacity, {}  # (B, d) quantities (embeddings): one array each, no copies
-
-    def extend(self, identities, predictions, labels, values):
-        self.relpaths.extend(r for r, _ in identities)
-        self.indices.extend(i for _, i in identities)
-        self.predictions.extend(predictions)
-        self.correct.extend(p == g for p, g in zip(predictions, labels))
-        for key, column in values.items():
-            if column.ndim == 2:
-                self.rows.setdefault(key, coreset.RowStore(self.capacity)).add(column)
-            else:
-                self.values.setdefault(key, []).append(column)
-
-    def columns(self):
-        return {
-            "relpath": self.relpaths, "index": np.asarray(self.indices, dtype=np.int64),
-            "prediction": self.predictions, "correct": np.asarray(self.correct, dtype=bool),
-            **{k: np.concatenate(v) for k, v in self.values.items()},
-            **{k: v.array() for k, v in self.rows.items()},
-        }
-
-
-def score_pool(model, data, converter, opt, strategy, temperature, device, rank=0):
-    table = ScoreTable(capacity=len(data))
-    needs = strategy.needs + acquisition.needs(opt.acquisition)
-    loader = eval_loader(data, opt, device)
-    bar = tqdm(loader, total=len(loader), desc="scoring", unit="batch", disable=not show_progress(opt, rank),
-               dynamic_ncols=True)
-    with torch.no_grad():
-        for images, labels, identities in bar:
-            if not labels:
-                continue
-            texts, values = score_batch(model, images.to(device, non_blocking=True), converter, opt,
-                                        needs, temperature, device)
-            table.extend(identities, texts, labels, values)
-    bar.close()
-    return table.columns()
-
-
-def merge_columns(parts, leaf_relpaths):
-    """Concatenate the ranks' columns and sort them into pool order."""
-    merged = parts[0] if len(parts) == 1 else concatenate_columns(parts)
-    leaf_order = {rel: k for k, rel in enumerate(leaf_relpaths)}
-    # Within one leaf the pool keeps LMDB order, so (leaf position, index) is the pool order.
-    leaf_rank = np.fromiter((leaf_order[r] for r in merged["relpath"]), dtype=np.int64, count=len(merged["relpath"]))
-    order = np.lexsort((merged["index"], leaf_rank))
-    if np.array_equal(order, np.arange(len(order))):
-        return merged  # one process scores in pool order: no copy (the embeddings can be large)
-    return {k: v[order] if isinstance(v, np.ndarray) else [v[i] for i in order] for k, v in merged.items()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -393,10 +210,10 @@ def read_raw_samples(root, identities):
     envs = {}
     for relpath, index in identities:
         if relpath not in envs:
-            envs[relpath] = dataset.shared_env(os.path.join(root, relpath))
+            envs[relpath] = lmdb_format.shared_env(os.path.join(root, relpath))
         with envs[relpath].begin(write=False) as txn:
-            image = txn.get(dataset.image_key(index))
-            label = txn.get(dataset.label_key(index))
+            image = txn.get(lmdb_format.image_key(index))
+            label = txn.get(lmdb_format.label_key(index))
         if image is None or label is None:
             raise utils.UserError(f"{os.path.join(root, relpath)}: sample {index} vanished while sampling; "
                                   f"was the dataset rewritten?")
@@ -440,7 +257,7 @@ def publish_images(staged, folder, overwrite, query_path):
     if os.path.isdir(folder) and not os.listdir(folder):
         os.rmdir(folder)
     if os.path.lexists(folder):
-        dataset.replace_dir(staged, folder)
+        lmdb_writing.replace_dir(staged, folder)
     else:
         os.replace(staged, folder)
 
@@ -573,10 +390,10 @@ def pool_data_names(opt, leaves):
     already) and none that --select_data selects too (its labelled part would be trained on and
     queried)."""
     names = [n for n in (opt.pool_data or "").split("-") if n]
-    training = set(dataset.select_leaves(opt.train_data, opt.select_data, "--train_data"))
+    training = set(leaf_selection.select_leaves(opt.train_data, opt.select_data, "--train_data"))
     for name in names:
         try:
-            chosen = dataset.select_leaves(opt.train_data, [name], "--train_data")
+            chosen = leaf_selection.select_leaves(opt.train_data, [name], "--train_data")
         except utils.UserError:
             raise utils.UserError(f"--pool_data {name}: no LMDB below {opt.train_data} has a path component "
                                   f"'{name}'; found: {', '.join(leaves)}") from None
@@ -597,8 +414,8 @@ def package_plan(opt, plan):
     to write, so its round always exports a package (by default beside where the query set would
     go); --export_annotation asks for one with any pool."""
     unlabelled = [n for n in plan.pool_names
-                  if any(dataset.is_unlabelled(os.path.join(opt.train_data, rel))
-                         for rel in dataset.select_leaves(opt.train_data, [n], "--train_data"))]
+                  if any(set_records.is_unlabelled(os.path.join(opt.train_data, rel))
+                         for rel in leaf_selection.select_leaves(opt.train_data, [n], "--train_data"))]
     folder = opt.export_annotation or (f"{plan.path}_annotation" if unlabelled else None)
     if folder is None:
         return None, unlabelled
@@ -626,14 +443,14 @@ def relabel_names(plan):
 
 def queried_before(opt, plan):
     """Identities that earlier query sets hold (the one being replaced gives its samples back)."""
-    return dataset.read_query_origins(opt.train_data, skip={plan.replaced} if plan.replaced else ())
+    return set_records.read_query_origins(opt.train_data, skip={plan.replaced} if plan.replaced else ())
 
 
 def score_round(opt, model, converter, strategy, temperature, device, plan, rank, world_size, distributed):
     """Build the pool, fit the temperature if asked, score this rank's shard and gather on rank 0.
 
     Returns `(columns in pool order or None off rank 0, the pool, temperature)`."""
-    pool, pool_log = build_pool(opt, plan.pool_names, queried_before(opt, plan), plan.name, plan.whole)
+    pool, pool_log = pool_scoring.build_pool(opt, plan.pool_names, queried_before(opt, plan), plan.name, plan.whole)
     # fail before the long scoring pass
     acquisition.check_candidates(opt.candidates, query_size(opt, pool))
     if temperature == "auto":
@@ -643,11 +460,11 @@ def score_round(opt, model, converter, strategy, temperature, device, plan, rank
         if temperature is not None:
             print(f"temperature: {temperature:.4f}"
                   + (f" (fitted on --valid_data, {opt.calibration}-level)" if opt.calibration else ""))
-    columns = score_pool(model, rank_share(pool, rank, world_size), converter, opt, strategy, temperature, device, rank)
+    columns = pool_scoring.score_pool(model, rank_share(pool, rank, world_size), converter, opt, strategy, temperature, device, rank)
     parts = utils.all_gather_object(columns) if distributed else [columns]
     if rank != 0:
         return None, pool, temperature
-    return merge_columns(parts, [leaf.relpath for leaf in pool.leaves]), pool, temperature
+    return pool_scoring.merge_columns(parts, [leaf.relpath for leaf in pool.leaves]), pool, temperature
 
 
 def coreset_init(opt):
@@ -657,7 +474,7 @@ def coreset_init(opt):
     if opt.coreset_init is not None or "embedding" not in acquisition.needs(opt.acquisition):
         return opt.coreset_init
     for rel, is_query in list_leaf_lmdbs(opt.train_data).items():
-        meta = dataset.read_query_meta(os.path.join(opt.train_data, rel)) if is_query else None
+        meta = set_records.read_query_meta(os.path.join(opt.train_data, rel)) if is_query else None
         if meta and meta.get("acquisition") == "coreset" and "coreset_init" not in meta:
             if int(os.environ.get("RANK", "0")) == 0:
                 print(f"coreset: {rel} was picked from the strategy's first choice (before --coreset_init existed); "
@@ -737,9 +554,9 @@ def write_round(opt, strategy, plan, columns, pool, temperature, start, labelled
             summary["relabel"] = relabelling["summary"]
             if relabelling["rows"]:  # published first: a round stopped before its query set is rerun whole
                 relabel.write(opt, plan.relabel, plan.name, relabelling["rows"], labelled, relabelling["samples"])
-        dataset.write_lmdb(plan.path, read_raw_samples(opt.train_data, identities), meta=meta,
-                           overwrite=plan.replaced is not None,
-                           extra_files={"summary.json": json.dumps(summary, indent=2) + "\n"})
+        lmdb_writing.write_lmdb(plan.path, read_raw_samples(opt.train_data, identities), meta=meta,
+                                overwrite=plan.replaced is not None,
+                                extra_files={"summary.json": json.dumps(summary, indent=2) + "\n"})
         if staged:
             publish_images(staged, opt.save_images, opt.overwrite, plan.path)
     finally:
@@ -846,7 +663,7 @@ def round_lock(opt, rank, distributed):
 def dry_run(opt, strategy):
     """What the round would do, from the options and the data alone."""
     plan = plan_output(opt)
-    pool, pool_log = build_pool(opt, plan.pool_names, queried_before(opt, plan), plan.name, plan.whole)
+    pool, pool_log = pool_scoring.build_pool(opt, plan.pool_names, queried_before(opt, plan), plan.name, plan.whole)
     count = query_size(opt, pool)
     acquisition.check_candidates(opt.candidates, count)
     print(pool_log)

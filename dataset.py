@@ -1,136 +1,30 @@
-"""LMDB datasets in the deep-text-recognition-benchmark format: reading, selecting, splitting,
-batch-balanced loading, collation and atomic writing (see docs/DESIGN.md, "Data layer")."""
+"""LMDB datasets in the deep-text-recognition-benchmark format, as the original's users know them:
+LmdbDataset (one leaf, its label rules, noise and re-annotations), hierarchical_dataset (the
+selected leaves as one dataset), Batch_Balanced_Dataset, AlignCollate and RawDataset. The layers
+below live in data_layer/ (docs/DESIGN.md, "Code layout" and "Data layer")."""
 import bisect
-import ctypes
 import collections.abc
 import io
-import json
 import math
 import os
-import shutil
-import signal
 import stat
 
-import lmdb
 import numpy as np
 import torch
 from natsort import natsorted
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Subset
 
-import annotator_noise
-import atomic_io
-import relabel_policies
+from active_learning import relabel_policies
+from annotators import annotator_noise
+from data_layer import batch_sampling
+from data_layer import leaf_selection
+from data_layer import lmdb_format
+from data_layer import set_records
 from utils import UserError
 
-NUM_SAMPLES_KEY = b"num-samples"
-QUERY_META_KEY = b"query-meta"
-# An LMDB of images without labels (create_lmdb_dataset.py --unlabelled): a pool to query, never
-# training or evaluation data. Its `path-%09d` keys keep each image's path below the input folder.
-UNLABELLED_KEY = b"unlabelled"
-# Query-set keys of the samples transcribers marked unreadable (import_annotations.py): 1-based,
-# `unreadable-%09d` -> origin, outside the `num-samples` range, so training never reads them and
-# later pools still leave them out.
-NUM_UNREADABLE_KEY = b"num-unreadable"
-# A relabel set (data_sampling.py --relabel_ratio) carries this key instead of query-meta: its
-# samples are new labels for samples trained on already, never samples of their own.
-RELABEL_META_KEY = b"relabel-meta"
 NOISE_SCOPES = ("queried", "all")
-COMMIT_EVERY = 1000
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
-
-
-def image_key(index):
-    return b"image-%09d" % index
-
-
-def label_key(index):
-    return b"label-%09d" % index
-
-
-def origin_key(index):
-    return b"origin-%09d" % index
-
-
-def path_key(index):
-    return b"path-%09d" % index
-
-
-def unreadable_key(index):
-    return b"unreadable-%09d" % index
-
-
-def open_lmdb(path):
-    """Read-only environment tuned for many readers (one per DataLoader worker)."""
-    try:
-        return lmdb.open(os.fspath(path), readonly=True, lock=False, readahead=False, meminit=False,
-                         max_readers=64)
-    except lmdb.Error as err:
-        raise UserError(f"{path}: cannot open the LMDB ({err}); check the dataset path") from None
-
-
-# py-lmdb refuses to open one environment twice in a process, so every reader of an LMDB in this
-# process shares one, keyed by the data file's identity (a rebuilt LMDB at the same path is new).
-_ENVS = {}
-
-
-def env_key(path):
-    try:
-        st = os.stat(os.path.join(path, "data.mdb"))
-    except OSError:
-        raise UserError(f"{path}: not an LMDB folder (no data.mdb); check the dataset path") from None
-    return (os.path.realpath(path), st.st_dev, st.st_ino)
-
-
-M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
-
-
-def loader_worker_init(worker_id):
-    """DataLoader worker set-up: serve allocations above 128 KiB (collated batches and their pickled
-    copies) by mmap, so they go back to the OS when freed. With glibc's adaptive threshold a worker's
-    heap grew by about 6 KB per image read (tools/benchmark.py: +234 MB from a 2k to a 32k pool)."""
-    try:
-        ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, 128 * 1024)
-    except (OSError, AttributeError):  # not glibc: nothing to tune
-        pass
-
-
-def shared_env(path):
-    """This process's read-only environment for the LMDB at path, opened on first use."""
-    key = env_key(path)
-    cached = _ENVS.get(key)
-    if cached is not None:
-        owner, env = cached
-        if owner == os.getpid():
-            return env
-        # Inherited through fork: it is read-only and lock-free, so closing it here only unmaps
-        # this process's copy; the parent's stays usable.
-        env.close()
-    env = open_lmdb(path)
-    _ENVS[key] = (os.getpid(), env)
-    return env
-
-
-def forget_env(path):
-    """Close this process's environments of path (before the LMDB there is replaced)."""
-    real = os.path.realpath(path)
-    for key in [k for k in _ENVS if k[0] == real]:
-        owner, env = _ENVS.pop(key)
-        if owner == os.getpid():
-            env.close()
-
-
-def read_num_samples(txn, path):
-    raw = txn.get(NUM_SAMPLES_KEY)
-    if raw is None:
-        raise UserError(f"{path}: LMDB without a 'num-samples' key; rebuild it with create_lmdb_dataset.py")
-    try:
-        count = int(raw)
-    except ValueError:
-        raise UserError(f"{path}: 'num-samples' is not an integer ({raw[:20]!r}); rebuild the LMDB") from None
-    if count < 0:
-        raise UserError(f"{path}: 'num-samples' is negative ({count}); rebuild the LMDB with create_lmdb_dataset.py")
-    return count
 
 
 SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
@@ -220,22 +114,6 @@ class LabelRules:
         return "".join(ch for ch in label if ch in self.charset)
 
 
-def iter_labels(txn, num_samples):
-    """(index, label) for every label key 1..num_samples, by one cursor sweep (keys sort by index)."""
-    cursor = txn.cursor()
-    if not cursor.set_range(b"label-"):
-        return
-    for key, value in cursor:
-        if not key.startswith(b"label-"):
-            break
-        try:
-            index = int(key[6:])
-        except ValueError:
-            continue
-        if 1 <= index <= num_samples:
-            yield index, value.decode("utf-8", errors="replace")
-
-
 class LmdbDataset(Dataset):
     """One leaf LMDB. Items are `(image, label, identity)`; `image` is None when it does not decode.
 
@@ -260,11 +138,11 @@ class LmdbDataset(Dataset):
         self.filter_counts = collections.Counter()
         self._env = None
         self._env_pid = None
-        with shared_env(self.root).begin(write=False) as txn:
-            self.num_total = read_num_samples(txn, self.root)
-            self.is_query = txn.get(QUERY_META_KEY) is not None
-            self.is_unlabelled = txn.get(UNLABELLED_KEY) is not None
-            self.is_relabel = txn.get(RELABEL_META_KEY) is not None
+        with lmdb_format.shared_env(self.root).begin(write=False) as txn:
+            self.num_total = lmdb_format.read_num_samples(txn, self.root)
+            self.is_query = txn.get(lmdb_format.QUERY_META_KEY) is not None
+            self.is_unlabelled = txn.get(lmdb_format.UNLABELLED_KEY) is not None
+            self.is_relabel = txn.get(lmdb_format.RELABEL_META_KEY) is not None
             self.indices = self._filtered_indices(txn)
         if noise_ratio:
             self.add_noise(noise_ratio, getattr(opt, "manualSeed", 0) if noise_seed is None else noise_seed,
@@ -275,7 +153,7 @@ class LmdbDataset(Dataset):
             return np.arange(1, self.num_total + 1, dtype=np.int64)
         kept = np.zeros(self.num_total + 1, dtype=bool)
         seen = 0
-        for index, label in iter_labels(txn, self.num_total):
+        for index, label in lmdb_format.iter_labels(txn, self.num_total):
             seen += 1
             reason = self.rules.reject_reason(self.rules.normalise(label))
             if reason is None:
@@ -312,11 +190,11 @@ class LmdbDataset(Dataset):
         wanted = np.zeros(self.num_total + 1, dtype=bool)
         wanted[self.indices] = True
         samples, index_of = [], {}
-        with shared_env(self.root).begin(write=False) as txn:
-            for index, raw in iter_labels(txn, self.num_total):
+        with lmdb_format.shared_env(self.root).begin(write=False) as txn:
+            for index, raw in lmdb_format.iter_labels(txn, self.num_total):
                 if not wanted[index]:
                     continue
-                identity = (read_origin(txn, index, self.root) if self.is_query or self.is_relabel else None) \
+                identity = (lmdb_format.read_origin(txn, index, self.root) if self.is_query or self.is_relabel else None) \
                     or (self.relpath, index)
                 index_of[identity] = index
                 samples.append((identity, self.rules.clean(self.rules.normalise(raw))))
@@ -337,18 +215,18 @@ class LmdbDataset(Dataset):
         records and its relabelled label, and no later re-annotation brings it back."""
         if not relabels:
             return
-        with shared_env(self.root).begin(write=False) as txn:
+        with lmdb_format.shared_env(self.root).begin(write=False) as txn:
             if self.is_query:
                 hits = {}
                 for index in self.indices.tolist():
-                    origin = read_origin(txn, index, self.root)
+                    origin = lmdb_format.read_origin(txn, index, self.root)
                     if origin in relabels:
                         hits[index] = relabels[origin]
             else:
                 present = set(self.indices.tolist())
                 hits = {index: relabels[(rel, index)] for rel, index in relabels
                         if rel == self.relpath and index in present}
-            raw = {index: txn.get(label_key(index)) for index in hits}
+            raw = {index: txn.get(lmdb_format.label_key(index)) for index in hits}
         for index, entries in hits.items():
             for entry in entries:
                 if entry.clean_label is None:  # the annotator found the image unreadable: no label to trust
@@ -389,10 +267,10 @@ class LmdbDataset(Dataset):
         elsewhere), `clean_label` (as read, normalised; a relabel set's for a re-annotated
         sample), `noisy_label`, `kind`."""
         records = []
-        with shared_env(self.root).begin(write=False) as txn:
+        with lmdb_format.shared_env(self.root).begin(write=False) as txn:
             for index in sorted(self.noisy_labels):
-                raw = (txn.get(label_key(index)) or b"").decode("utf-8", errors="replace")
-                origin = read_origin(txn, index, self.root) if self.is_query else None
+                raw = (txn.get(lmdb_format.label_key(index)) or b"").decode("utf-8", errors="replace")
+                origin = lmdb_format.read_origin(txn, index, self.root) if self.is_query else None
                 clean = self.relabelled.get(index)
                 records.append({"relpath": self.relpath, "index": index,
                                 "origin_relpath": origin[0] if origin else None,
@@ -411,7 +289,7 @@ class LmdbDataset(Dataset):
     def _txn(self):
         # Looked up on first use in each process (each DataLoader worker), then kept.
         if self._env is None or self._env_pid != os.getpid():
-            self._env = shared_env(self.root)
+            self._env = lmdb_format.shared_env(self.root)
             self._env_pid = os.getpid()
         return self._env.begin(write=False)
 
@@ -424,54 +302,13 @@ class LmdbDataset(Dataset):
     def __getitem__(self, i):
         index = int(self.indices[i])
         with self._txn() as txn:
-            raw_label = txn.get(label_key(index))
-            buf = txn.get(image_key(index))
+            raw_label = txn.get(lmdb_format.label_key(index))
+            buf = txn.get(lmdb_format.image_key(index))
         label = self._trained_label(index, raw_label)
         image = decode_image(buf, self.rgb) if buf is not None else None
         if image is None:
             self.num_undecodable += 1
         return image, label, (self.relpath, index)
-
-
-def read_origin(txn, index, path=None):
-    """The origin `(relpath, index)` recorded for sample `index` of the LMDB at `path` (opened as
-    txn; named in the error of a damaged key), or None when it records none."""
-    return parse_origin(txn.get(origin_key(index)), path, origin_key(index))
-
-
-def parse_origin(raw, path, key):
-    """`(relpath, index)` from a stored `<relpath>TAB<index>` value (None stays None); anything else
-    is a UserError naming the LMDB and the key, since a damaged key must not pass as a sample."""
-    if raw is None:
-        return None
-    try:
-        relpath, tab, idx = raw.decode("utf-8").rpartition("\t")
-        if tab and relpath and idx.isdigit():
-            return (relpath, int(idx))
-    except UnicodeDecodeError:
-        pass
-    raise UserError(f"{_lmdb_name(path)}: its key {key.decode()} holds {raw[:40]!r}, not '<dataset>TAB<index>'; "
-                    f"the LMDB is damaged: rebuild it (query and relabel sets: run their round again)")
-
-
-def _lmdb_name(path):
-    return "an LMDB" if path is None else os.path.normpath(path)
-
-
-def read_meta(txn, key, path):
-    """The JSON dict stored under `key` (query-meta, relabel-meta) of the LMDB at `path`, or None;
-    a value that is not a JSON object is a UserError naming the LMDB and the key."""
-    raw = txn.get(key)
-    if raw is None:
-        return None
-    try:
-        meta = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
-        meta = None
-    if not isinstance(meta, dict):
-        raise UserError(f"{_lmdb_name(path)}: its key {key.decode()} holds {raw[:40]!r}, not a JSON object; the LMDB "
-                        f"is damaged: rebuild it (query and relabel sets: run their round again)")
-    return meta
 
 
 class IdentityView(collections.abc.Sequence):
@@ -540,110 +377,6 @@ class SelectedDataset(Dataset):
         return sum(len(leaf.dropped) for leaf in self.leaves)
 
 
-def find_lmdbs(root):
-    """Relative POSIX paths of every leaf LMDB (a folder holding data.mdb) below root, natural order.
-
-    Hidden folders are skipped: they hold writes in progress (see write_lmdb). Symbolic links are
-    followed, but a folder reached twice (a link to a dataset beside it, or to a folder above it)
-    is a UserError: its samples would count twice (a query set trained at double weight, a test
-    set scored twice) and a link to an ancestor would make the walk endless."""
-    found = []
-    seen = {os.path.realpath(root): "."}  # each folder's real path -> the first path it was reached by
-    aliases = []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        rel = _relpath(dirpath, root)
-        kept = []
-        for name in sorted(d for d in dirnames if not d.startswith(".")):
-            real = os.path.realpath(os.path.join(dirpath, name))
-            child = name if rel == "." else f"{rel}/{name}"
-            if real in seen:
-                aliases.append((child, seen[real]))
-            else:
-                seen[real] = child
-                kept.append(name)
-        dirnames[:] = kept
-        if "data.mdb" in filenames:
-            found.append(rel)
-    for alias, first in aliases:
-        # only an alias of a folder that holds an LMDB would count samples twice
-        if any(_within(leaf, first) for leaf in found):
-            link = first if _through_link(root, first) and not _through_link(root, alias) else alias
-            raise UserError(f"{root}: {first} and {alias} are one folder (reached twice through a symbolic link), "
-                            f"so its samples would count twice; remove the link {os.path.join(root, link)}")
-    return natsorted(found)
-
-
-def _through_link(root, rel):
-    """Whether the relative path `rel` below root passes through a symbolic link."""
-    parts = [] if rel == "." else rel.split("/")
-    return any(os.path.islink(os.path.join(root, *parts[:k])) for k in range(1, len(parts) + 1))
-
-
-def _relpath(path, root):
-    rel = os.path.relpath(path, root)
-    return "." if rel == "." else rel.replace(os.sep, "/")
-
-
-def _within(rel, folder):
-    """Whether the relative path `rel` is `folder` or lies below it ("." holds everything)."""
-    return folder == "." or rel == folder or rel.startswith(folder + "/")
-
-
-def selects(relpath, name, root):
-    if name == "/":
-        return True
-    parts = relpath.split("/") if relpath != "." else [os.path.basename(os.path.abspath(root))]
-    return name in parts
-
-
-def check_root(root, flag):
-    what = f"{flag} {root}" if flag else f"data folder {root}"
-    if not root:
-        raise UserError(f"{flag or 'data folder'} is not set; give the folder that holds the LMDBs")
-    if not os.path.isdir(root):
-        raise UserError(f"{what}: no such folder")
-    leaves = find_lmdbs(root)
-    if not leaves:
-        raise UserError(f"{what}: holds no LMDB (no data.mdb below it); build one with create_lmdb_dataset.py "
-                        "or `make data`")
-    return leaves
-
-
-def select_leaves(root, select_data, flag=None):
-    leaves = check_root(root, flag)
-    names = [select_data] if isinstance(select_data, str) else list(select_data)
-    chosen = []
-    for name in names:
-        hits = [leaf for leaf in leaves if selects(leaf, name, root)]
-        if not hits:
-            raise UserError(f"--select_data {name}: no LMDB below {root} has a path component '{name}'; "
-                            f"found: {', '.join(leaves)}")
-        chosen.extend(h for h in hits if h not in chosen)
-    return natsorted(chosen)
-
-
-def group_by_relpath(identities):
-    grouped = collections.defaultdict(list)
-    for relpath, index in identities:
-        grouped[relpath].append(int(index))
-    return grouped
-
-
-def is_unlabelled(path):
-    """Whether the leaf LMDB at path was built without labels (create_lmdb_dataset.py --unlabelled)."""
-    return has_key(path, UNLABELLED_KEY)
-
-
-def refuse_unlabelled(root, relpaths, flag=None):
-    """Training and evaluation need labels: an unlabelled LMDB among `relpaths` is a UserError."""
-    for rel in relpaths:
-        path = os.path.normpath(os.path.join(root, rel))
-        if is_unlabelled(path):
-            raise UserError(f"{flag + ' ' if flag else ''}{path}: an unlabelled LMDB (create_lmdb_dataset.py "
-                            f"--unlabelled) has no labels to train or evaluate on; leave it out here, query it "
-                            f"with data_sampling.py and train on the query set import_annotations.py writes")
-
-
 def hierarchical_dataset(root, opt, select_data="/", split=None, exclude=None, noise_ratio=0.0,
                          noise_scope="queried", flag=None, noise_model=annotator_noise.DEFAULT_MODEL, relabels=None):
     """Every selected leaf LMDB below root as one dataset; returns `(dataset, log_text)`.
@@ -656,9 +389,9 @@ def hierarchical_dataset(root, opt, select_data="/", split=None, exclude=None, n
     if split not in (None, "labelled", "unlabelled"):
         raise ValueError(f"split must be None, 'labelled' or 'unlabelled', not {split!r}")
     check_noise(noise_ratio, noise_scope, noise_model)
-    relpaths = select_leaves(root, select_data, flag)
+    relpaths = leaf_selection.select_leaves(root, select_data, flag)
     if split != "unlabelled":
-        refuse_unlabelled(root, relpaths, flag)
+        leaf_selection.refuse_unlabelled(root, relpaths, flag)
     leaves = [LmdbDataset(os.path.join(root, rel), opt, relpath=rel) for rel in relpaths]
     leaves = [leaf for leaf in leaves if not leaf.is_relabel]
 
@@ -682,7 +415,7 @@ def hierarchical_dataset(root, opt, select_data="/", split=None, exclude=None, n
 
     excluded = collections.Counter()
     if exclude:
-        for rel, indices in group_by_relpath(exclude).items():
+        for rel, indices in leaf_selection.group_by_relpath(exclude).items():
             for leaf in leaves:
                 if leaf.relpath == rel:
                     excluded[rel] += leaf.exclude(indices)
@@ -724,57 +457,6 @@ def describe_leaf(leaf, split, labelled, excluded):
     return f"{text} ({'; '.join(details)})"
 
 
-# ---------------------------------------------------------------------------------------------
-# relabel sets: new labels for samples trained on already (data_sampling.py --relabel_ratio)
-
-
-class RelabelEntry(collections.namedtuple("RelabelEntry", "clean_label noisy_label kind relpath index policy")):
-    """A re-annotation: the relabel set's label (None when a human annotator found the image
-    unreadable: the sample leaves training, whatever the policy), the simulated annotator's error
-    on it (None when it got it right), where the relabel set holds it (index None for an unreadable
-    answer) and the set's policy (relabel_policies)."""
-
-
-def is_relabel_set(path):
-    """Whether the leaf LMDB at path carries a `relabel-meta` key (a relabel set)."""
-    return has_key(path, RELABEL_META_KEY)
-
-
-def read_relabel_meta(path):
-    """The decoded `relabel-meta` dict of a relabel set, or None."""
-    with shared_env(path).begin(write=False) as txn:
-        return read_meta(txn, RELABEL_META_KEY, path)
-
-
-def relabel_policy(path, meta):
-    """The policy of the relabel set at path (its `relabel-meta` dict `meta`): `policy`, or
-    `replace` for a set written before the policy existed; one this version does not know is a
-    UserError."""
-    policy = (meta or {}).get("policy", relabel_policies.DEFAULT)
-    if policy not in relabel_policies.POLICIES:
-        raise UserError(f"{path}: its relabel-meta names the policy {policy!r}, which this version does not know "
-                        f"(known: {relabel_policies.known()}); leave the relabel set out of --select_data or "
-                        f"update this code")
-    return policy
-
-
-def relabel_noise_seed(seed, round_number):
-    """The simulated annotator's stream for a round's re-annotations: its own seed text, so the
-    second look at a sample is a fresh draw, independent of the first annotation's."""
-    return f"{seed}\trelabel\t{round_number}"
-
-
-def relabel_order(root, relpaths):
-    """Relabel set relpaths in the order their labels apply (a later one wins over an earlier
-    one): by round (the `round` of their meta), a review (find_label_errors.py, made before the
-    sampling of the round it is numbered by) before that round's own set, then natural order of the
-    path."""
-    metas = {rel: read_relabel_meta(os.path.join(root, rel)) or {} for rel in relpaths}
-    ranked = natsorted(relpaths)
-    return sorted(ranked, key=lambda rel: (metas[rel].get("round") is None, metas[rel].get("round") or 0,
-                                           not metas[rel].get("review")))
-
-
 def read_relabels(root, opt, relpaths, noise_ratio=0.0, noise_model=annotator_noise.DEFAULT_MODEL):
     """{identity: [RelabelEntry, ...]} of the relabel sets `relpaths` below root: each sample's
     re-annotations in the order they apply (relabel_order; LmdbDataset.apply_relabels applies them
@@ -788,43 +470,26 @@ def read_relabels(root, opt, relpaths, noise_ratio=0.0, noise_model=annotator_no
     left empty or ###, import_annotations.py) take their samples out of training."""
     seed = getattr(opt, "manualSeed", 0)
     relabels = {}
-    for rel in relabel_order(root, relpaths):
+    for rel in set_records.relabel_order(root, relpaths):
         leaf = LmdbDataset(os.path.join(root, rel), opt, relpath=rel)
-        meta = read_relabel_meta(leaf.root)
-        policy = relabel_policy(leaf.root, meta)
+        meta = set_records.read_relabel_meta(leaf.root)
+        policy = set_records.relabel_policy(leaf.root, meta)
         if noise_ratio:
             round_number = (meta or {}).get("round", rel)
-            leaf.add_noise(noise_ratio, relabel_noise_seed(seed, round_number), noise_model)
-        with shared_env(leaf.root).begin(write=False) as txn:
+            leaf.add_noise(noise_ratio, set_records.relabel_noise_seed(seed, round_number), noise_model)
+        with lmdb_format.shared_env(leaf.root).begin(write=False) as txn:
             for index in leaf.indices.tolist():
-                origin = read_origin(txn, index, leaf.root)
+                origin = lmdb_format.read_origin(txn, index, leaf.root)
                 if origin is None:
                     raise UserError(f"{leaf.root}: relabel set sample {index} has no origin key; rebuild it with "
                                     f"data_sampling.py")
-                raw = (txn.get(label_key(index)) or b"").decode("utf-8", errors="replace")
+                raw = (txn.get(lmdb_format.label_key(index)) or b"").decode("utf-8", errors="replace")
                 relabels.setdefault(origin, []).append(
-                    RelabelEntry(leaf.rules.clean(leaf.rules.normalise(raw)), leaf.noisy_labels.get(index),
-                                 leaf.noise_kinds.get(index), rel, index, policy))
-            for origin in read_unreadable_origins(txn, leaf.root):  # import_annotations.py: answered empty or ###
-                relabels.setdefault(origin, []).append(RelabelEntry(None, None, None, rel, None, policy))
+                    set_records.RelabelEntry(leaf.rules.clean(leaf.rules.normalise(raw)), leaf.noisy_labels.get(index),
+                                             leaf.noise_kinds.get(index), rel, index, policy))
+            for origin in set_records.read_unreadable_origins(txn, leaf.root):  # import_annotations.py: answered empty or ###
+                relabels.setdefault(origin, []).append(set_records.RelabelEntry(None, None, None, rel, None, policy))
     return relabels
-
-
-def relabel_leaves(root, relpaths):
-    """The relabel sets among `relpaths` (relative to root)."""
-    return [rel for rel in relpaths if is_relabel_set(os.path.join(root, rel))]
-
-
-def selected_query_origins(root, select_data, flag="--train_data"):
-    """Origins held by the query sets that `select_data` selects: training leaves them out of the
-    base datasets' labelled parts (each sample is trained on once)."""
-    queried = set()
-    leaves = {rel for name in select_data for rel in select_leaves(root, [name], flag)}
-    for rel in sorted(leaves):
-        path = os.path.join(root, rel)
-        if is_query_set(path):
-            queried |= read_query_origins(path)
-    return queried
 
 
 def labelled_dataset(root, opt, select_data, noise_ratio=0.0, noise_scope="queried",
@@ -835,9 +500,9 @@ def labelled_dataset(root, opt, select_data, noise_ratio=0.0, noise_scope="queri
     over it (new labels; an `agree` set's disagreeing samples left out). A sample that two names
     select is kept once (the first name's). Items are `(image, label, identity)`; UserError when
     there is none (with `required`; else an empty list)."""
-    queried = selected_query_origins(root, select_data, flag)
-    selected = natsorted({rel for name in select_data for rel in select_leaves(root, [name], flag)})
-    relabels = read_relabels(root, opt, relabel_leaves(root, selected), noise_ratio, noise_model)
+    queried = leaf_selection.selected_query_origins(root, select_data, flag)
+    selected = natsorted({rel for name in select_data for rel in leaf_selection.select_leaves(root, [name], flag)})
+    relabels = read_relabels(root, opt, set_records.relabel_leaves(root, selected), noise_ratio, noise_model)
     parts, logs, earlier = [], [], []  # earlier: (relpaths, identities) of the parts kept so far
     for name in select_data:
         data, log = hierarchical_dataset(root, opt, [name], split="labelled", exclude=queried or None, flag=flag,
@@ -874,83 +539,9 @@ def check_noise(noise_ratio, noise_scope, noise_model=annotator_noise.DEFAULT_MO
     annotator_noise.get_model(noise_model)
 
 
-# A dataset smaller than its batch share is drawn with replacement; an "epoch" of it is this many
-# batches, so that its loader (and the prefetching of its workers) is not restarted every batch.
-REPLACEMENT_EPOCH_BATCHES = 100
 # A batch whose images all fail to decode is drawn again; after this many undecodable images in a
 # row from one name the data is declared unreadable instead of being retried for ever.
 MAX_UNDECODABLE_RUN = 1000
-
-
-def stream_seed(*parts):
-    """A 64-bit seed mixed from integers (seed, rank, dataset position, epoch)."""
-    words = np.random.SeedSequence([int(p) % 2 ** 64 for p in parts]).generate_state(2, dtype=np.uint32)
-    return int(words[0]) | int(words[1]) << 32
-
-
-def first_readable(data):
-    """Position of the first item of `data` whose image decodes, or None when none does (items
-    are read in order until one does, so a readable dataset costs one decode)."""
-    for i in range(len(data)):
-        if data[i][0] is not None:
-            return i
-    return None
-
-
-def train_worker_init(worker_id):
-    """Training loader workers ignore SIGINT: Ctrl-C in a terminal reaches the whole process group,
-    and train.py stops only after finishing the current step, for which its workers must live on."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    loader_worker_init(worker_id)
-
-
-class EpochBatchSampler:
-    """The full batches of one shard, one epoch at a time, from batch `start` of epoch `epoch` on.
-
-    An epoch's order depends on `seed_parts` and the epoch number alone, so the stream can be
-    rebuilt at any batch without drawing, or reading, the batches before it (exact resume)."""
-
-    def __init__(self, size, batch_size, replacement, seed_parts):
-        self.size = size
-        self.batch_size = batch_size
-        self.replacement = replacement
-        self.seed_parts = tuple(int(p) for p in seed_parts)
-        self.epoch = 0
-        self.start = 0
-
-    @property
-    def batches_per_epoch(self):
-        return REPLACEMENT_EPOCH_BATCHES if self.replacement else self.size // self.batch_size
-
-    def order(self, epoch):
-        generator = torch.Generator().manual_seed(stream_seed(*self.seed_parts, epoch))
-        if self.replacement:
-            return torch.randint(self.size, (self.batches_per_epoch * self.batch_size,), generator=generator)
-        return torch.randperm(self.size, generator=generator)
-
-    def __iter__(self):
-        order = self.order(self.epoch)
-        for k in range(self.start, self.batches_per_epoch):
-            yield order[k * self.batch_size:(k + 1) * self.batch_size].tolist()
-
-    def __len__(self):
-        return max(self.batches_per_epoch - self.start, 0)
-
-
-def check_selected_once(names, selected):
-    """Each LMDB in one stream only: two --select_data names selecting one LMDB (a name given
-    twice, or a folder and a dataset inside it) would train its samples at double weight.
-    `selected` maps each name to its leaves."""
-    owner = {}
-    for k, name in enumerate(names):
-        if name in names[:k]:
-            raise UserError(f"--select_data names {name} twice; name each dataset once (and give one --batch_ratio "
-                            f"share per name)")
-        for rel in selected[name]:
-            if rel in owner:
-                raise UserError(f"--select_data {owner[rel]} and {name} both select {rel}, whose samples would train "
-                                f"at double weight; name each dataset once")
-            owner[rel] = name
 
 
 class Batch_Balanced_Dataset:
@@ -996,23 +587,23 @@ class Batch_Balanced_Dataset:
             lines.append(f"label noise: ratio {noise_ratio} on {noise_scope} samples, model {noise_model}, "
                          f"seed {opt.manualSeed}")
 
-        selected = {name: select_leaves(root, [name], "--train_data") for name in names}
-        check_selected_once(names, selected)
-        relabel_sets = {name: relabel_leaves(root, rels) for name, rels in selected.items()}
+        selected = {name: leaf_selection.select_leaves(root, [name], "--train_data") for name in names}
+        leaf_selection.check_selected_once(names, selected)
+        relabel_sets = {name: set_records.relabel_leaves(root, rels) for name, rels in selected.items()}
         only_relabels = self.relabel_names(names, ratios, selected, relabel_sets, query_sets)
         if only_relabels:  # a relabel set is no stream: its name is dropped, it relabels the others
             names = [name for name in names if name not in only_relabels]
             ratios = [ratio for ratio in ratios if ratio > 0]
             self.names = names
-        relabel_paths = relabel_order(root, {rel for rels in relabel_sets.values() for rel in rels})
+        relabel_paths = set_records.relabel_order(root, {rel for rels in relabel_sets.values() for rel in rels})
         relabels = {}
         if relabel_paths and query_sets:
             relabels = read_relabels(root, opt, relabel_paths, noise_ratio, noise_model)
-            policies = {rel: relabel_policy(os.path.join(root, rel), read_relabel_meta(os.path.join(root, rel)))
+            policies = {rel: set_records.relabel_policy(os.path.join(root, rel), set_records.read_relabel_meta(os.path.join(root, rel)))
                         for rel in relabel_paths}
             lines.append("relabel sets (re-annotations of earlier samples, by policy; no batch share): "
                          + ", ".join(f"{rel} ({policies[rel]})" for rel in relabel_paths))
-        query_leaves = {name: [rel for rel in rels if is_query_set(os.path.join(root, rel))]
+        query_leaves = {name: [rel for rel in rels if set_records.is_query_set(os.path.join(root, rel))]
                         for name, rels in selected.items()}
         for name in names:
             if not query_sets and len(query_leaves[name]) == len(selected[name]):
@@ -1028,7 +619,7 @@ class Batch_Balanced_Dataset:
             for name, ratio in zip(names, ratios):
                 rels = query_leaves[name]
                 if not (rels and len(rels) == len(selected[name])
-                        and all(is_empty_query_set(os.path.join(root, rel)) for rel in rels)):
+                        and all(set_records.is_empty_query_set(os.path.join(root, rel)) for rel in rels)):
                     streams.append((name, ratio))
                     continue
                 skipped_batch += max(round(opt.batch_size * ratio), 1)
@@ -1045,8 +636,8 @@ class Batch_Balanced_Dataset:
             ratio = float(getattr(opt, "total_data_usage_ratio", 1.0))
             for rel in natsorted({rel for rels in query_leaves.values() for rel in rels}):
                 path = os.path.join(root, rel)
-                queried |= read_query_origins(path)
-                drawn_at = (read_query_meta(path) or {}).get("total_data_usage_ratio")
+                queried |= set_records.read_query_origins(path)
+                drawn_at = (set_records.read_query_meta(path) or {}).get("total_data_usage_ratio")
                 if drawn_at is not None and abs(float(drawn_at) - ratio) > 1e-9:
                     self.warnings.append(
                         f"query set {rel} was drawn with --total_data_usage_ratio {float(drawn_at):g}, this run "
@@ -1090,8 +681,8 @@ class Batch_Balanced_Dataset:
                 raise UserError(f"--select_data {name}: no labelled sample (after filtering and "
                                 f"--total_data_usage_ratio {opt.total_data_usage_ratio}); raise the ratio or "
                                 "check --batch_max_length / --character")
-            shard = shard_dataset(dataset, rank, world_size, opt.manualSeed)
-            if first_readable(shard) is None:
+            shard = batch_sampling.shard_dataset(dataset, rank, world_size, opt.manualSeed)
+            if batch_sampling.first_readable(shard) is None:
                 where = ", ".join(leaf.relpath for leaf in dataset.parts)
                 raise UserError(f"--select_data {name}: none of its {len(shard)} labelled images"
                                 f"{' of this process' if world_size > 1 else ''} decodes (LMDB {where} under "
@@ -1108,13 +699,13 @@ class Batch_Balanced_Dataset:
             self.corrupted[name] = dataset.num_corrupted
             self.dropped[name] = dataset.num_dropped
             self.datasets[name] = dataset
-            sampler = EpochBatchSampler(len(shard), batch, small, (opt.manualSeed, rank, k))
+            sampler = batch_sampling.EpochBatchSampler(len(shard), batch, small, (opt.manualSeed, rank, k))
             # The loader's own generator seeds its workers; without one it would draw from the global
             # torch generator at every new epoch and so shift the model's random numbers.
             loader = DataLoader(shard, batch_sampler=sampler, num_workers=int(opt.workers), collate_fn=collate,
                                 pin_memory=torch.cuda.is_available(), persistent_workers=int(opt.workers) > 0,
-                                worker_init_fn=train_worker_init,
-                                generator=torch.Generator().manual_seed(stream_seed(opt.manualSeed, rank, k)))
+                                worker_init_fn=batch_sampling.train_worker_init,
+                                generator=torch.Generator().manual_seed(batch_sampling.stream_seed(opt.manualSeed, rank, k)))
             self.data_loader_list.append(loader)
             self.samplers.append(sampler)
             self.positions.append([0, 0])
@@ -1250,14 +841,6 @@ class Batch_Balanced_Dataset:
         self.skipped_images = sum(self.skipped_by_name.values())
 
 
-def shard_dataset(dataset, rank, world_size, seed):
-    """This rank's disjoint share: a permutation shared by all ranks (same seed), every world_size-th."""
-    if world_size <= 1:
-        return dataset
-    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(int(seed)))
-    return Subset(dataset, order[rank::world_size].tolist())
-
-
 class AlignCollate:
     """Collate `(image, label, identity)` items into `(images (B, C, imgH, imgW) in [-1, 1], labels,
     identities)`, dropping items whose image is None."""
@@ -1340,174 +923,3 @@ def check_image_file(path):
     except Exception as err:
         return f"undecodable image ({type(err).__name__}: {err})"
     return None
-
-
-def write_lmdb(output_path, samples, meta=None, overwrite=False, extra_files=None, extra_keys=None,
-               meta_key=QUERY_META_KEY):
-    """Write `(image_bytes, label, origin)` samples as a new LMDB at output_path; returns the count.
-
-    Built in a hidden sibling folder and renamed into place, so an interrupted run leaves nothing
-    half-written. `meta` (a dict) makes it a query set (`query-meta` key), or with
-    `meta_key=RELABEL_META_KEY` a relabel set. `extra_files` ({file
-    name: text}) are written into the folder before the rename, so they appear with the LMDB. A
-    sample may carry a fourth item, {key prefix: bytes}, stored as `<prefix>-%09d` beside its image;
-    `extra_keys` ({key: bytes}) are stored once."""
-    output_path = os.path.abspath(os.fspath(output_path))
-    check_output(output_path, overwrite)
-    parent = os.path.dirname(output_path)
-    try:
-        tmp = atomic_io.make_temp_dir(parent, os.path.basename(output_path))
-    except OSError as err:
-        raise atomic_io.blame_output(err, output_path)
-    try:
-        count = write_into(tmp, samples, meta, name=output_path, extra_keys=extra_keys, meta_key=meta_key)
-        for file_name, text in (extra_files or {}).items():
-            with open(os.path.join(tmp, file_name), "w", encoding="utf-8") as f:
-                f.write(text)
-        replace_dir(tmp, output_path)
-    except BaseException as err:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(err, OSError):
-            atomic_io.blame_output(err, output_path)
-        raise
-    return count
-
-
-def check_output(path, overwrite):
-    if not os.path.exists(path):
-        return
-    if not os.path.isdir(path):
-        raise UserError(f"output {path} exists and is not a folder; choose another output path")
-    contents = os.listdir(path)
-    if not contents:
-        return
-    if "data.mdb" not in contents:
-        raise UserError(f"output {path} is a non-empty folder that is not an LMDB; choose another output path")
-    if not overwrite:
-        raise UserError(f"output {path} already holds an LMDB; remove it or choose another output path")
-
-
-def replace_dir(src, dst):
-    if os.path.isdir(dst):
-        forget_env(dst)
-        # A folder cannot be renamed onto a non-empty one: move the old one aside first.
-        trash = atomic_io.make_temp_dir(os.path.dirname(dst), os.path.basename(dst), suffix=".old")
-        os.replace(dst, os.path.join(trash, "old"))
-        os.replace(src, dst)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.replace(src, dst)
-
-
-def write_into(path, samples, meta, name=None, extra_keys=None, meta_key=QUERY_META_KEY):
-    """Write the samples into a new LMDB at path. An LMDB error of the writes (a full disk, mostly)
-    becomes a UserError naming `name` (default: path); one of reading `samples` passes as it is."""
-    env = _lmdb_write(name or path, lmdb.open, path, map_size=64 << 20, meminit=False)
-    try:
-        count = 0
-        pending = list((extra_keys or {}).items())
-        for sample in samples:
-            image_bytes, label, origin = sample[:3]
-            count += 1
-            for prefix, value in (sample[3] if len(sample) > 3 else {}).items():
-                pending.append((b"%s-%09d" % (prefix, count), value))
-            pending.append((image_key(count), bytes(image_bytes)))
-            pending.append((label_key(count), label.encode("utf-8")))
-            if origin is not None:
-                pending.append((origin_key(count), f"{origin[0]}\t{int(origin[1])}".encode("utf-8")))
-            if len(pending) >= 2 * COMMIT_EVERY:
-                _lmdb_write(name or path, put_all, env, pending)
-                pending = []
-        pending.append((NUM_SAMPLES_KEY, str(count).encode()))
-        if meta is not None:
-            pending.append((meta_key, json.dumps(meta, sort_keys=True).encode("utf-8")))
-        _lmdb_write(name or path, put_all, env, pending)
-        _lmdb_write(name or path, env.sync)
-    finally:
-        env.close()
-    return count
-
-
-def _lmdb_write(name, operation, *args, **kwargs):
-    try:
-        return operation(*args, **kwargs)
-    except lmdb.Error as err:
-        raise UserError(f"{name}: writing the LMDB failed ({err}); free some space or choose another "
-                        f"output folder") from None
-
-
-def put_all(env, items):
-    """Commit items in one transaction, doubling the map size until they fit."""
-    while True:
-        try:
-            with env.begin(write=True) as txn:
-                for key, value in items:
-                    txn.put(key, value)
-            return
-        except lmdb.MapFullError:
-            env.set_mapsize(env.info()["map_size"] * 2)
-
-
-def has_key(path, key):
-    """Whether path holds an LMDB with `key` (False for a folder without data.mdb)."""
-    if not os.path.isfile(os.path.join(path, "data.mdb")):
-        return False
-    with shared_env(path).begin(write=False) as txn:
-        return txn.get(key) is not None
-
-
-def is_query_set(path):
-    """Whether the leaf LMDB at path carries a `query-meta` key (written by data_sampling.py)."""
-    return has_key(path, QUERY_META_KEY)
-
-
-def is_empty_query_set(path):
-    """Whether the leaf LMDB at path is a query set that holds no sample (every answer of its import
-    was unreadable): it counts as queried, its `unreadable-%09d` origins stay out of later pools, but
-    it has nothing to train on."""
-    if not is_query_set(path):
-        return False
-    with shared_env(path).begin(write=False) as txn:
-        return read_num_samples(txn, path) == 0
-
-
-def read_query_meta(path):
-    """The decoded `query-meta` dict of a query set, or None."""
-    with shared_env(path).begin(write=False) as txn:
-        return read_meta(txn, QUERY_META_KEY, path)
-
-
-def read_query_origins(root, skip=()):
-    """Union of the origins `(relpath, index)` of every query set below root but those in `skip`
-    (relpaths)."""
-    origins = set()
-    if not os.path.isdir(root):
-        raise UserError(f"--train_data {root}: no such folder")
-    for rel in find_lmdbs(root):
-        if rel in skip:
-            continue
-        path = os.path.join(root, rel)
-        with shared_env(path).begin(write=False) as txn:
-            if txn.get(QUERY_META_KEY) is None:
-                continue
-            for index in range(1, read_num_samples(txn, path) + 1):
-                origin = read_origin(txn, index, path)
-                if origin is not None:
-                    origins.add(origin)
-            origins.update(read_unreadable_origins(txn, path))
-    return origins
-
-
-def read_unreadable_origins(txn, path=None):
-    """The origins the query set at `path` records as unreadable (`unreadable-%09d`): queried,
-    never trained on."""
-    raw = txn.get(NUM_UNREADABLE_KEY) or b"0"
-    if not raw.isdigit():
-        raise UserError(f"{_lmdb_name(path)}: its key {NUM_UNREADABLE_KEY.decode()} holds {raw[:40]!r}, not a count; "
-                        f"the LMDB is damaged: rebuild it (query and relabel sets: run their round again)")
-    origins = []
-    for index in range(1, int(raw) + 1):
-        origin = parse_origin(txn.get(unreadable_key(index)), path, unreadable_key(index))
-        if origin is not None:
-            origins.append(origin)
-    return origins

@@ -7,18 +7,18 @@ writes it as CSV. The architecture comes from the flags, or, for flags not given
 opt.yaml beside the model. Files that do not decode as images are listed as skipped. The confidence
 may be temperature-scaled: by a number (a token-level temperature, as test.py fits it), or
 `--temperature auto` fitted on the labelled `--valid_data` at the token or the word level
-(`--calibration`; see calibration.py)."""
+(`--calibration`; see measurement/calibration.py)."""
 import csv
 import os
 
 import torch
 
-import atomic_io
-import calibration
+from safe_files import atomic_io
+from measurement import calibration
 import options
 import utils
 from dataset import RawDataset
-from evaluation import eval_loader, fit_temperature_on_valid_data, forward_logits, load_model
+from measurement.evaluation import eval_loader, fit_temperature_on_valid_data, forward_logits, load_model
 
 # Fitting needs labelled images: those of --valid_data, or the number test.py fits.
 DEMO_TEMPERATURE_NOTE = ("auto needs labelled images in --valid_data (or take the token-level number test.py "

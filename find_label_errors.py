@@ -1,6 +1,6 @@
 """Find wrong labels: score every labelled sample of a selection with a trained model and rank them
 by label quality, the model's probability of the given label relative to its own best reading
-(label_quality.py has the formula for both heads).
+(annotators/label_quality.py has the formula for both heads).
 
     python find_label_errors.py --saved_model saved_models/<exp>/best_accuracy.pth \
         --train_data data/train_data_lmdb --select_data CVPR2016-NIPS2014-uncali_iter_1 \
@@ -18,7 +18,7 @@ measured against the truth: precision and recall at k (k = the number of wrong l
 the area under the ROC curve.
 
 With --export_annotation DIR the flagged labels (--num_issues or --threshold) go to annotators
-for a second look: an annotation package of them alone (annotation.py), whose answers
+for a second look: an annotation package of them alone (annotators/annotation.py), whose answers
 import_annotations.py writes into the relabel set --review_name (default label_review_<k>, k the
 next sampling round), which training applies over the earlier labels by --relabel_policy.
 
@@ -33,17 +33,18 @@ from datetime import datetime, timezone
 
 import numpy as np
 
-import annotation
-import annotator_noise
-import atomic_io
+from annotators import annotation
+from annotators import annotator_noise
+from safe_files import atomic_io
 import dataset
-import evaluation
-import label_quality
-import locking
+from data_layer import lmdb_format
+from measurement import evaluation
+from annotators import label_quality
+from safe_files import locking
 import options
-import query_sets
-import relabel
-import relabel_policies
+from active_learning import query_sets
+from active_learning import relabel
+from active_learning import relabel_policies
 import utils
 
 CSV_NAME = "label_errors.csv"
@@ -197,14 +198,14 @@ def source_facts(root, opt, relpaths, indices):
         rows.setdefault(rel, []).append(row)
     for rel, positions in rows.items():
         path = os.path.join(root, rel)
-        with dataset.shared_env(path).begin(write=False) as txn:
+        with lmdb_format.shared_env(path).begin(write=False) as txn:
             for row in positions:
-                raw = txn.get(dataset.label_key(int(indices[row])))
+                raw = txn.get(lmdb_format.label_key(int(indices[row])))
                 if raw is None:
                     raise utils.UserError(f"{path}: sample {int(indices[row])} vanished while scoring; was the "
                                           f"dataset rewritten?")
                 clean[row] = rules.clean(rules.normalise(raw.decode("utf-8", errors="replace")))
-                origins[row] = dataset.read_origin(txn, int(indices[row]), path)
+                origins[row] = lmdb_format.read_origin(txn, int(indices[row]), path)
     return clean, origins
 
 

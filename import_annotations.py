@@ -17,11 +17,11 @@ import argparse
 import math
 import os
 
-import annotation
-import locking
-import relabel
+from annotators import annotation
+from safe_files import locking
+from active_learning import relabel
 import utils
-from query_sets import check_out_name, check_output_free, list_leaf_lmdbs
+from active_learning.query_sets import check_out_name, check_output_free, list_leaf_lmdbs
 
 
 def get_args_parser():

@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import atomic_io
+from safe_files import atomic_io
 from modules.feature_extraction import build_feature_extraction
 from modules.prediction import build_prediction
 from modules.sequence_modeling import build_sequence_modeling

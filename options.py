@@ -12,7 +12,7 @@ import sys
 import torch
 import yaml
 
-import atomic_io
+from safe_files import atomic_io
 import utils
 from utils import UserError
 

@@ -210,21 +210,23 @@ def coverage_line(coverage):
 def lmdb_coverage(root, select_data, charset, lower, flag):
     """One Coverage per dataset name of `select_data` ('/' for every LMDB below `root`): the labels
     of its labelled LMDBs (unlabelled pool LMDBs have none to check)."""
-    import dataset
+    from data_layer import leaf_selection
+    from data_layer import lmdb_format
+    from data_layer import set_records
 
     names = [select_data] if isinstance(select_data, str) else list(select_data)
-    leaves = dataset.check_root(root, flag)
+    leaves = leaf_selection.check_root(root, flag)
     found = []
     for name in names:
-        chosen = [leaf for leaf in leaves if dataset.selects(leaf, name, root)]
+        chosen = [leaf for leaf in leaves if leaf_selection.selects(leaf, name, root)]
         labels = []
         for leaf in chosen:
             path = os.path.normpath(os.path.join(root, leaf))
-            if dataset.is_unlabelled(path):
+            if set_records.is_unlabelled(path):
                 continue
-            with dataset.shared_env(path).begin(write=False) as txn:
-                count = dataset.read_num_samples(txn, path)
-                labels.extend(label for _, label in dataset.iter_labels(txn, count))
+            with lmdb_format.shared_env(path).begin(write=False) as txn:
+                count = lmdb_format.read_num_samples(txn, path)
+                labels.extend(label for _, label in lmdb_format.iter_labels(txn, count))
         where = root if name == "/" else os.path.join(root, name)
         found.append(label_coverage(where, labels, charset, lower))
     return found

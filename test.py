@@ -7,7 +7,7 @@ normalised edit distance, calibration (ECE, ACE, MCE, Brier) and speed, per set 
 The architecture comes from the flags, or, for flags not given, from the opt.yaml that train.py
 saved beside the model. Results go to a table on stdout, a JSON file and one reliability diagram
 per set. `--temperature auto --calibration both` also compares ECE, ACE, MCE and Brier unscaled,
-after token-level and after word-level temperature scaling (see calibration.py), in a second table
+after token-level and after word-level temperature scaling (see measurement/calibration.py), in a second table
 and under `calibration` of every set and of the total in the JSON."""
 import json
 import math
@@ -16,12 +16,14 @@ import re
 
 import torch
 
-import atomic_io
-import calibration
+from safe_files import atomic_io
+from measurement import calibration
 import options
 import utils
-from dataset import find_lmdbs, hierarchical_dataset, refuse_unlabelled
-from evaluation import eval_loader, evaluate, fit_temperatures_on_valid_data, load_model
+from dataset import hierarchical_dataset
+from data_layer.leaf_selection import refuse_unlabelled
+from data_layer.lmdb_format import find_lmdbs
+from measurement.evaluation import eval_loader, evaluate, fit_temperatures_on_valid_data, load_model
 
 # The standard benchmark sets, in the order the original family reports them.
 BENCHMARK_SETS = ("IIIT5k_3000", "SVT", "IC03_860", "IC03_867", "IC13_857", "IC13_1015",

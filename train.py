@@ -27,15 +27,16 @@ import torch
 import torch.utils.data
 from tqdm import tqdm
 
-import annotator_noise
-import atomic_io
-import calibration
+from annotators import annotator_noise
+from safe_files import atomic_io
+from measurement import calibration
 import calibrators
 import options
 import pretrained
 import utils
-from dataset import Batch_Balanced_Dataset, first_readable, hierarchical_dataset
-from evaluation import eval_loader, evaluate
+from dataset import Batch_Balanced_Dataset, hierarchical_dataset
+from data_layer.batch_sampling import first_readable
+from measurement.evaluation import eval_loader, evaluate
 from model import (Model, carry_classes, freeze_stages, hold_frozen_in_eval, initialize_weights, load_trusted,
                    load_weights, parse_stages, save_weights, state_dict_for_saving)
 
@@ -597,7 +598,7 @@ def train(opt, rank, world_size, local_rank, distributed):
         if opt.noise_ratio > 0:
             # the truth behind every corrupted label, for any tool to score itself against
             atomic_io.atomic_write_text(os.path.join(save_dir, "noise_log.csv"),
-                                    noise_log_text(train_dataset.noise_records()))
+                                        noise_log_text(train_dataset.noise_records()))
 
     start_time = time.time()
 

@@ -1,6 +1,6 @@
 """Shared helpers: user errors, label converters, decoding, logging, devices and distributed runs
-(atomic writes and temporaries live in atomic_io.py; simulated annotators in annotator_noise.py;
-temperature scaling and the calibration metrics in calibration.py)."""
+(atomic writes and temporaries live in safe_files/atomic_io.py; simulated annotators in annotators/annotator_noise.py;
+temperature scaling and the calibration metrics in measurement/calibration.py)."""
 import contextlib
 import errno
 import functools
@@ -14,25 +14,22 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from safe_files import atomic_io
+
 
 class UserError(Exception):
     """Bad input the user can fix; reported as one line and exit status 2."""
-
-
-# errno values of an OSError the user can fix by choosing another place or freeing space.
-DISK_FULL = {errno.ENOSPC, errno.EDQUOT}
-NOT_WRITABLE = {errno.EROFS, errno.EACCES, errno.EPERM}
 
 
 def os_error_message(err):
     """The one-line message for an OSError that bad surroundings cause (a read-only or full disk,
     missing permissions), naming the path; None for any other OSError."""
     where = f"{err.filename}: " if err.filename else ""
-    if err.errno in DISK_FULL:
+    if err.errno in atomic_io.DISK_FULL:
         return f"{where}{os.strerror(err.errno).lower()}; free some space or choose a folder on another disk"
     if err.errno == errno.EROFS:
         return f"{where}read-only file system; choose a folder on a writable disk"
-    if err.errno in NOT_WRITABLE:
+    if err.errno in atomic_io.NOT_WRITABLE:
         return f"{where}permission denied; fix its permissions or choose a path you may write to"
     return None
 
@@ -342,10 +339,6 @@ class Logger:
                 self.file.write(text + "\n")
                 self.file.flush()
             except OSError as err:
-                # imported here: atomic_io imports utils (DISK_FULL, NOT_WRITABLE), so a top-level
-                # import would be a cycle
-                import atomic_io
-
                 raise atomic_io.blame_output(err, self.path)
 
     __call__ = log

@@ -183,11 +183,11 @@ is_int "$WORKERS" || fail "--workers $WORKERS: give a whole number (0: load in t
 is_ratio "$LABEL_RATIO" || fail "--label_ratio $LABEL_RATIO: give a share in (0, 1]"
 is_ratio "$NOISE_RATIO" closed || fail "--noise_ratio $NOISE_RATIO: give a share in [0, 1]"
 is_ratio "$RELABEL_RATIO" closed || fail "--relabel_ratio $RELABEL_RATIO: give a share of the budget in [0, 1]"
-known=$("$PYTHON" -c 'import annotator_noise; print(", ".join(annotator_noise.NOISE_MODELS))') || \
-  fail "cannot read the noise models of annotator_noise.py; run this script from the repository root"
+known=$("$PYTHON" -c 'from annotators import annotator_noise; print(", ".join(annotator_noise.NOISE_MODELS))') || \
+  fail "cannot read the noise models of annotators/annotator_noise.py; run this script from the repository root"
 [[ ", $known, " == *", $NOISE_MODEL, "* ]] || fail "--noise_model $NOISE_MODEL: unknown; choose one of $known"
-known=$("$PYTHON" -c 'import relabel_policies; print(relabel_policies.known())') || \
-  fail "cannot read the relabel policies of relabel_policies.py; run this script from the repository root"
+known=$("$PYTHON" -c 'from active_learning import relabel_policies; print(relabel_policies.known())') || \
+  fail "cannot read the relabel policies of active_learning/relabel_policies.py; run this script from the repository root"
 [[ ", $known, " == *", $RELABEL_POLICY, "* ]] || fail "--relabel_policy $RELABEL_POLICY: unknown; choose one of $known"
 case "$ANNOTATOR" in
   simulated) ;;
@@ -247,7 +247,7 @@ for name in "${POOL_NAMES[@]}"; do
 done
 if [ "$ANNOTATOR" = simulated ] && [ ${#POOL_NAMES[@]} -gt 0 ]; then
   # a simulated annotator answers with the pool's labels, which an unlabelled LMDB does not have
-  # the key dataset.UNLABELLED_KEY, read with lmdb alone: importing dataset (torch) takes seconds
+  # the key lmdb_format.UNLABELLED_KEY, read with lmdb alone: importing dataset (torch) takes seconds
   unlabelled=$("$PYTHON" -c 'import os, sys, lmdb
 def unlabelled(folder):
     for top, dirs, files in os.walk(folder, followlinks=True):
@@ -364,8 +364,8 @@ elif [ -e "$RUN/models/round0" ]; then
 else
   # the run folder is named after the strategy, whether or not a round queries (--rounds 0); a run
   # continued later holds the name checked here (it is one of its recorded settings)
-  known=$("$PYTHON" -c 'import query_strategies; print(", ".join(query_strategies.STRATEGIES))') || \
-    fail "cannot read the query strategies of query_strategies.py; run this script from the repository root"
+  known=$("$PYTHON" -c 'from active_learning import query_strategies; print(", ".join(query_strategies.STRATEGIES))') || \
+    fail "cannot read the query strategies of active_learning/query_strategies.py; run this script from the repository root"
   [[ ", $known, " == *", $QUERY, "* ]] || fail "--query $QUERY: unknown strategy; choose one of $known"
   # The scripts' own checks, without training or scoring, in a scratch root that links the base
   # datasets (the run folder is made only once they pass).

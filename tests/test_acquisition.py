@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-import acquisition
-import coreset
+from active_learning import acquisition
+from active_learning import coreset
 import data_sampling
 import dataset
-import evaluation
+from measurement import evaluation
 import options
-import query_strategies
+from active_learning import query_strategies
 from test_sampling import models, one_thread, work  # noqa: F401  (fixtures)
 from utils import UserError
 

@@ -1,6 +1,6 @@
 """Real annotators: unlabelled pools, annotation packages out and answers back in, and the loop
 that waits for them (create_lmdb_dataset.py --unlabelled, data_sampling.py --export_annotation,
-import_annotations.py, annotation.py, scripts/al_loop.sh --annotator human)."""
+import_annotations.py, annotators/annotation.py, scripts/al_loop.sh --annotator human)."""
 import base64
 import csv
 import hashlib
@@ -15,9 +15,12 @@ import types
 
 import pytest
 
-import annotation
+from annotators import annotation
 import create_lmdb_dataset
 import dataset
+from data_layer import lmdb_format
+from data_layer import lmdb_writing
+from data_layer import set_records
 import import_annotations
 import options
 import utils
@@ -29,12 +32,12 @@ from test_sampling import models, one_thread, work  # noqa: F401  (fixtures)
 
 
 def source_label(train, origin):
-    with dataset.shared_env(os.path.join(train, origin[0])).begin() as txn:
+    with lmdb_format.shared_env(os.path.join(train, origin[0])).begin() as txn:
         return txn.get(b"label-%09d" % origin[1]).decode()
 
 
 def source_image(train, origin):
-    with dataset.shared_env(os.path.join(train, origin[0])).begin() as txn:
+    with lmdb_format.shared_env(os.path.join(train, origin[0])).begin() as txn:
         return txn.get(b"image-%09d" % origin[1])
 
 
@@ -138,7 +141,7 @@ def test_gt_round_trip_writes_the_query_set_and_keeps_unreadable_images_out(work
     assert query_meta["annotation"]["unreadable"] == 2 and query_meta["num_picked"] == 4
     assert json.loads((train / "uncali_iter_1" / "summary.json").read_text())["num_picked"] == 4
     # the unreadable two count as queried, but training reads only the four
-    assert dataset.read_query_origins(str(train)) == {tuple(i["origin"]) for i in images}
+    assert set_records.read_query_origins(str(train)) == {tuple(i["origin"]) for i in images}
     opt = make_opt(**CTC_ARCH, total_data_usage_ratio="0.7")
     labelled, _ = dataset.hierarchical_dataset(str(train), opt, ["uncali_iter_1"], split="labelled")
     assert [label for _, label, _ in (labelled[i] for i in range(len(labelled)))] == \
@@ -181,7 +184,7 @@ def test_unlabelled_lmdb_holds_every_image_with_its_path(work, crops, capsys):
     captured = capsys.readouterr()
     assert "Created unlabelled dataset with 8 images" in captured.out
     assert "skipped 1 file(s)" in captured.out and "notes.txt" in captured.err
-    with dataset.shared_env(str(out)).begin() as txn:
+    with lmdb_format.shared_env(str(out)).begin() as txn:
         raw = dict(txn.cursor())
     assert raw[b"num-samples"] == b"8" and raw[b"unlabelled"] == b"1"
     order = sorted(truth)  # sorted by path: shop/... before street/left/...
@@ -451,7 +454,7 @@ def test_a_package_imported_into_another_root_is_refused(exported, tmp_path, cap
     _, package = exported
     other = tmp_path / "other_root"
     (other / "CVPR2016").mkdir(parents=True)
-    dataset.write_lmdb(str(other / "CVPR2016"), [(b"x", "a", None)], overwrite=True)
+    lmdb_writing.write_lmdb(str(other / "CVPR2016"), [(b"x", "a", None)], overwrite=True)
     message = error_line(capsys, lambda: run_import("--package", package, "--train_data", other))
     assert "give the root it was drawn from" in message or "give the root the package was drawn from" in message
     assert listing(other) == ["CVPR2016"]

@@ -11,8 +11,8 @@ import sys
 
 import pytest
 
-import annotator_noise
-from annotator_noise import NOISE_MODELS
+from annotators import annotator_noise
+from annotators.annotator_noise import NOISE_MODELS
 from utils import UserError
 
 CHARSET = "0123456789abcdefghijklmnopqrstuvwxyz"
@@ -144,7 +144,7 @@ def test_repeatable_across_processes():
     mine = {model: {annotator_noise.identity_text(k): list(v) for k, v in
                     annotator_noise.noisy_labels(data, 0.5, CHARSET, 42, max_length=8, model=model).items()}
             for model in MODELS}
-    code = ("import json, sys; sys.path.insert(0, sys.argv[1]); import annotator_noise as a; "
+    code = ("import json, sys; sys.path.insert(0, sys.argv[1]); from annotators import annotator_noise as a; "
             "data = json.loads(sys.argv[2]); data = [(tuple(i), w) for i, w in data]; "
             "print(json.dumps({m: {a.identity_text(k): list(v) for k, v in "
             "a.noisy_labels(data, 0.5, sys.argv[3], 42, max_length=8, model=m).items()} for m in a.NOISE_MODELS}))")

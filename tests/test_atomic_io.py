@@ -8,7 +8,7 @@ import stat
 import pytest
 import torch
 
-import atomic_io
+from safe_files import atomic_io
 
 
 # ------------------------------------------------------------------------------ errors of the surroundings

@@ -23,7 +23,7 @@ import yaml
 from PIL import Image
 
 import create_lmdb_dataset
-import dataset
+from data_layer import lmdb_writing
 import options
 import utils
 from model import Model, save_weights
@@ -38,7 +38,7 @@ def png(shade):
 
 def write_set(path, labels, images=None):
     images = images or [png(30 * k % 256) for k in range(len(labels))]
-    dataset.write_lmdb(str(path), [(image, label, None) for image, label in zip(images, labels)])
+    lmdb_writing.write_lmdb(str(path), [(image, label, None) for image, label in zip(images, labels)])
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-import dataset
+from data_layer import lmdb_format
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MIB = 1024 * 1024
@@ -74,7 +74,7 @@ def test_descendants_lists_grandchildren():
 def test_build_pool_cycles_the_source_into_exactly_n_samples(tmp_path):
     source = [(b"image-a", "ab"), (b"image-b", "cd"), (b"image-c", "ef")]
     root = benchmark.build_pool(str(tmp_path / "pool"), 7, source)
-    with dataset.shared_env(os.path.join(root, benchmark.POOL_NAME)).begin() as txn:
+    with lmdb_format.shared_env(os.path.join(root, benchmark.POOL_NAME)).begin() as txn:
         assert int(txn.get(b"num-samples")) == 7
         images = [txn.get(b"image-%09d" % i) for i in range(1, 8)]
         labels = [txn.get(b"label-%09d" % i).decode() for i in range(1, 8)]
@@ -172,7 +172,7 @@ def test_coreset_part_measures_storage_and_selection():
 def test_build_large_pool_cycles_the_source_in_one_transaction(tmp_path):
     source = [(b"image-a", "ab"), (b"image-bb", "cd"), (b"image-ccc", "ef")]
     root = benchmark.build_large_pool(str(tmp_path / "pool"), 7, source)
-    with dataset.shared_env(os.path.join(root, benchmark.POOL_NAME)).begin() as txn:
+    with lmdb_format.shared_env(os.path.join(root, benchmark.POOL_NAME)).begin() as txn:
         assert int(txn.get(b"num-samples")) == 7 and txn.get(b"query-meta") is None
         assert [txn.get(b"image-%09d" % i) for i in range(1, 8)] == [b"image-a", b"image-bb", b"image-ccc"] * 2 + \
             [b"image-a"]

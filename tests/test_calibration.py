@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-import calibration
+from measurement import calibration
 import options
 import utils
 from utils import UserError
@@ -54,7 +54,7 @@ def test_attn_word_confidence_falls_as_the_temperature_rises_but_not_in_raw_orde
     z = attn_logits(200, 6, 2.0, generator)
     confidences = [calibration.word_confidence(z, ATTN, t) for t in (0.5, 1.0, 2.0, 4.0)]
     assert all((a >= b).all() for a, b in zip(confidences, confidences[1:]))
-    # Not monotone in the raw confidence for a fixed length (calibration.py's docstring): steps
+    # Not monotone in the raw confidence for a fixed length (measurement/calibration.py's docstring): steps
     # over [GO], [s], a, b with winners a (0.9) then b (0.5), and a, b at 0.67 each, [s] sure in
     # both; raw 0.450 > 0.449, at T = 0.5 they swap: 0.494 < 0.648.
     sure_eos = [1e-9, 1 - 3e-9, 1e-9, 1e-9]

@@ -11,6 +11,8 @@ from PIL import Image
 
 import create_lmdb_dataset as create
 import dataset
+from data_layer import lmdb_format
+from data_layer import lmdb_writing
 from conftest import REPO_ROOT
 from utils import UserError
 
@@ -18,7 +20,7 @@ SCRIPT = os.path.join(REPO_ROOT, "create_lmdb_dataset.py")
 
 
 def read_raw(path):
-    with dataset.shared_env(str(path)).begin() as txn:
+    with lmdb_format.shared_env(str(path)).begin() as txn:
         return dict(txn.cursor())
 
 
@@ -155,7 +157,7 @@ def test_full_disk_is_one_error_line_and_leaves_nothing(images, tmp_path, monkey
         raise lmdb.DiskError("mdb_txn_commit: No space left on device")
 
     root, gt, _ = images
-    monkeypatch.setattr(dataset, "put_all", full)
+    monkeypatch.setattr(lmdb_writing, "put_all", full)
     with pytest.raises(SystemExit) as exit_info:
         create.main(["--inputPath", str(root), "--gtFile", str(gt), "--outputPath", str(tmp_path / "out")])
     assert exit_info.value.code == 2

@@ -10,9 +10,12 @@ import pytest
 import torch
 from PIL import Image
 
-import annotator_noise
-import atomic_io
+from annotators import annotator_noise
+from safe_files import atomic_io
 import dataset
+from data_layer import lmdb_format
+from data_layer import lmdb_writing
+from data_layer import set_records
 from tools import make_synth_lmdb as synth
 from utils import UserError
 
@@ -28,11 +31,11 @@ def png(value=128, size=(12, 8), mode="L"):
 def write_set(path, labels, origins=None, meta=None, images=None):
     images = images or [png(10 * k % 256) for k in range(len(labels))]
     origins = origins or [None] * len(labels)
-    return dataset.write_lmdb(str(path), zip(images, labels, origins), meta=meta)
+    return lmdb_writing.write_lmdb(str(path), zip(images, labels, origins), meta=meta)
 
 
 def read_raw(path):
-    with dataset.shared_env(str(path)).begin() as txn:
+    with lmdb_format.shared_env(str(path)).begin() as txn:
         return dict(txn.cursor())
 
 
@@ -216,17 +219,17 @@ def pool_with_query(tmp_path):
 def test_query_set_used_in_full_and_absent_from_pool(pool_with_query, make_opt):
     root = str(pool_with_query)
     opt = make_opt(total_data_usage_ratio="0.5")
-    assert dataset.is_query_set(os.path.join(root, "pool", "queried"))
-    assert not dataset.is_query_set(os.path.join(root, "pool", "base"))
-    assert dataset.read_query_meta(os.path.join(root, "pool", "queried")) == {"strategy": "test"}
+    assert set_records.is_query_set(os.path.join(root, "pool", "queried"))
+    assert not set_records.is_query_set(os.path.join(root, "pool", "base"))
+    assert set_records.read_query_meta(os.path.join(root, "pool", "queried")) == {"strategy": "test"}
     labelled, _ = dataset.hierarchical_dataset(root, opt, select_data="pool", split="labelled")
     # int(40 * 0.5) = 20 base samples, plus the whole query set of 10
     assert list(labelled.identities) == ids_of("pool/base", 20) + ids_of("pool/queried", 10)
-    origins = dataset.read_query_origins(root)
+    origins = set_records.read_query_origins(root)
     assert origins == {("pool/base", k) for k in range(31, 41)}
     pool, _ = dataset.hierarchical_dataset(root, opt, select_data="pool", split="unlabelled", exclude=origins)
     assert list(pool.identities) == [("pool/base", k) for k in range(21, 31)]
-    assert dataset.read_query_origins(os.path.join(root, "pool", "base")) == set()
+    assert set_records.read_query_origins(os.path.join(root, "pool", "base")) == set()
 
 
 # ---------------------------------------------------------------- label noise plumbing
@@ -415,8 +418,8 @@ def test_raw_dataset_natural_order_and_skips(tmp_path, make_opt, capsys):
 # ---------------------------------------------------------------- write_lmdb
 
 def test_write_lmdb_layout_and_origins(tmp_path):
-    count = dataset.write_lmdb(str(tmp_path / "q"), [(b"img1", "Ab", ("src", 7)), (b"img2", "c d", None)],
-                               meta={"ratio": 0.1})
+    count = lmdb_writing.write_lmdb(str(tmp_path / "q"), [(b"img1", "Ab", ("src", 7)), (b"img2", "c d", None)],
+                                    meta={"ratio": 0.1})
     raw = read_raw(tmp_path / "q")
     assert count == 2
     assert raw[b"num-samples"] == b"2"
@@ -432,7 +435,7 @@ def test_interrupted_write_leaves_nothing(tmp_path):
         raise RuntimeError("interrupted")
 
     with pytest.raises(RuntimeError):
-        dataset.write_lmdb(str(tmp_path / "out"), samples())
+        lmdb_writing.write_lmdb(str(tmp_path / "out"), samples())
     assert os.listdir(tmp_path) == []
 
 
@@ -446,20 +449,20 @@ def test_existing_output_refused_unless_overwrite(tmp_path):
         raise RuntimeError("interrupted")
 
     with pytest.raises(RuntimeError):
-        dataset.write_lmdb(str(tmp_path / "out"), failing(), overwrite=True)
+        lmdb_writing.write_lmdb(str(tmp_path / "out"), failing(), overwrite=True)
     assert read_raw(tmp_path / "out")[b"label-000000001"] == b"old"
-    dataset.write_lmdb(str(tmp_path / "out"), [(png(), "new", None)], overwrite=True)
+    lmdb_writing.write_lmdb(str(tmp_path / "out"), [(png(), "new", None)], overwrite=True)
     assert read_raw(tmp_path / "out")[b"label-000000001"] == b"new"
     assert sorted(os.listdir(tmp_path)) == ["out"]
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "keep.txt").write_text("user file")
     with pytest.raises(UserError, match="not an LMDB"):
-        dataset.write_lmdb(str(tmp_path / "other"), [(png(), "x", None)], overwrite=True)
+        lmdb_writing.write_lmdb(str(tmp_path / "other"), [(png(), "x", None)], overwrite=True)
 
 
 def test_map_grows_for_large_writes(tmp_path):
     big = os.urandom(1 << 20)
-    count = dataset.write_lmdb(str(tmp_path / "big"), ((big, f"{k}", None) for k in range(80)))
+    count = lmdb_writing.write_lmdb(str(tmp_path / "big"), ((big, f"{k}", None) for k in range(80)))
     assert count == 80
     assert read_raw(tmp_path / "big")[b"image-000000080"] == big
 
@@ -554,7 +557,7 @@ def test_full_disk_while_writing_is_a_user_error_and_leaves_nothing(tmp_path, mo
     def full(env, items):
         raise lmdb.DiskError("mdb_txn_commit: No space left on device")
 
-    monkeypatch.setattr(dataset, "put_all", full)
+    monkeypatch.setattr(lmdb_writing, "put_all", full)
     with pytest.raises(UserError) as info:
         write_set(tmp_path / "q", ["ab"])
     assert str(info.value) == (f"{tmp_path / 'q'}: writing the LMDB failed (mdb_txn_commit: No space left on "

@@ -10,7 +10,8 @@ import sys
 import pytest
 import torch
 
-import dataset
+from data_layer import lmdb_format
+from data_layer import set_records
 from model import Model, load_weights
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -31,7 +32,7 @@ def split_by_hand(train_root):
     characters of the 36-character set), first half labelled, as --total_data_usage_ratio 0.5 asks."""
     split = {}
     for name in ("CVPR2016", "NIPS2014"):
-        with dataset.shared_env(os.path.join(train_root, name)).begin() as txn:
+        with lmdb_format.shared_env(os.path.join(train_root, name)).begin() as txn:
             n = int(txn.get(b"num-samples"))
             labels = [txn.get(b"label-%09d" % i).decode().lower() for i in range(1, n + 1)]
         kept = [i for i, label in enumerate(labels, 1) if 0 < len(label) <= 25 and set(label) <= CHARSET]
@@ -91,7 +92,7 @@ def test_ddp_checkpoint_loads_strictly_into_model(ddp_training, make_opt):
 
 def query_set(path):
     """(origins in stored order, labels, image bytes, query-meta) of a query set."""
-    with dataset.shared_env(str(path)).begin() as txn:
+    with lmdb_format.shared_env(str(path)).begin() as txn:
         n = int(txn.get(b"num-samples"))
         origins = [txn.get(b"origin-%09d" % i).decode() for i in range(1, n + 1)]
         labels = [txn.get(b"label-%09d" % i).decode() for i in range(1, n + 1)]
@@ -117,7 +118,7 @@ def test_sharded_sampling_picks_what_one_process_picks(strategy, acquisition, dd
         summary = summaries[mode] = json.loads((root / "picked" / "summary.json").read_text())
         assert summary["pool_size"] == len(pool) and summary["scored"] == len(pool)  # both shards merged
         picks[mode] = query_set(root / "picked")
-        assert dataset.read_query_origins(str(root)) == {
+        assert set_records.read_query_origins(str(root)) == {
             (o.rpartition("\t")[0], int(o.rpartition("\t")[2])) for o in picks[mode][0]}
     single, ddp = picks["single"], picks["ddp"]
     assert len(single[0]) == NUM_QUERY

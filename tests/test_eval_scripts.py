@@ -25,7 +25,8 @@ import yaml
 from PIL import Image
 
 import dataset
-import evaluation
+from data_layer import lmdb_writing
+from measurement import evaluation
 import options
 import utils
 from model import Model, save_weights
@@ -59,7 +60,7 @@ def png_bytes(shade):
 def write_set(path, labels, corrupt=0):
     samples = [(png_bytes(40 * k % 256), label, None) for k, label in enumerate(labels)]
     samples += [(b"not an image at all", "a", None)] * corrupt
-    dataset.write_lmdb(path, samples)
+    lmdb_writing.write_lmdb(path, samples)
 
 
 def load_script(name):
@@ -182,7 +183,7 @@ def test_every_lmdb_separately_in_natural_order_with_temperature(world, tmp_path
                                  "--output_json", str(json_path)], cwd=world["root"])
     assert result.returncode == 0, result.stderr
     report = json.loads(json_path.read_text())
-    # dataset.find_lmdbs's natural order (numbers by value; upper case before lower, as natsort)
+    # lmdb_format.find_lmdbs's natural order (numbers by value; upper case before lower, as natsort)
     assert [s["name"] for s in report["sets"]] == ["CUTE80", "IIIT5k_3000", "SVT", "set2", "set10"]
     assert report["absent"] == [] and report["temperature"] == 2.0
     c2 = confidence_at(2.0)

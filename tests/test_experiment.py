@@ -1,4 +1,4 @@
-"""comparison.py (statistics and tables against hand-computed numbers) and tools/experiment.py
+"""measurement/comparison.py (statistics and tables against hand-computed numbers) and tools/experiment.py
 (checks, and end to end on tiny data: two strategies x two seeds x one round)."""
 import csv
 import fcntl
@@ -19,7 +19,7 @@ import pytest
 
 from conftest import REPO_ROOT
 
-import comparison
+from measurement import comparison
 from tools import experiment
 
 T_975_DF1 = 12.706204736174707  # tan(pi * 0.475): the t quantile with one degree of freedom

@@ -1,4 +1,4 @@
-"""find_label_errors.py and label_quality.py: the label-quality formula of both heads on hand-made
+"""find_label_errors.py and annotators/label_quality.py: the label-quality formula of both heads on hand-made
 logits, the detection metrics against hand counts, and the script end to end on a tiny set where a
 model was overfit to the clean labels and a known subset is then corrupted."""
 import csv
@@ -19,13 +19,14 @@ import yaml
 from PIL import Image, ImageDraw, ImageFont
 
 import dataset
-import evaluation
+from data_layer import lmdb_writing
+from measurement import evaluation
 import find_label_errors
-import label_quality
+from annotators import label_quality
 import options
 import utils
 from conftest import REPO_ROOT, build_opt
-from evaluation import load_model
+from measurement.evaluation import load_model
 from model import Model, initialize_weights, save_weights
 
 CHARSET = "0123456789abcdefghijklmnopqrstuvwxyz"
@@ -300,10 +301,10 @@ def tiny(tmp_path_factory):
     model overfit to the clean labels and a randomly initialised Attn model."""
     root = tmp_path_factory.mktemp("label_errors")
     images = [png(render(word)) for word in WORDS]
-    dataset.write_lmdb(str(root / "data" / "base"), ((image, word, None) for image, word in zip(images, WORDS)))
+    lmdb_writing.write_lmdb(str(root / "data" / "base"), ((image, word, None) for image, word in zip(images, WORDS)))
     meta = {"name": "q_iter_1", "strategy": "random", "total_data_usage_ratio": float(USAGE)}
-    dataset.write_lmdb(str(root / "data" / "q_iter_1"),
-                       ((images[i - 1], WORDS[i - 1], ("base", i)) for i in range(9, 25)), meta=meta)
+    lmdb_writing.write_lmdb(str(root / "data" / "q_iter_1"),
+                            ((images[i - 1], WORDS[i - 1], ("base", i)) for i in range(9, 25)), meta=meta)
     data = str(root / "data")
     ctc = save_model(train_to_clean_labels(data, CTC_ARCH), str(root / "ctc"), CTC_ARCH)
     torch.manual_seed(SEED)

@@ -18,10 +18,10 @@ import urllib.parse
 import pytest
 import yaml
 
-import annotation
+from annotators import annotation
 import import_annotations
-import label_studio_io
-import round_commands
+from annotators import label_studio_io
+from annotators import round_commands
 import train
 import utils
 from conftest import REPO_ROOT

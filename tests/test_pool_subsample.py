@@ -7,6 +7,7 @@ import sys
 import pytest
 
 import data_sampling
+from active_learning import pool_scoring
 import options
 from conftest import REPO_ROOT
 from test_sampling import CTC_ARCH, USAGE, ctc_args, expected_pool, listing, pool_confidences, read_set, run_main
@@ -19,7 +20,7 @@ def pool_ids(train, make_opt, subsample, seed=1111, round_name="random_iter_1", 
     """(pool, its identities in pool order) as data_sampling builds it for a round."""
     opt = make_opt(**CTC_ARCH, train_data=train, total_data_usage_ratio=USAGE, manualSeed=seed)
     opt.pool_subsample = subsample
-    pool, _ = data_sampling.build_pool(opt, list(names), set(queried), round_name)
+    pool, _ = pool_scoring.build_pool(opt, list(names), set(queried), round_name)
     return pool, [(leaf.relpath, int(i)) for leaf in pool.leaves for i in leaf.indices]
 
 

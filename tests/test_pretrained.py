@@ -44,9 +44,9 @@ def make_checkpoint(folder, seed=3, character=DIGITS_LOWER, with_yaml=True):
 def lmdb_labels(path):
     # through dataset's cache: LMDB refuses a second environment of one path in a process, and
     # in-process runs (experiment.main's coverage report) keep theirs open
-    import dataset
+    from data_layer import lmdb_format
 
-    with dataset.shared_env(path).begin() as txn:
+    with lmdb_format.shared_env(path).begin() as txn:
         count = int(txn.get(b"num-samples"))
         return [txn.get(b"label-%09d" % i).decode("utf-8") for i in range(1, count + 1)]
 
@@ -539,7 +539,7 @@ def test_english_g2_has_the_reference_layout_at_its_own_widths():
 def test_english_g2_reads_with_test_py_and_demo_py(tiny_data, tmp_path):
     import io
 
-    import dataset
+    from data_layer import lmdb_format
     from PIL import Image
 
     result = run([sys.executable, os.path.join(REPO_ROOT, "test.py"), "--eval_data", tiny_data.valid,
@@ -552,7 +552,7 @@ def test_english_g2_reads_with_test_py_and_demo_py(tiny_data, tmp_path):
     folder = tmp_path / "images"
     folder.mkdir()
     labels = {}
-    with dataset.shared_env(tiny_data.eval).begin() as txn:
+    with lmdb_format.shared_env(tiny_data.eval).begin() as txn:
         for i in range(1, 9):
             Image.open(io.BytesIO(txn.get(b"image-%09d" % i))).save(folder / f"{i}.png")
             labels[f"{i}.png"] = txn.get(b"label-%09d" % i).decode()

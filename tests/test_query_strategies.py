@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-import query_strategies as qs
+from active_learning import query_strategies as qs
 from utils import UserError
 
 IDS = [("CVPR2016", i) for i in range(1, 7)]

@@ -1,4 +1,4 @@
-"""data_sampling.py --relabel_ratio (relabel.py) and relabel sets in the data layer: the budget split,
+"""data_sampling.py --relabel_ratio (active_learning/relabel.py) and relabel sets in the data layer: the budget split,
 which labels are re-annotated (the lowest label qualities, each sample once), the relabel set's
 labels over the earlier ones in training (later sets winning, no batch share), and the simulated
 annotator's fresh draw on them."""
@@ -8,12 +8,15 @@ import types
 import numpy as np
 import pytest
 
-import annotator_noise
+from annotators import annotator_noise
 import data_sampling
 import dataset
+from data_layer import lmdb_format
+from data_layer import lmdb_writing
+from data_layer import set_records
 import find_label_errors
 import options
-import relabel
+from active_learning import relabel
 import utils
 from conftest import build_opt
 from test_label_errors import CHARSET, CTC_ARCH, SEED, WORDS, one_thread, png, render, tiny  # noqa: F401 (fixtures)
@@ -28,10 +31,10 @@ WRONG = 4
 
 def write_base(root):
     images = [png(render(word)) for word in WORDS]
-    dataset.write_lmdb(os.path.join(root, "base"), ((image, word, None) for image, word in zip(images, WORDS)))
+    lmdb_writing.write_lmdb(os.path.join(root, "base"), ((image, word, None) for image, word in zip(images, WORDS)))
     meta = {"name": "q_iter_1", "strategy": "random", "total_data_usage_ratio": float(USAGE)}
-    dataset.write_lmdb(os.path.join(root, "q_iter_1"),
-                       ((images[i - 1], WORDS[i - 1], ("base", i)) for i in range(9, 17)), meta=meta)
+    lmdb_writing.write_lmdb(os.path.join(root, "q_iter_1"),
+                            ((images[i - 1], WORDS[i - 1], ("base", i)) for i in range(9, 17)), meta=meta)
     return images
 
 
@@ -56,20 +59,20 @@ def training_view(root, select_data, batch_ratio, noise=0.25):
     labels = {}
     for data in balanced.datasets.values():
         for leaf in data.leaves:
-            with dataset.shared_env(leaf.root).begin(write=False) as txn:
+            with lmdb_format.shared_env(leaf.root).begin(write=False) as txn:
                 for position, index in enumerate(leaf.indices.tolist()):
-                    origin = dataset.read_origin(txn, index) if leaf.is_query else None
+                    origin = lmdb_format.read_origin(txn, index) if leaf.is_query else None
                     labels[origin or (leaf.relpath, index)] = leaf[position][1]
     return labels, balanced
 
 
 def relabel_set(path):
     """[(origin, stored label)] of a relabel set, in index order, and its meta."""
-    with dataset.shared_env(path).begin(write=False) as txn:
-        count = dataset.read_num_samples(txn, path)
-        rows = [(dataset.read_origin(txn, i), txn.get(dataset.label_key(i)).decode()) for i in range(1, count + 1)]
-        assert txn.get(dataset.QUERY_META_KEY) is None  # not a query set: adds no sample
-    return rows, dataset.read_relabel_meta(path)
+    with lmdb_format.shared_env(path).begin(write=False) as txn:
+        count = lmdb_format.read_num_samples(txn, path)
+        rows = [(lmdb_format.read_origin(txn, i), txn.get(lmdb_format.label_key(i)).decode()) for i in range(1, count + 1)]
+        assert txn.get(lmdb_format.QUERY_META_KEY) is None  # not a query set: adds no sample
+    return rows, set_records.read_relabel_meta(path)
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +117,7 @@ def test_the_round_re_annotates_the_lowest_label_qualities(round2, tiny, tmp_pat
     # believes least; 4 new samples from the pool (base 17-24)
     assert len(origins) == len(set(origins)) == 4
     assert set(origins) == wrong
-    query_origins = dataset.read_query_origins(os.path.join(root, "q_iter_2"))
+    query_origins = set_records.read_query_origins(os.path.join(root, "q_iter_2"))
     assert len(query_origins) == 4 and all(rel == "base" and 17 <= i <= 24 for rel, i in query_origins)
     # the same order as find_label_errors.py's ranking of the same labels (the shared score)
     opt = options.parse_with_given(find_label_errors.get_args_parser(),
@@ -144,7 +147,7 @@ def test_training_applies_the_relabel_set_over_the_earlier_labels(round2):
     # the re-annotation is a fresh draw of the 25% annotator on the 4 relabelled labels: exactly
     # round(0.25 x 4) = 1 of them is wrong again, with the relabel stream of round 2
     samples = [(origin, label) for origin, label in rows]
-    redrawn = annotator_noise.noisy_labels(samples, 0.25, CHARSET, dataset.relabel_noise_seed(SEED, 2), 25)
+    redrawn = annotator_noise.noisy_labels(samples, 0.25, CHARSET, set_records.relabel_noise_seed(SEED, 2), 25)
     assert len(redrawn) == 1
     for origin, clean in rows:
         assert after[origin] == (redrawn[origin].label if origin in redrawn else clean)
@@ -163,9 +166,9 @@ def test_training_applies_the_relabel_set_over_the_earlier_labels(round2):
 def test_the_fresh_draw_is_independent_of_the_first_annotation():
     samples = [(("base", i), "word") for i in range(1, 401)]
     first = annotator_noise.noisy_labels(samples, 0.5, CHARSET, SEED, 25)
-    again = annotator_noise.noisy_labels(samples, 0.5, CHARSET, dataset.relabel_noise_seed(SEED, 2), 25)
-    repeat = annotator_noise.noisy_labels(samples, 0.5, CHARSET, dataset.relabel_noise_seed(SEED, 2), 25)
-    other_round = annotator_noise.noisy_labels(samples, 0.5, CHARSET, dataset.relabel_noise_seed(SEED, 3), 25)
+    again = annotator_noise.noisy_labels(samples, 0.5, CHARSET, set_records.relabel_noise_seed(SEED, 2), 25)
+    repeat = annotator_noise.noisy_labels(samples, 0.5, CHARSET, set_records.relabel_noise_seed(SEED, 2), 25)
+    other_round = annotator_noise.noisy_labels(samples, 0.5, CHARSET, set_records.relabel_noise_seed(SEED, 3), 25)
     assert again == repeat  # repeatable
     assert len(first) == len(again) == 200
     # independent draws of half the samples each overlap in about 100 (binomial sd ~ 5), not 200 or 0
@@ -178,10 +181,10 @@ def test_the_fresh_draw_is_independent_of_the_first_annotation():
 def hand_relabel(root, name, round_number, labels, policy=None):
     """A relabel set written by hand: {identity: label} with the images of base; its meta names
     `policy` when given (none: as a set written before --relabel_policy)."""
-    with dataset.shared_env(os.path.join(root, "base")).begin(write=False) as txn:
-        samples = [(txn.get(dataset.image_key(i)), label, (rel, i)) for (rel, i), label in labels.items()]
+    with lmdb_format.shared_env(os.path.join(root, "base")).begin(write=False) as txn:
+        samples = [(txn.get(lmdb_format.image_key(i)), label, (rel, i)) for (rel, i), label in labels.items()]
     meta = {"name": name, "round": round_number, **({"policy": policy} if policy else {})}
-    dataset.write_lmdb(os.path.join(root, name), iter(samples), meta=meta, meta_key=dataset.RELABEL_META_KEY)
+    lmdb_writing.write_lmdb(os.path.join(root, name), iter(samples), meta=meta, meta_key=lmdb_format.RELABEL_META_KEY)
 
 
 def test_later_relabel_sets_win_and_take_the_share_zero(tmp_path):
@@ -232,7 +235,7 @@ def test_a_relabel_only_round_leaves_its_empty_query_set_out(round2, tiny):  # n
     rows, _ = relabel_set(os.path.join(root, "q_iter_3_relabel"))
     assert {origin for origin, _ in rows} == wrong
     # q_iter_3 holds no sample: the next round leaves it out and keeps every relabel set, share 0
-    assert dataset.read_query_origins(os.path.join(root, "q_iter_3")) == set()
+    assert set_records.read_query_origins(os.path.join(root, "q_iter_3")) == set()
     assert summary3["next_select_data"] == "base-q_iter_1-q_iter_2-q_iter_2_relabel-q_iter_3_relabel"
     assert summary3["next_batch_ratio"] == "0.5-0.25-0.25-0-0"
 
@@ -305,7 +308,7 @@ def test_an_agree_round_drops_every_label_whose_two_answers_differ(tiny, tmp_pat
     rows, meta = relabel_set(os.path.join(root, "q_iter_2_relabel"))
     assert meta["policy"] == "agree" and {origin for origin, _ in rows} == wrong  # as with replace
     # the answers: 3 clean labels and round(0.25 x 4) = 1 fresh error, each unlike the wrong label trained on
-    redrawn = annotator_noise.noisy_labels(rows, 0.25, CHARSET, dataset.relabel_noise_seed(SEED, 2), 25)
+    redrawn = annotator_noise.noisy_labels(rows, 0.25, CHARSET, set_records.relabel_noise_seed(SEED, 2), 25)
     answers = {origin: redrawn[origin].label if origin in redrawn else clean for origin, clean in rows}
     assert len(redrawn) == 1 and all(answers[origin] != before[origin] for origin in wrong)
     part = summary["relabel"]

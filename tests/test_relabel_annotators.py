@@ -9,7 +9,9 @@ import shutil
 
 import pytest
 
-import dataset
+from data_layer import lmdb_format
+from data_layer import lmdb_writing
+from data_layer import set_records
 import find_label_errors
 import options
 import utils
@@ -25,11 +27,11 @@ WRONG = {("base", 9): "999", ("base", 10): "888", ("base", 11): "777"}
 
 def write_data(root):
     images = [png(render(word)) for word in WORDS]
-    dataset.write_lmdb(os.path.join(root, "base"), ((image, word, None) for image, word in zip(images, WORDS)))
+    lmdb_writing.write_lmdb(os.path.join(root, "base"), ((image, word, None) for image, word in zip(images, WORDS)))
     meta = {"name": "q_iter_1", "strategy": "random", "total_data_usage_ratio": float(USAGE)}
-    dataset.write_lmdb(os.path.join(root, "q_iter_1"),
-                       ((images[i - 1], WRONG.get(("base", i), WORDS[i - 1]), ("base", i)) for i in range(9, 17)),
-                       meta=meta)
+    lmdb_writing.write_lmdb(os.path.join(root, "q_iter_1"),
+                            ((images[i - 1], WRONG.get(("base", i), WORDS[i - 1]), ("base", i)) for i in range(9, 17)),
+                            meta=meta)
 
 
 def export(tmp_path_factory, model, policy):
@@ -125,8 +127,8 @@ def test_an_import_writes_the_relabel_set_that_training_applies(replace_round, c
     assert sorted(rows) == sorted([(("base", 9), WORDS[8]), (("base", 10), "888")] +
                                   [(o, WORDS[o[1] - 1]) for o, _ in rows if o not in WRONG])
     assert len(rows) == 3
-    with dataset.shared_env(os.path.join(root, "q_iter_2_relabel")).begin(write=False) as txn:
-        assert dataset.read_unreadable_origins(txn) == [("base", 11)]
+    with lmdb_format.shared_env(os.path.join(root, "q_iter_2_relabel")).begin(write=False) as txn:
+        assert set_records.read_unreadable_origins(txn) == [("base", 11)]
     assert meta["policy"] == "replace" and meta["query_set"] == "q_iter_2" and meta["round"] == 2
     assert meta["annotation"]["confirmed"] == 2 and meta["annotation"]["unreadable"] == 1
     # training: base 9 corrected, base 10 still wrong (confirmed), base 11 out, 4 new samples
@@ -227,14 +229,14 @@ def test_a_review_sends_the_flagged_labels_to_annotators_and_writes_only_a_relab
 def test_a_review_applies_before_the_relabel_set_of_the_round_sampled_after_it(tmp_path):
     root = str(tmp_path / "data")
     write_data(root)
-    with dataset.shared_env(os.path.join(root, "base")).begin(write=False) as txn:
-        image = txn.get(dataset.image_key(1))
+    with lmdb_format.shared_env(os.path.join(root, "base")).begin(write=False) as txn:
+        image = txn.get(lmdb_format.image_key(1))
     for name, label, review in (("bald_iter_2_relabel", "111", False), ("label_review_2", "222", True)):
         meta = {"name": name, "round": 2, "policy": "replace", **({"review": True} if review else {})}
-        dataset.write_lmdb(os.path.join(root, name), iter([(image, label, ("base", 1))]), meta=meta,
-                           meta_key=dataset.RELABEL_META_KEY)
+        lmdb_writing.write_lmdb(os.path.join(root, name), iter([(image, label, ("base", 1))]), meta=meta,
+                                meta_key=lmdb_format.RELABEL_META_KEY)
     # natural order alone would put bald_... first; the review was made before round 2's sampling
-    assert dataset.relabel_order(root, ["bald_iter_2_relabel", "label_review_2"]) == \
+    assert set_records.relabel_order(root, ["bald_iter_2_relabel", "label_review_2"]) == \
         ["label_review_2", "bald_iter_2_relabel"]
     labels, _ = training_view(root, "base-q_iter_1-label_review_2-bald_iter_2_relabel", "0.5-0.5-0-0", noise=0.0)
     assert labels[("base", 1)] == "111"

@@ -17,9 +17,10 @@ import lmdb
 import pytest
 import torch
 
-import atomic_io
-import dataset
-import locking
+from safe_files import atomic_io
+from data_layer import lmdb_format
+from data_layer import lmdb_writing
+from safe_files import locking
 import options
 import utils
 from conftest import REPO_ROOT
@@ -78,11 +79,11 @@ def train_argv(train, valid, out, *extra):
 def write_query_set(train, name="random_iter_1", count=3):
     """A query set of `count` samples of CVPR2016 (as data_sampling.py writes one)."""
     source = os.path.join(train, "CVPR2016")
-    with dataset.shared_env(source).begin() as txn:
-        samples = [(txn.get(dataset.image_key(i)), txn.get(dataset.label_key(i)).decode(), ("CVPR2016", i))
+    with lmdb_format.shared_env(source).begin() as txn:
+        samples = [(txn.get(lmdb_format.image_key(i)), txn.get(lmdb_format.label_key(i)).decode(), ("CVPR2016", i))
                    for i in range(1, count + 1)]
     meta = {"name": name, "strategy": "random", "seed": 1111, "total_data_usage_ratio": 0.7}
-    dataset.write_lmdb(os.path.join(train, name), samples, meta=meta)
+    lmdb_writing.write_lmdb(os.path.join(train, name), samples, meta=meta)
     return os.path.join(train, name)
 
 
@@ -151,14 +152,14 @@ def test_training_refuses_two_names_that_select_one_dataset(work, tmp_path, caps
 
 def test_find_lmdbs_counts_a_linked_folder_once_and_refuses_a_loop(tmp_path):
     data = tmp_path / "elsewhere" / "set"
-    dataset.write_lmdb(str(data), [(png(10), "ab", None)])
+    lmdb_writing.write_lmdb(str(data), [(png(10), "ab", None)])
     root = tmp_path / "root"
     (root / "a").mkdir(parents=True)
     os.symlink(data, root / "a" / "linked")  # the only way to it: an ordinary linked dataset
-    assert dataset.find_lmdbs(str(root)) == ["a/linked"]
+    assert lmdb_format.find_lmdbs(str(root)) == ["a/linked"]
     os.symlink("..", root / "a" / "up")  # a link to an ancestor: every LMDB below would count again
     with pytest.raises(utils.UserError) as info:
-        dataset.find_lmdbs(str(root))
+        lmdb_format.find_lmdbs(str(root))
     assert str(info.value) == (f"{root}: . and a/up are one folder (reached twice through a symbolic link), so its "
                                f"samples would count twice; remove the link {root / 'a' / 'up'}")
 
@@ -539,7 +540,7 @@ def test_an_output_below_a_file_is_one_error_line(work, models, tmp_path, capsys
 
 
 def test_ctrl_c_in_data_sampling_is_one_line_and_leaves_the_root_unlocked(work, models, monkeypatch, capsys):
-    import data_sampling
+    from active_learning import pool_scoring
 
     train = work / "train_data_lmdb"
     before = snapshot(train)
@@ -547,7 +548,7 @@ def test_ctrl_c_in_data_sampling_is_one_line_and_leaves_the_root_unlocked(work, 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt  # as Ctrl-C arrives while the pool is scored
 
-    monkeypatch.setattr(data_sampling, "score_pool", interrupted)
+    monkeypatch.setattr(pool_scoring, "score_pool", interrupted)
     line = one_error_line(capsys, lambda: run_main(ctc_args(work, models.ctc, "--num_query", "2")), code=130)
     assert line == "interrupted; no output is left half-written (each is written whole or not at all)"
     assert snapshot(train) == before
@@ -595,7 +596,7 @@ def test_create_lmdb_skips_a_fifo_named_like_an_image(images_and_a_fifo, tmp_pat
                          str(images_and_a_fifo), "--outputPath", str(out)], cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     assert f"skipped file pipe.png: not a regular file (a FIFO): {images_and_a_fifo / 'pipe.png'}" in result.stderr
-    with dataset.shared_env(str(out)).begin() as txn:
+    with lmdb_format.shared_env(str(out)).begin() as txn:
         assert int(txn.get(b"num-samples")) == 1 and txn.get(b"path-000000001") == b"a.png"
 
     gt = tmp_path / "gt.txt"
@@ -614,14 +615,14 @@ def test_a_temporary_of_a_killed_run_is_removed_by_a_run_started_right_after(tmp
     folder = tmp_path / "out"
     folder.mkdir()
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO_ROOT)
-    writer = subprocess.Popen([sys.executable, "-c", "import sys, time, atomic_io\n"
+    writer = subprocess.Popen([sys.executable, "-c", "from safe_files import atomic_io; import sys, time\n"
                                "print(atomic_io.make_temp_file(sys.argv[1], 'uncali_iter_1'), flush=True)\n"
                                "time.sleep(60)", str(folder)], stdout=subprocess.PIPE, text=True, env=env)
     temporary = writer.stdout.readline().strip()
     writer.send_signal(signal.SIGKILL)
     writer.wait(timeout=30)
     time.sleep(0.1)  # well under the second that /proc/stat's btime resolves
-    rerun = subprocess.run([sys.executable, "-c", "import sys, atomic_io\n"
+    rerun = subprocess.run([sys.executable, "-c", "from safe_files import atomic_io; import sys\n"
                             "print(atomic_io.remove_stale_temporaries(sys.argv[1]))", str(folder)],
                            capture_output=True, text=True, env=env, timeout=120)
     assert rerun.stdout.strip() == repr([temporary]) and os.listdir(folder) == []

@@ -14,11 +14,13 @@ import torch
 import yaml
 from PIL import Image
 
-import calibration
+from measurement import calibration
 import data_sampling
+from active_learning import pool_scoring
 import dataset
+from data_layer import lmdb_format
 import options
-import query_strategies
+from active_learning import query_strategies
 import utils
 from create_lmdb_dataset import create_dataset
 from model import Model, save_weights
@@ -97,7 +99,7 @@ def listing(folder):
 
 def read_set(path):
     """[(image bytes, label, origin)] of an LMDB, read with plain lmdb calls."""
-    with dataset.shared_env(path).begin() as txn:
+    with lmdb_format.shared_env(path).begin() as txn:
         n = int(txn.get(b"num-samples"))
         rows = []
         for i in range(1, n + 1):
@@ -111,7 +113,7 @@ def read_set(path):
 
 
 def source_sample(train, origin):
-    with dataset.shared_env(os.path.join(train, origin[0])).begin() as txn:
+    with lmdb_format.shared_env(os.path.join(train, origin[0])).begin() as txn:
         return txn.get(b"image-%09d" % origin[1]), txn.get(b"label-%09d" % origin[1]).decode()
 
 
@@ -195,7 +197,7 @@ def test_query_set_is_used_in_full_when_training(work, models, make_opt):
 
 def pool_confidences(train, make_opt, model_path, exclude=frozenset()):
     """{identity: word confidence} over the pool, each LMDB's pool in one batch."""
-    from evaluation import forward_logits
+    from measurement.evaluation import forward_logits
     from model import load_weights
 
     opt = make_opt(**CTC_ARCH, total_data_usage_ratio=USAGE)
@@ -448,14 +450,14 @@ def test_mutual_information_properties():
         logits = model(images)
         mask = utils.token_mask(logits, converter)
         # no dropout: every pass is the same, so nothing is learned from disagreement
-        no_dropout = data_sampling.mutual_information(model, images, mc_opt(3, 0.0), None, mask, device)
+        no_dropout = pool_scoring.mutual_information(model, images, mc_opt(3, 0.0), None, mask, device)
         assert torch.allclose(no_dropout, torch.zeros(4), atol=1e-5)
         # one pass falls back to its mean token entropy
-        single = data_sampling.mutual_information(model, images, mc_opt(1, 0.0), None, mask, device)
+        single = pool_scoring.mutual_information(model, images, mc_opt(1, 0.0), None, mask, device)
         assert torch.allclose(single, utils.mean_entropy(logits.softmax(-1), mask), atol=1e-6)
         # with dropout the entropy of the mean exceeds the mean entropy (Jensen)
         torch.manual_seed(0)
-        bald = data_sampling.mutual_information(model, images, mc_opt(6, 0.5), None, mask, device)
+        bald = pool_scoring.mutual_information(model, images, mc_opt(6, 0.5), None, mask, device)
     assert torch.all(bald > 0)
     assert model.mc_dropout_p == 0.0  # switched off again
 
@@ -469,11 +471,11 @@ def test_score_batch_computes_only_what_the_strategy_needs():
     with torch.no_grad():
         for name, expected in (("random", {"confidence"}), ("margin", {"confidence", "margin"}),
                                ("cali", {"confidence", "cal_confidence"}), ("bald", {"confidence", "mc"})):
-            texts, values = data_sampling.score_batch(model, images, converter, opt,
+            texts, values = pool_scoring.score_batch(model, images, converter, opt,
                                                       query_strategies.get_strategy(name).needs, None, device)
             assert set(values) == expected and len(texts) == 3
             assert all(v.shape == (3,) for v in values.values())
-        _, scaled = data_sampling.score_batch(model, images, converter, opt, ("entropy",), 2.0, device)
+        _, scaled = pool_scoring.score_batch(model, images, converter, opt, ("entropy",), 2.0, device)
         probs = (model(images) / 2.0).softmax(-1)
     assert np.allclose(scaled["entropy"], utils.mean_entropy(probs, torch.ones(3, probs.size(1), dtype=torch.bool)),
                        atol=1e-5)
@@ -491,7 +493,7 @@ def test_ctc_confidence_is_the_texts_probability_over_alignments_not_a_product_o
             return probs.log().float()
 
     converter = utils.make_converter("CTC", "a")
-    texts, values = data_sampling.score_batch(Fixed(), torch.zeros(2, 1, 32, 100), converter, mc_opt(1, 0.0),
+    texts, values = pool_scoring.score_batch(Fixed(), torch.zeros(2, 1, 32, 100), converter, mc_opt(1, 0.0),
                                               query_strategies.get_strategy("uncali").needs, None, torch.device("cpu"))
     assert texts == ["a", "a"]
     assert np.asarray(values["confidence"]).tolist() == pytest.approx([0.703, 0.7975], rel=1e-6)
@@ -506,7 +508,7 @@ def test_merge_puts_sharded_records_back_in_pool_order():
                "prediction": [f"p{k}" for k in range(7)], "confidence": np.arange(7, dtype=np.float32)}
     shards = [{k: (v[rank::3] if isinstance(v, np.ndarray) else v[rank::3]) for k, v in columns.items()}
               for rank in range(3)]
-    merged = data_sampling.merge_columns(shards, leaf_order)
+    merged = pool_scoring.merge_columns(shards, leaf_order)
     assert merged["relpath"] == columns["relpath"] and merged["prediction"] == columns["prediction"]
     assert np.array_equal(merged["index"], columns["index"])
     assert np.array_equal(merged["confidence"], columns["confidence"])

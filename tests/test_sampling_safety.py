@@ -10,8 +10,10 @@ import time
 
 import pytest
 
-import dataset
-import locking
+from data_layer import lmdb_format
+from data_layer import lmdb_writing
+from data_layer import set_records
+from safe_files import locking
 from test_sampling import ROOT, ctc_args, listing, models, one_thread, read_set, run_main, work  # noqa: F401
 
 
@@ -48,8 +50,8 @@ def snapshot(folder):
 
 
 def query_sets(train):
-    return {rel: read_set(os.path.join(train, rel)) for rel in dataset.find_lmdbs(train)
-            if dataset.is_query_set(os.path.join(train, rel))}
+    return {rel: read_set(os.path.join(train, rel)) for rel in lmdb_format.find_lmdbs(train)
+            if set_records.is_query_set(os.path.join(train, rel))}
 
 
 def all_origins(train):
@@ -173,7 +175,7 @@ def test_a_waiting_sampler_runs_once_the_lock_is_released(work, models):
             before.append(line)
             if "waiting for --train_data" in line:
                 break
-        assert waiting.poll() is None and dataset.find_lmdbs(train) == ["CVPR2016", "NIPS2014"], before
+        assert waiting.poll() is None and lmdb_format.find_lmdbs(train) == ["CVPR2016", "NIPS2014"], before
     code, out, err = finish(waiting)
     assert code == 0, err
     assert len(query_sets(train)["random_iter_1"][0]) == 5
@@ -181,7 +183,7 @@ def test_a_waiting_sampler_runs_once_the_lock_is_released(work, models):
 
 def test_a_killed_holder_leaves_the_root_usable(work, models):
     train = str(work / "train_data_lmdb")
-    holder = subprocess.Popen([sys.executable, "-c", "import locking, sys, time\n"
+    holder = subprocess.Popen([sys.executable, "-c", "from safe_files import locking; import sys, time\n"
                                "with locking.exclusive(sys.argv[1]):\n    print('held', flush=True)\n"
                                "    time.sleep(600)", train], cwd=ROOT, stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "held"
@@ -228,13 +230,13 @@ def test_kills_at_random_moments_never_leave_a_query_set_without_its_summary_or_
 
 def test_the_summary_is_inside_the_folder_before_it_is_published(work, models, monkeypatch):
     seen = []
-    rename = dataset.replace_dir
+    rename = lmdb_writing.replace_dir
 
     def checking_rename(src, dst):
         seen.append(sorted(os.listdir(src)))
         rename(src, dst)
 
-    monkeypatch.setattr(dataset, "replace_dir", checking_rename)
+    monkeypatch.setattr(lmdb_writing, "replace_dir", checking_rename)
     run_main(ctc_args(work, models.ctc, "--num_query", "3"))
     assert seen and "summary.json" in seen[0] and "data.mdb" in seen[0]
 

@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import dataset
+from data_layer import lmdb_format
 from tools import make_synth_lmdb as synth
 
 
 def read_raw(path):
-    with dataset.shared_env(str(path)).begin() as txn:
+    with lmdb_format.shared_env(str(path)).begin() as txn:
         return dict(txn.cursor())
 
 

@@ -16,6 +16,8 @@ import yaml
 
 import calibrators
 import dataset
+from data_layer import lmdb_format
+from data_layer import lmdb_writing
 import options
 import train
 import utils
@@ -70,19 +72,19 @@ def train_root_with_query_set(tiny_data, root, source, indices, meta=None, valid
     root.mkdir()
     for name, path in (("CVPR2016", tiny_data.cvpr), ("NIPS2014", tiny_data.nips)):
         os.symlink(path, root / name)
-    with dataset.shared_env(str(root / source)).begin() as txn:
-        samples = [(txn.get(dataset.image_key(i)), txn.get(dataset.label_key(i)).decode(), (source, i))
+    with lmdb_format.shared_env(str(root / source)).begin() as txn:
+        samples = [(txn.get(lmdb_format.image_key(i)), txn.get(lmdb_format.label_key(i)).decode(), (source, i))
                    for i in indices]
-    dataset.write_lmdb(str(root / "random_iter_1"), samples, meta=meta or {"strategy": "random"})
+    lmdb_writing.write_lmdb(str(root / "random_iter_1"), samples, meta=meta or {"strategy": "random"})
     return types.SimpleNamespace(train=str(root), valid=valid or tiny_data.valid)
 
 
 def small_valid_root(tiny_data, root, n):
     """A validation root holding the first `n` samples of the tiny validation set, as `synth_eval`."""
-    with dataset.shared_env(tiny_data.eval).begin() as txn:
-        samples = [(txn.get(dataset.image_key(i)), txn.get(dataset.label_key(i)).decode(), None)
+    with lmdb_format.shared_env(tiny_data.eval).begin() as txn:
+        samples = [(txn.get(lmdb_format.image_key(i)), txn.get(lmdb_format.label_key(i)).decode(), None)
                    for i in range(1, n + 1)]
-    dataset.write_lmdb(str(root / "synth_eval"), samples)
+    lmdb_writing.write_lmdb(str(root / "synth_eval"), samples)
     return str(root)
 
 
@@ -236,12 +238,12 @@ def test_noise_log_holds_the_truth_behind_every_corrupted_label(tiny_data, tmp_p
     assert list(rows[0]) == ["relpath", "index", "origin_relpath", "origin_index", "clean_label", "noisy_label", "kind"]
     # round(0.5 x kept) of the query set's labels, one row each, and only those (scope 'queried')
     assert len(rows) == summary["corrupted_labels"] == math.floor(summary["labelled_samples"]["random_iter_1"] * 0.5 + 0.5)
-    with dataset.shared_env(tiny_data.cvpr).begin() as txn:
+    with lmdb_format.shared_env(tiny_data.cvpr).begin() as txn:
         for row in rows:
             assert row["relpath"] == "random_iter_1" and (row["origin_relpath"], row["kind"] != "") == ("CVPR2016", True)
             # identity: the query set's own index; origin: the source sample, whose label is the clean one
             assert int(row["origin_index"]) == int(row["index"]) + 60
-            assert txn.get(dataset.label_key(int(row["origin_index"]))).decode().lower() == row["clean_label"]
+            assert txn.get(lmdb_format.label_key(int(row["origin_index"]))).decode().lower() == row["clean_label"]
             assert row["noisy_label"] != row["clean_label"] and len(row["noisy_label"]) <= 25
     assert yaml.safe_load(folder.joinpath("opt.yaml").read_text())["noise_model"] == "mixed"
     assert "model mixed" in folder.joinpath("log_train.txt").read_text()
@@ -344,7 +346,7 @@ def test_train_options_out_of_range_are_one_error(tiny_data, tmp_path, flag, val
 
 def write_broken_lmdb(path, n, label="abc"):
     """An LMDB of n samples whose image bytes are no image."""
-    dataset.write_lmdb(str(path), ((b"not an image %d" % i, label, None) for i in range(n)))
+    lmdb_writing.write_lmdb(str(path), ((b"not an image %d" % i, label, None) for i in range(n)))
 
 
 def test_training_set_without_a_readable_image_is_refused(tiny_data, tmp_path):

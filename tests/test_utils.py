@@ -11,7 +11,7 @@ import lmdb
 import pytest
 import torch
 
-import atomic_io
+from safe_files import atomic_io
 import utils
 from utils import UserError
 

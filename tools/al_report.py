@@ -13,7 +13,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import atomic_io  # noqa: E402
+from safe_files import atomic_io  # noqa: E402
 import utils  # noqa: E402
 
 

@@ -49,13 +49,15 @@ sys.path.insert(0, REPO)
 import numpy as np  # noqa: E402  (the repo root is on sys.path only from here)
 import torch  # noqa: E402
 
-import atomic_io  # noqa: E402
+from safe_files import atomic_io  # noqa: E402
 import calibrators  # noqa: E402
 import dataset  # noqa: E402
+from data_layer import lmdb_format  # noqa: E402
+from data_layer import lmdb_writing  # noqa: E402
 import options  # noqa: E402
 import train  # noqa: E402  (its train_step is the code being measured)
 import utils  # noqa: E402
-from evaluation import forward_logits  # noqa: E402
+from measurement.evaluation import forward_logits  # noqa: E402
 from model import Model, initialize_weights, save_weights  # noqa: E402
 
 PARTS = ("train", "infer", "loader", "sampling", "coreset", "accuracy", "pool")
@@ -433,13 +435,13 @@ def bench_loader(args):
 def read_source_samples(root, rules, limit):
     """Up to `limit` raw (image bytes, label) pairs whose label passes the default filter."""
     samples = []
-    for rel in dataset.find_lmdbs(root):
-        with dataset.shared_env(os.path.join(root, rel)).begin(write=False) as txn:
-            if txn.get(dataset.QUERY_META_KEY) is not None:
+    for rel in lmdb_format.find_lmdbs(root):
+        with lmdb_format.shared_env(os.path.join(root, rel)).begin(write=False) as txn:
+            if txn.get(lmdb_format.QUERY_META_KEY) is not None:
                 continue
-            for index in range(1, dataset.read_num_samples(txn, rel) + 1):
-                image = txn.get(dataset.image_key(index))
-                label = txn.get(dataset.label_key(index))
+            for index in range(1, lmdb_format.read_num_samples(txn, rel) + 1):
+                image = txn.get(lmdb_format.image_key(index))
+                label = txn.get(lmdb_format.label_key(index))
                 if image is None or label is None:
                     continue
                 text = label.decode("utf-8", errors="replace")
@@ -453,7 +455,7 @@ def read_source_samples(root, rules, limit):
 def build_pool(root, size, source):
     """A training root whose single LMDB `bench_pool` holds `size` samples cycled from `source`."""
     path = os.path.join(root, POOL_NAME)
-    count = dataset.write_lmdb(path, ((source[i % len(source)][0], source[i % len(source)][1], None)
+    count = lmdb_writing.write_lmdb(path, ((source[i % len(source)][0], source[i % len(source)][1], None)
                                       for i in range(size)))
     if count != size:
         raise RuntimeError(f"pool of {size} written with {count} samples")
@@ -694,7 +696,7 @@ def peak_growth_mb(base):
 
 
 def bench_coreset(args):
-    import coreset
+    from active_learning import coreset
 
     n, d = args.coreset_pool, args.coreset_dim
     generator = torch.Generator().manual_seed(1111)
@@ -731,7 +733,7 @@ def bench_coreset(args):
 def build_large_pool(root, size, source):
     """A training root whose LMDB `bench_pool` holds `size` samples, sample i the bytes and label of
     source[(i - 1) % len(source)]; returns the root. Keys sort by index, so one transaction of
-    appends writes a million samples in seconds (dataset.write_lmdb's commits would take minutes);
+    appends writes a million samples in seconds (lmdb_writing.write_lmdb's commits would take minutes);
     written into a hidden folder and renamed into place."""
     import lmdb
 
@@ -751,11 +753,11 @@ def build_large_pool(root, size, source):
             with env.begin(write=True) as txn:
                 cursor = txn.cursor()
                 k = len(source)
-                cursor.putmulti(((dataset.image_key(i), images[(i - 1) % k]) for i in range(1, size + 1)),
+                cursor.putmulti(((lmdb_format.image_key(i), images[(i - 1) % k]) for i in range(1, size + 1)),
                                 append=True)
-                cursor.putmulti(((dataset.label_key(i), labels[(i - 1) % k]) for i in range(1, size + 1)),
+                cursor.putmulti(((lmdb_format.label_key(i), labels[(i - 1) % k]) for i in range(1, size + 1)),
                                 append=True)
-                txn.put(dataset.NUM_SAMPLES_KEY, str(size).encode())
+                txn.put(lmdb_format.NUM_SAMPLES_KEY, str(size).encode())
             env.sync(True)
         finally:
             env.close()

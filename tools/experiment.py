@@ -87,7 +87,7 @@ from concurrent import futures
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-import comparison  # noqa: E402
+from measurement import comparison  # noqa: E402
 import options  # noqa: E402
 import pretrained  # noqa: E402
 from utils import UserError  # noqa: E402
@@ -338,7 +338,7 @@ def resolve_settings(raw, arch_given=True):
     `arch_given`: whether --arch was given (else, with a self-describing --base_model, it is
     empty rather than the default architecture)."""
     import calibrators
-    import query_strategies
+    from active_learning import query_strategies
 
     s = {}
     queries = _list("queries", raw["queries"])
@@ -368,7 +368,7 @@ def resolve_settings(raw, arch_given=True):
     if len(set(noise)) != len(noise):
         raise ConfigError(f"--noise {raw['noise']}: a ratio appears twice")
     s["noise"] = noise
-    import annotator_noise
+    from annotators import annotator_noise
 
     s["noise_models"] = _list("noise_models", raw["noise_models"])
     for model in s["noise_models"]:
@@ -379,7 +379,7 @@ def resolve_settings(raw, arch_given=True):
                            for item in _list("relabel_ratios", raw["relabel_ratios"])]
     if len(set(s["relabel_ratios"])) != len(s["relabel_ratios"]):
         raise ConfigError(f"--relabel_ratios {raw['relabel_ratios']}: a ratio appears twice")
-    import acquisition
+    from active_learning import acquisition
 
     s["acquisitions"] = _list("acquisitions", raw["acquisitions"])
     for name in s["acquisitions"]:
@@ -448,15 +448,16 @@ def resolve_settings(raw, arch_given=True):
 
 def check_scored_data(name, path):
     """--valid_data and --test_data must hold labelled LMDBs; ConfigError naming the first problem."""
-    import dataset
+    from data_layer import leaf_selection
+    from data_layer import lmdb_format
     import utils
 
     try:
-        leaves = dataset.find_lmdbs(path)
+        leaves = lmdb_format.find_lmdbs(path)
         if not leaves:
             raise ConfigError(f"--{name} {path}: holds no LMDB (no data.mdb below it); give the folder of labelled "
                               f"LMDBs")
-        dataset.refuse_unlabelled(path, leaves, f"--{name}")
+        leaf_selection.refuse_unlabelled(path, leaves, f"--{name}")
     except utils.UserError as err:
         raise ConfigError(str(err)) from None
 
@@ -871,8 +872,8 @@ def acquisitions_for(s, query):
     (a random ranking is drawn at random however the batch is taken, and the comparison takes it as
     every acquisition's baseline); another strategy every acquisition of the grid it can run (power
     and softmax weigh by a score, which e.g. cali has not)."""
-    import acquisition
-    import query_strategies
+    from active_learning import acquisition
+    from active_learning import query_strategies
     from utils import UserError
 
     if query == comparison.BASELINE:

@@ -20,7 +20,7 @@ import sys
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-import atomic_io  # noqa: E402
+from safe_files import atomic_io  # noqa: E402
 import options  # noqa: E402
 
 OUTPUT = os.path.join("docs", "flags.md")

@@ -24,7 +24,7 @@ sys.path.insert(0, REPO)
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
-import atomic_io  # noqa: E402
+from safe_files import atomic_io  # noqa: E402
 import options  # noqa: E402
 import pretrained  # noqa: E402
 import utils  # noqa: E402

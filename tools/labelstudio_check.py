@@ -46,8 +46,8 @@ sys.path.insert(0, REPO)
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
-import dataset  # noqa: E402  (the repo root is on sys.path only from here)
-import label_studio_io  # noqa: E402
+from data_layer import lmdb_format  # noqa: E402  (the repo root is on sys.path only from here)
+from annotators import label_studio_io  # noqa: E402
 from model import Model, save_weights  # noqa: E402
 
 VERSION = "1.23.2"
@@ -278,12 +278,12 @@ def make_model(folder):
 def source(train, origin):
     """(image bytes, label) of a sample of the training root."""
     relpath, index = origin
-    with dataset.shared_env(os.path.join(train, relpath)).begin(write=False) as txn:
+    with lmdb_format.shared_env(os.path.join(train, relpath)).begin(write=False) as txn:
         return txn.get(b"image-%09d" % index), txn.get(b"label-%09d" % index).decode()
 
 
 def read_query_set(path):
-    with dataset.shared_env(path).begin(write=False) as txn:
+    with lmdb_format.shared_env(path).begin(write=False) as txn:
         count = int(txn.get(b"num-samples"))
         return [(txn.get(b"image-%09d" % k), txn.get(b"label-%09d" % k).decode(),
                  txn.get(b"origin-%09d" % k).decode()) for k in range(1, count + 1)]

@@ -37,8 +37,8 @@ from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import atomic_io  # noqa: E402  (the repo root is on sys.path only from here)
-import dataset  # noqa: E402
+from safe_files import atomic_io  # noqa: E402  (the repo root is on sys.path only from here)
+from data_layer import lmdb_writing  # noqa: E402
 import options  # noqa: E402
 import utils  # noqa: E402
 
@@ -554,7 +554,7 @@ def make_samples(n, style, seed, fonts=None, workers=1, fmt=None):
 def make_lmdb_set(path, n, style, seed, fonts=None, workers=1, overwrite=False, fmt=None):
     """Render n samples of a style into a new LMDB at path; returns the number written."""
     samples = ((img, label, None) for img, label in make_samples(n, style, seed, fonts, workers, fmt))
-    return dataset.write_lmdb(path, samples, overwrite=overwrite)
+    return lmdb_writing.write_lmdb(path, samples, overwrite=overwrite)
 
 
 def plan_sets(opt, seen, unseen):

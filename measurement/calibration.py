@@ -36,7 +36,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-import atomic_io
+from safe_files import atomic_io
 import utils
 
 # How `--temperature auto` is fitted; test.py also accepts "both" (token and word, compared).

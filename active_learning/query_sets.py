@@ -4,7 +4,9 @@ sets, import_annotations.py writes them from transcribers' answers)."""
 import os
 import re
 
-import dataset
+from data_layer import leaf_selection
+from data_layer import lmdb_format
+from data_layer import set_records
 import utils
 
 ROUND_PATTERN = re.compile(r"_iter_(\d+)$")
@@ -12,8 +14,8 @@ ROUND_PATTERN = re.compile(r"_iter_(\d+)$")
 
 def list_leaf_lmdbs(root):
     """{relpath: is_query_set} for every leaf LMDB below root (hidden folders, i.e. writes in
-    progress, are skipped by dataset.find_lmdbs)."""
-    return {rel: dataset.is_query_set(os.path.join(root, rel)) for rel in dataset.find_lmdbs(root)}
+    progress, are skipped by lmdb_format.find_lmdbs)."""
+    return {rel: set_records.is_query_set(os.path.join(root, rel)) for rel in lmdb_format.find_lmdbs(root)}
 
 
 def unselected_query_sets(leaves, select_data, root):
@@ -25,8 +27,8 @@ def unselected_query_sets(leaves, select_data, root):
         return (int(match.group(1)) if match else float("inf"), name)
 
     names = {rel.rsplit("/", 1)[-1] for rel, is_query in leaves.items()
-             if is_query and not any(dataset.selects(rel, n, root) for n in select_data)
-             and not dataset.is_empty_query_set(os.path.join(root, rel))}
+             if is_query and not any(leaf_selection.selects(rel, n, root) for n in select_data)
+             and not set_records.is_empty_query_set(os.path.join(root, rel))}
     return sorted(names, key=order)
 
 
@@ -36,8 +38,8 @@ def empty_names(select_data, leaves, root):
     would find no sample there."""
     names = set()
     for name in select_data:
-        chosen = [rel for rel in leaves if dataset.selects(rel, name, root)]
-        if chosen and all(leaves[rel] and dataset.is_empty_query_set(os.path.join(root, rel)) for rel in chosen):
+        chosen = [rel for rel in leaves if leaf_selection.selects(rel, name, root)]
+        if chosen and all(leaves[rel] and set_records.is_empty_query_set(os.path.join(root, rel)) for rel in chosen):
             names.add(name)
     return names
 
@@ -46,7 +48,7 @@ def query_set_names(select_data, leaves, root):
     """The --select_data names that select only query sets (they are labelled: no pool)."""
     names = set()
     for name in select_data:
-        chosen = [is_query for rel, is_query in leaves.items() if dataset.selects(rel, name, root)]
+        chosen = [is_query for rel, is_query in leaves.items() if leaf_selection.selects(rel, name, root)]
         if chosen and all(chosen):
             names.add(name)
     return names
@@ -80,7 +82,7 @@ def check_out_name(name, leaves, root, flag="--out_name"):
 
 def replaceable_query_set(path):
     """Whether --overwrite may replace `path`: a real (not linked) leaf LMDB that this tool wrote."""
-    return os.path.isdir(path) and not os.path.islink(path) and dataset.is_query_set(path)
+    return os.path.isdir(path) and not os.path.islink(path) and set_records.is_query_set(path)
 
 
 def check_output_free(path, overwrite, flag="--out_name"):

@@ -1,6 +1,6 @@
 """Validation and evaluation shared by the scripts: load a saved model, run it over a loader,
 decode, measure accuracy, normalised edit distance, loss and calibration, and fit a temperature
-(token or word level, see calibration.py)."""
+(token or word level, see measurement/calibration.py)."""
 import sys
 import time
 
@@ -9,10 +9,11 @@ import torch
 import torch.utils.data
 from nltk.metrics.distance import edit_distance
 
-import calibration
+from measurement import calibration
 import options
 import utils
-from dataset import AlignCollate, hierarchical_dataset, loader_worker_init
+from dataset import AlignCollate, hierarchical_dataset
+from data_layer.batch_sampling import loader_worker_init
 from model import Model, load_weights
 
 

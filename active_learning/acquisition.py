@@ -15,7 +15,7 @@ identity) alone, so a draw is repeatable, differs from round to round, and does 
 order or the number of processes that scored the pool.
 
 `coreset` seeks diversity instead: greedy k-centre over an embedding of every pool sample taken in
-the scoring pass (coreset.py), starting from the labelled samples' embeddings as centres
+the scoring pass (active_learning/coreset.py), starting from the labelled samples' embeddings as centres
 (`--coreset_init labelled`, Sener and Savarese's core-set) or from the strategy's first choice
 (`top`), optionally among the strategy's top `--candidates M` only (as cluster-margin does:
 diversity among the informative). It is deterministic: the same embeddings and ranking give the
@@ -26,8 +26,8 @@ from typing import Callable
 
 import numpy as np
 
-import coreset
-import query_strategies
+from active_learning import coreset
+from active_learning import query_strategies
 from utils import UserError
 
 

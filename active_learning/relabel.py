@@ -9,20 +9,20 @@ Which samples. The labelled samples are those the next training round reads (dat
 labelled_dataset over the base datasets, every query set and every relabel set under --train_data),
 with the labels it trains on: the simulated annotator's errors (--noise_ratio, --noise_model,
 --noise_scope, --manualSeed, as training) and earlier re-annotations included. They are scored by
-label quality (label_quality.py, the score of find_label_errors.py) and the r lowest are taken,
+label quality (annotators/label_quality.py, the score of find_label_errors.py) and the r lowest are taken,
 each sample (its identity: a query set's sample by its origin) at most once.
 
 The relabel set. `<query set>_relabel` under --train_data, written with the query set under the
 same lock and by the same atomic write (published just before it): per sample the image, the
 annotator's label (in simulation the clean label of the source LMDB, the oracle's answer), an
-`origin-%09d` key naming the sample's identity, and a `relabel-meta` key (dataset.RELABEL_META_KEY)
+`origin-%09d` key naming the sample's identity, and a `relabel-meta` key (lmdb_format.RELABEL_META_KEY)
 instead of `query-meta`, which records the round's --relabel_policy (relabel_policies; a set
 without one means `replace`). Training (dataset.Batch_Balanced_Dataset, dataset.labelled_dataset)
 applies every selected relabel set to the samples it names, in round order, by its policy:
 `replace` trains on the re-annotation, `agree` keeps an equal label and leaves out a sample whose
 two answers differ; a relabel set adds no sample. With simulated noise the re-annotation is a
 fresh draw of the same annotator: the same model and ratio, exactly that share of the relabel set,
-from its own stream (dataset.relabel_noise_seed: seed, "relabel", round), so it can be wrong again;
+from its own stream (set_records.relabel_noise_seed: seed, "relabel", round), so it can be wrong again;
 the error is applied when the set is read, as for a query set, so noise_log.csv holds the clean
 label and the one trained on (and no sample `agree` dropped). The next round's --select_data names
 every relabel set with the batch share 0.
@@ -36,13 +36,17 @@ from datetime import datetime, timezone
 
 import numpy as np
 
-import annotator_noise
+from annotators import annotator_noise
 import dataset
-import label_quality
-import query_strategies
-import relabel_policies
+from data_layer import leaf_selection
+from data_layer import lmdb_format
+from data_layer import lmdb_writing
+from data_layer import set_records
+from annotators import label_quality
+from active_learning import query_strategies
+from active_learning import relabel_policies
 import utils
-from evaluation import concatenate_columns, rank_share
+from measurement.evaluation import concatenate_columns, rank_share
 
 SUFFIX = "_relabel"
 NOISE_SCOPES = dataset.NOISE_SCOPES
@@ -126,8 +130,8 @@ def relabel_name(query_set):
 def orphaned(path, root):
     """A relabel set whose query set is not under root: its round was stopped between the two
     writes (the relabel set is published first), so the round's next run may replace it."""
-    query_set = (dataset.read_relabel_meta(path) or {}).get("query_set")
-    return bool(query_set) and not dataset.is_query_set(os.path.join(root, query_set))
+    query_set = (set_records.read_relabel_meta(path) or {}).get("query_set")
+    return bool(query_set) and not set_records.is_query_set(os.path.join(root, query_set))
 
 
 def plan(opt, query_set, leaves, round_number, check_name):
@@ -137,16 +141,16 @@ def plan(opt, query_set, leaves, round_number, check_name):
     root = opt.train_data
     name = relabel_name(query_set)
     path = os.path.join(root, name)
-    relabel_sets = dataset.relabel_leaves(root, leaves)
+    relabel_sets = set_records.relabel_leaves(root, leaves)
     for given, share in zip(opt.select_data, opt.batch_ratio):
-        chosen = [rel for rel in leaves if dataset.selects(rel, given, root)]
+        chosen = [rel for rel in leaves if leaf_selection.selects(rel, given, root)]
         if share == 0 and not (chosen and set(chosen) <= set(relabel_sets)):
             raise utils.UserError(f"--batch_ratio: {given} has the share 0, which only a relabel set may have; give "
                                   f"it a positive share")
-    existing = [rel.rsplit("/", 1)[-1] for rel in dataset.relabel_order(root, relabel_sets) if rel != name]
+    existing = [rel.rsplit("/", 1)[-1] for rel in set_records.relabel_order(root, relabel_sets) if rel != name]
     replaced = os.path.lexists(path)
     if opt.relabel_ratio == 0:
-        if replaced and dataset.is_relabel_set(path) and not orphaned(path, root):
+        if replaced and set_records.is_relabel_set(path) and not orphaned(path, root):
             raise utils.UserError(f"{path}: the relabel set of {query_set}, which this round replaces without "
                                   f"re-annotating (--relabel_ratio 0); remove it, or give --relabel_ratio")
         return RelabelPlan(None, None, False, round_number, existing)
@@ -160,7 +164,7 @@ def check_free(path, root, overwrite, flag="--out_name"):
     or its orphaning (its query set never appeared) lets this round replace."""
     if not os.path.lexists(path):
         return
-    if not (os.path.isdir(path) and not os.path.islink(path) and dataset.is_relabel_set(path)):
+    if not (os.path.isdir(path) and not os.path.islink(path) and set_records.is_relabel_set(path)):
         raise utils.UserError(f"{path} already exists and is not a relabel set written by data_sampling.py or "
                               f"import_annotations.py; choose another {flag}")
     if not (overwrite or orphaned(path, root)):
@@ -208,10 +212,10 @@ def sample_identities(root, relpaths, indices):
         path = os.path.join(root, rel)
         origin = None
         if rel not in query_set:  # one look per dataset, not per sample
-            query_set[rel] = dataset.is_query_set(path)
+            query_set[rel] = set_records.is_query_set(path)
         if query_set[rel]:
-            with dataset.shared_env(path).begin(write=False) as txn:
-                origin = dataset.read_origin(txn, int(index), path)
+            with lmdb_format.shared_env(path).begin(write=False) as txn:
+                origin = lmdb_format.read_origin(txn, int(index), path)
         identities.append(origin or (rel, int(index)))
     return identities
 
@@ -237,9 +241,9 @@ def read_sources(root, rows, columns, identities):
     for row in rows:
         rel, index = columns["relpath"][row], int(columns["index"][row])
         path = os.path.join(root, rel)
-        with dataset.shared_env(path).begin(write=False) as txn:
-            image = txn.get(dataset.image_key(index))
-            label = txn.get(dataset.label_key(index))
+        with lmdb_format.shared_env(path).begin(write=False) as txn:
+            image = txn.get(lmdb_format.image_key(index))
+            label = txn.get(lmdb_format.label_key(index))
         if image is None or label is None:
             raise utils.UserError(f"{path}: sample {index} vanished while sampling; was the dataset rewritten?")
         samples.append((image, label.decode("utf-8"), identities[row]))
@@ -256,7 +260,7 @@ def draw(opt, samples, round_number):
     labelled = [(identity, rules.clean(rules.normalise(label))) for _, label, identity in samples]
     bound = rules.max_length if rules.filtering else None
     return annotator_noise.noisy_labels(labelled, opt.noise_ratio, opt.character,
-                                        dataset.relabel_noise_seed(opt.manualSeed, round_number), bound,
+                                        set_records.relabel_noise_seed(opt.manualSeed, round_number), bound,
                                         model=opt.noise_model)
 
 
@@ -318,7 +322,7 @@ def summary_part(opt, relabel_plan, rows, columns, before, after, clean):
                 "labelled": mean_quality(columns["log_quality"]) if columns else None}}
     if opt.noise_ratio:
         part["noise"] = {"ratio": opt.noise_ratio, "scope": opt.noise_scope, "model": opt.noise_model,
-                         "seed": dataset.relabel_noise_seed(opt.manualSeed, relabel_plan.round),
+                         "seed": set_records.relabel_noise_seed(opt.manualSeed, relabel_plan.round),
                          "wrong_before": int(sum(b != c for b, c in zip(before, clean))),
                          "wrong_after": int(sum(t != c for _, t, c in kept)),
                          "fixed": int(sum(b != c and t == c for b, t, c in kept)),
@@ -359,8 +363,8 @@ def format_part(part):
 def write(opt, relabel_plan, query_set, rows, columns, samples):
     """Publish the relabel set (atomic, replacing an earlier or orphaned one of that name)."""
     meta = relabel_meta(opt, relabel_plan, query_set, rows, columns)
-    dataset.write_lmdb(relabel_plan.path, iter(samples), meta=meta, overwrite=relabel_plan.replaced,
-                       meta_key=dataset.RELABEL_META_KEY)
+    lmdb_writing.write_lmdb(relabel_plan.path, iter(samples), meta=meta, overwrite=relabel_plan.replaced,
+                            meta_key=lmdb_format.RELABEL_META_KEY)
 
 
 def next_selection(opt, query_names, query_set, relabel_plan, written, query_set_empty, skip=()):
@@ -387,5 +391,5 @@ def next_selection(opt, query_names, query_set, relabel_plan, written, query_set
 
 
 def empty_query_sets(root, names):
-    """The names among `names` that are query sets holding no sample (dataset.is_empty_query_set)."""
-    return {name for name in names if dataset.is_empty_query_set(os.path.join(root, name))}
+    """The names among `names` that are query sets holding no sample (set_records.is_empty_query_set)."""
+    return {name for name in names if set_records.is_empty_query_set(os.path.join(root, name))}

@@ -30,8 +30,8 @@ import io
 import math
 import os
 
-import annotator_noise
-import atomic_io
+from annotators import annotator_noise
+from safe_files import atomic_io
 
 STRATEGY_KEYS = ("query", "calibrator", "noise", "noise_model", "relabel_ratio", "acquisition", "sampling_args")
 COMPARISON_COLUMNS = STRATEGY_KEYS + ("round", "labelled", "seeds", "accuracy_mean", "accuracy_std", "ece_mean",

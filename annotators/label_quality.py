@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import utils
-from evaluation import eval_loader, forward_logits, show_progress, teacher_forced_logits
+from measurement.evaluation import eval_loader, forward_logits, show_progress, teacher_forced_logits
 
 COLUMNS_FLOAT = ("log_quality", "label_log_prob", "reading_log_prob")
 

@@ -9,7 +9,7 @@ The rename is atomic, not durable: nothing is fsynced, so a power cut may still 
 write. `append_text` appends in place and is not atomic.
 
 A temporary is named `.<name>.<pid>-<start>.<host tag>.<random><suffix>` (`TEMP_NAME`): hidden by
-the leading dot, so that dataset.find_lmdbs skips it; `<name>` is the output's name cut to its
+the leading dot, so that lmdb_format.find_lmdbs skips it; `<name>` is the output's name cut to its
 first 200 UTF-8 bytes; `<pid>` is the creating process's id and `<start>` its start time in clock
 ticks since boot (field 22 of /proc/<pid>/stat; absent where /proc is missing, and in the names of
 older versions): the two tell the creator from a later process that got the same pid; `<host tag>`
@@ -25,6 +25,7 @@ its temporary's mtime recent). Temporaries of running writers, of other hosts or
 are never touched, and cleaning errors are ignored. A full or read-only disk's OSError that names no file, or names a temporary, is made to
 name the output the user asked for (`blame_output`)."""
 import contextlib
+import errno
 import hashlib
 import os
 import re
@@ -36,7 +37,10 @@ import time
 
 import torch
 
-from utils import DISK_FULL, NOT_WRITABLE
+
+# errno values of an OSError the user can fix by choosing another place or freeing space.
+DISK_FULL = {errno.ENOSPC, errno.EDQUOT}
+NOT_WRITABLE = {errno.EROFS, errno.EACCES, errno.EPERM}
 
 # A temporary's name carries its creator's pid and host, so that a later run can tell the ones a
 # killed run left (the pid is gone) from those a running writer still needs. Only names of this
@@ -52,7 +56,7 @@ def host_tag():
 
 def temp_name(name, suffix=".tmp"):
     """`.<name>.<pid>-<start ticks>.<host tag>.<random>.tmp` (or `.old`): hidden, so that
-    dataset.find_lmdbs skips it."""
+    lmdb_format.find_lmdbs skips it."""
     stem = name.encode("utf-8", "surrogateescape")[:MAX_TEMP_STEM].decode("utf-8", "ignore")
     ticks = start_ticks(os.getpid())
     creator = f"{os.getpid()}" if ticks is None else f"{os.getpid()}-{ticks}"

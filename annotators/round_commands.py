@@ -13,9 +13,9 @@ import shlex
 import sys
 
 import options
-from query_sets import ROUND_PATTERN
+from active_learning.query_sets import ROUND_PATTERN
 
-REPO = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL_FILE = "best_accuracy.pth"
 # train.py's settings that the next round repeats: (flag, kind); "flag" ones are store_true
 TRAIN_SETTINGS = (

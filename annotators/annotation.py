@@ -6,7 +6,7 @@
     gt.txt             `images/<file><TAB><the model's reading>`, to be corrected in place
     predictions.csv    file, origin, path, reading, confidence, score
     tasks.json         the same as Label Studio tasks, the reading as a prediction, the images
-                       embedded when small, else served as local files (label_studio_io.py)
+                       embedded when small, else served as local files (annotators/label_studio_io.py)
     tasks-local-files.json  (small packages) the tasks with local-files image URLs
     label_config.xml   the Label Studio labeling configuration those tasks fit
     README.txt         what to do, for the transcriber
@@ -17,12 +17,12 @@
 JSON, JSON_MIN or CSV, or a `file,label` CSV), checks them against the manifest and writes the
 query set.
 Answers that are empty or `###` mark an image as unreadable: it is kept out of training and
-recorded in the query set (`unreadable-%09d`, dataset.read_unreadable_origins) so that later
+recorded in the query set (`unreadable-%09d`, set_records.read_unreadable_origins) so that later
 pools leave it out too.
 
 With `--relabel_ratio` the package also holds labelled samples chosen for a second look (their
 manifest entries have the kind `relabel` and the label trained on). They are answered like the
-others, and their answers become the round's relabel set (relabel.py), which training applies by
+others, and their answers become the round's relabel set (active_learning/relabel.py), which training applies by
 the round's --relabel_policy; an unreadable second answer takes the sample out of training.
 `find_label_errors.py --export_annotation` writes a review package: second looks alone, outside
 any sampling round (`review` in the manifest); its import writes only the relabel set."""
@@ -38,14 +38,16 @@ from datetime import datetime, timezone
 
 from PIL import Image
 
-import atomic_io
-import dataset
-import label_quality
-import label_studio_io
-import query_sets
-import query_strategies
-import relabel_policies
-import round_commands
+from safe_files import atomic_io
+from data_layer import lmdb_format
+from data_layer import lmdb_writing
+from data_layer import set_records
+from annotators import label_quality
+from annotators import label_studio_io
+from active_learning import query_sets
+from active_learning import query_strategies
+from active_learning import relabel_policies
+from annotators import round_commands
 import utils
 
 MARKER = "package.json"
@@ -99,9 +101,9 @@ def file_name(relpath, index, source_path, extension, taken):
 def read_images(root, identities):
     """`(image bytes, image path or None)` of each `(relpath, index)` below root, the bytes as stored."""
     for relpath, index in identities:
-        with dataset.shared_env(os.path.join(root, relpath)).begin(write=False) as txn:
-            image = txn.get(dataset.image_key(index))
-            path = txn.get(dataset.path_key(index))
+        with lmdb_format.shared_env(os.path.join(root, relpath)).begin(write=False) as txn:
+            image = txn.get(lmdb_format.image_key(index))
+            path = txn.get(lmdb_format.path_key(index))
         if image is None:
             raise utils.UserError(f"{os.path.join(root, relpath)}: sample {index} vanished while sampling; "
                                   f"was the dataset rewritten?")
@@ -316,7 +318,7 @@ def write_package(folder, records, manifest, overwrite, query_path):
         if os.path.isdir(folder) and not os.path.islink(folder) and not os.listdir(folder):
             os.rmdir(folder)
         if os.path.lexists(folder):
-            dataset.replace_dir(staged, folder)
+            lmdb_writing.replace_dir(staged, folder)
         else:
             os.replace(staged, folder)
     except BaseException as err:
@@ -626,7 +628,7 @@ def check_origins(package, root, replaced):
             raise utils.UserError(f"--train_data {root}: sample {index} of {relpath} is not the image exported as "
                                   f"{image['file']}; give the root the package was drawn from ({package.train_data})")
     new = {image["origin"] for image in package.of_kind(QUERY)}
-    taken = dataset.read_query_origins(root, skip={replaced} if replaced else ()) & new
+    taken = set_records.read_query_origins(root, skip={replaced} if replaced else ()) & new
     if taken:
         relpath, index = sorted(taken)[0]
         raise utils.UserError(f"{len(taken)} of the package's images were queried since it was exported (e.g. "
@@ -641,7 +643,7 @@ def next_selection(package, root, name, trainable, relabel_set=None):
     the one this import writes, last)."""
     selection = package.selection
     leaves = query_sets.list_leaf_lmdbs(root)
-    relabels = [rel.rsplit("/", 1)[-1] for rel in dataset.relabel_order(root, dataset.relabel_leaves(root, leaves))]
+    relabels = [rel.rsplit("/", 1)[-1] for rel in set_records.relabel_order(root, set_records.relabel_leaves(root, leaves))]
     relabels = [n for n in relabels if n != relabel_set] + ([relabel_set] if relabel_set else [])
     drop = set(selection.get("unlabelled") or []) | query_sets.empty_names(selection["select_data"], leaves, root)
     drop |= set(relabels)
@@ -771,7 +773,7 @@ def review_selection(package, root, name):
     if shares is None:
         return None, None
     leaves = query_sets.list_leaf_lmdbs(root)
-    relabels = [rel.rsplit("/", 1)[-1] for rel in dataset.relabel_order(root, dataset.relabel_leaves(root, leaves))]
+    relabels = [rel.rsplit("/", 1)[-1] for rel in set_records.relabel_order(root, set_records.relabel_leaves(root, leaves))]
     relabels = [n for n in relabels if n != name] + [name]
     kept = [(n, float(r)) for n, r in zip(package.selection["select_data"], shares) if n not in relabels]
     return query_strategies.format_selection([n for n, _ in kept] + relabels,
@@ -806,8 +808,8 @@ def format_review_summary(summary):
 
 def unreadable_keys(origins):
     """The `unreadable-%09d` keys and their count, as a query set or relabel set stores them."""
-    extra = {dataset.unreadable_key(k): f"{rel}\t{index}".encode("utf-8") for k, (rel, index) in enumerate(origins, 1)}
-    extra[dataset.NUM_UNREADABLE_KEY] = str(len(origins)).encode()
+    extra = {lmdb_format.unreadable_key(k): f"{rel}\t{index}".encode("utf-8") for k, (rel, index) in enumerate(origins, 1)}
+    extra[lmdb_format.NUM_UNREADABLE_KEY] = str(len(origins)).encode()
     return extra
 
 
@@ -825,8 +827,8 @@ def write_relabel_set(path, judged, root, package, query_set, answers_path, fmt,
     record.update({kind: outcomes.count(kind) for kind in OUTCOMES})
     meta = dict(package.relabel["meta"], name=os.path.basename(path), query_set=query_set,
                 num_relabelled=len(judged.decisions), annotation=record)
-    return dataset.write_lmdb(path, samples, meta=meta, overwrite=replace, extra_keys=unreadable_keys(unreadable),
-                              meta_key=dataset.RELABEL_META_KEY)
+    return lmdb_writing.write_lmdb(path, samples, meta=meta, overwrite=replace, extra_keys=unreadable_keys(unreadable),
+                                   meta_key=lmdb_format.RELABEL_META_KEY)
 
 
 def write_query_set(path, judged, root, meta, summary, replace):
@@ -837,5 +839,5 @@ def write_query_set(path, judged, root, meta, summary, replace):
     unreadable = [image["origin"] for image, label, _ in judged.decisions if label is None]
     images = read_images(root, [image["origin"] for image, _ in trainable])
     samples = ((data, label, image["origin"]) for (image, label), (data, _) in zip(trainable, images))
-    return dataset.write_lmdb(path, samples, meta=meta, overwrite=replace, extra_keys=unreadable_keys(unreadable),
-                              extra_files={"summary.json": json.dumps(summary, indent=2, ensure_ascii=False) + "\n"})
+    return lmdb_writing.write_lmdb(path, samples, meta=meta, overwrite=replace, extra_keys=unreadable_keys(unreadable),
+                                   extra_files={"summary.json": json.dumps(summary, indent=2, ensure_ascii=False) + "\n"})

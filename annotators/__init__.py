@@ -1,0 +1,2 @@
+"""Annotators, real and simulated, and how much their labels can be trusted (docs/DESIGN.md, "Code
+layout")."""

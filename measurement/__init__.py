@@ -1,0 +1,1 @@
+"""Measuring models and strategies (docs/DESIGN.md, "Code layout")."""

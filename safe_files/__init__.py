@@ -1,0 +1,2 @@
+"""Files that are never seen half-written and folders that one writer holds (docs/DESIGN.md, "Code
+layout")."""
