@@ -27,18 +27,30 @@ test: $(STAMP)
 data: $(STAMP)
 	$(PY) tools/make_synth_lmdb.py --out data
 
-# The demo's configuration was chosen by measurement on a 2-core CPU (README, "The demo").
+# The demo's configuration was chosen by measurement on 2-core CPUs (docs/demo.md). `--amp` trains in
+# bf16 where the CPU has native bf16 (avx512_bf16 or amx_bf16 among the flags of /proc/cpuinfo) and
+# in fp32, at about half the speed, where it has not: there the demo stops after two active-learning
+# rounds instead of three, so that the first run takes about 10 minutes on either kind of CPU.
+# DEMO_ROUNDS=N overrides the choice.
 DEMO_OUT ?= runs/demo-$(shell date +%Y%m%d-%H%M%S)
 DEMO_QUERY ?= uncali
 DEMO_ARCH ?= --Transformation None --FeatureExtraction VGG --SequenceModeling BiLSTM --Prediction CTC \
-	--output_channel 128 --hidden_size 128 --adam --lr 0.001 --warmup_iters 100 --lr_schedule cosine --amp
+	--output_channel 128 --hidden_size 128 --adam --lr 0.002 --warmup_iters 100 --lr_schedule cosine --amp
+DEMO_BF16 ?= $(shell grep -qwE 'avx512_bf16|amx_bf16' /proc/cpuinfo 2>/dev/null && echo yes || echo no)
+ifeq ($(DEMO_BF16),yes)
+DEMO_ROUNDS ?= 3
+else
+DEMO_ROUNDS ?= 2
+endif
 
 demo: $(STAMP) data
+	@echo "demo: native bf16 on this CPU (avx512_bf16 or amx_bf16 in /proc/cpuinfo): $(DEMO_BF16);" \
+		"$(DEMO_ROUNDS) active-learning rounds after the base round (DEMO_ROUNDS=N to choose)"
 	PYTHON=$(PY) bash scripts/al_loop.sh --out $(DEMO_OUT) --query $(DEMO_QUERY) \
 		--train_data data/train_data_lmdb --valid_data data/valid_data_lmdb --test_data data/test_data_lmdb \
 		--select_data CVPR2016-NIPS2014 --batch_ratio 0.5-0.5 --label_ratio 0.2 \
-		--base_calibrator CE --al_calibrator boost_soft --rounds 3 --num_query 2000 \
-		--base_iters 2000 --iters 1000 --val_interval 500 --batch_size 64 --workers 1 \
+		--base_calibrator CE --al_calibrator boost_soft --rounds $(DEMO_ROUNDS) --num_query 2000 \
+		--base_iters 1000 --iters 500 --val_interval 250 --batch_size 64 --workers 1 \
 		--arch "$(DEMO_ARCH)"
 
 clean-data:
