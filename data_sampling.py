@@ -98,9 +98,8 @@ def get_args_parser():
     group.add_argument("--out_name", default="",
                        help="name of the new query set under --train_data (default <query>_iter_<k>, k one past "
                             "the latest *_iter_<k> query set there, 1 if none)")
-    group.add_argument("--overwrite", action="store_true",
-                       help="replace an existing query set of that name, or an earlier --save_images export; "
-                            "never anything else (a base dataset, a folder this tool did not write)")
+    options.add_overwrite_arg(group, "replace an existing query set of that name, or an earlier --save_images "
+                                     "export; never anything else (a base dataset, a folder this tool did not write)")
     group.add_argument("--save_images", default="",
                        help="also export the picked images (original bytes) and a gt.txt to this folder")
     group.add_argument("--export_annotation", default="",
@@ -110,9 +109,7 @@ def get_args_parser():
                             "into the query set. Always done for a pool with an unlabelled LMDB, by default into "
                             "<train_data>/<query set name>_annotation. With --relabel_ratio the package also asks for "
                             "second looks at labelled samples, whose answers become the relabel set")
-    group.add_argument("--lock_timeout", type=float, default=0.0,
-                       help="another sampler holding the lock on --train_data: wait this many seconds for it "
-                            "(0: fail at once, -1: wait without limit)")
+    options.add_lock_timeout_arg(group, holder="another sampler")
     group.add_argument("--dry_run", action="store_true",
                        help="check the options, the output name and the pool, print what would be queried, and "
                             "stop (no model is needed)")

@@ -68,10 +68,9 @@ def get_args_parser():
                        help="flag the labels whose quality is below this as issues; the count below it is "
                             "reported either way")
     group.add_argument("--show", type=int, default=20, metavar="N", help="print this many of the worst labels")
-    group.add_argument("--overwrite", action="store_true",
-                       help="replace the label_errors.csv and summary.json of an earlier run in --out; with "
-                            "--export_annotation also an earlier package in DIR (one holding package.json), or draw "
-                            "a review whose package waits for its answers again")
+    options.add_overwrite_arg(group, "replace the label_errors.csv and summary.json of an earlier run in --out; with "
+                                     "--export_annotation also an earlier package in DIR (one holding package.json), "
+                                     "or draw a review whose package waits for its answers again")
     review = parser.add_argument_group("a second look by annotators (docs/noisy-labels.md: 'Finding wrong labels')")
     review.add_argument("--export_annotation", default="", metavar="DIR",
                         help="write the flagged labels (--num_issues or --threshold) as an annotation package into "
@@ -82,9 +81,7 @@ def get_args_parser():
     review.add_argument("--relabel_policy", default=relabel_policies.DEFAULT,
                         help="how training combines an answer with the label it trains on, recorded in the relabel "
                              "set: " + relabel_policies.known())
-    review.add_argument("--lock_timeout", type=float, default=0.0,
-                        help="another writer holding the lock on --train_data: wait this many seconds for it "
-                             "(0: fail at once, -1: wait without limit)")
+    options.add_lock_timeout_arg(review)
     noise = parser.add_argument_group("simulated annotator noise (give the values training used)")
     noise.add_argument("--noise_ratio", type=float, default=0.0,
                        help="share of the labels the simulated annotator got wrong (train.py --noise_ratio); > 0 "

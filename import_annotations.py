@@ -21,6 +21,7 @@ from annotators import annotation
 from safe_files import locking
 from active_learning import relabel
 import utils
+import options
 from active_learning.query_sets import check_out_name, check_output_free, list_leaf_lmdbs
 
 
@@ -46,12 +47,9 @@ def get_args_parser():
     parser.add_argument("--allow_unknown_characters", action="store_true",
                         help="keep answers with characters outside the model's charset (reported; training's label "
                              "filter leaves them out) instead of refusing the import")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace an existing query set of that name, and its relabel set (never a base dataset "
-                             "or another folder)")
-    parser.add_argument("--lock_timeout", type=float, default=0.0,
-                        help="another writer holding the lock on --train_data: wait this many seconds for it "
-                             "(0: fail at once, -1: wait without limit)")
+    options.add_overwrite_arg(parser, "replace an existing query set of that name, and its relabel set (never a base "
+                                      "dataset or another folder)")
+    options.add_lock_timeout_arg(parser)
     parser.add_argument("--dry_run", action="store_true", help="check everything and print the summary; write nothing")
     return parser
 

@@ -301,6 +301,18 @@ def check_output_dir(value, flag):
         raise UserError(f"{flag} {value}: {blocking} is a file, not a folder; choose another path")
 
 
+def add_overwrite_arg(group, replaces):
+    """`--overwrite` of a script that writes into a data folder; `replaces` says exactly what it may replace."""
+    group.add_argument("--overwrite", action="store_true", help=replaces)
+
+
+def add_lock_timeout_arg(group, holder="another writer"):
+    """`--lock_timeout` of a script that takes the lock on --train_data (safe_files.locking)."""
+    group.add_argument("--lock_timeout", type=float, default=0.0,
+                       help=f"{holder} holding the lock on --train_data: wait this many seconds for it "
+                            "(0: fail at once, -1: wait without limit)")
+
+
 def add_temperature_arg(group, allow_auto=True, default="none", note="", allow_both=False):
     """--temperature, read by `parse_temperature` with the same `allow_auto`, and with it
     --calibration (how auto fits it; read by `parse_calibration` with the same `allow_both`)."""
