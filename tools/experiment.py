@@ -1236,16 +1236,6 @@ def link_bases(out, s, source):
 ROUND_SETTINGS = BASE_SETTINGS + ("iters", "al_start", "num_query", "query_ratio")
 
 
-def file_digest(path):
-    import hashlib
-
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def combine(out, sources):
     """--combine: the records of the experiment folders `sources`, checked to compare (same
     ROUND_SETTINGS, same round-0 model per seed), written as one set of tables and plots in
@@ -1269,7 +1259,7 @@ def combine(out, sources):
         for seed, base in bases.items():
             if not base.finished(0):
                 continue
-            digest = file_digest(base.model(0))
+            digest = pretrained.file_sha256(base.model(0))
             if seed in base_models and base_models[seed][1] != digest:
                 raise ConfigError(f"--combine {source}: its round-0 model of seed {seed} is not the one of "
                                   f"{base_models[seed][0]}, so its cells are not paired with theirs; run it with "
