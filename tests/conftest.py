@@ -88,3 +88,16 @@ def tiny_data(tmp_path_factory):
         synth.make_lmdb_set(paths[key], n, style, (TINY_SEED, k), fonts)
     return types.SimpleNamespace(root=str(root), train=str(root / "train"), valid=str(root / "valid"),
                                  counts={"CVPR2016": 120, "NIPS2014": 120, "synth_eval": 60}, **paths)
+
+
+@pytest.fixture
+def no_runs(monkeypatch):
+    """tools/experiment.py fails at once instead of running a check or a grid (the in-process tests
+    that use it expect a refusal before either)."""
+    from tools import experiment
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the settings were accepted")
+
+    monkeypatch.setattr(experiment, "preflight", refuse)
+    monkeypatch.setattr(experiment, "run_grid", refuse)

@@ -234,16 +234,6 @@ def base_args(tiny_data, out, *extra):
             "--arch", ARCH, *extra]
 
 
-@pytest.fixture
-def no_runs(monkeypatch):
-    """Fail at once instead of running a check or a grid (the in-process tests expect a refusal)."""
-    def refuse(*args, **kwargs):
-        raise AssertionError("the settings were accepted")
-
-    monkeypatch.setattr(experiment, "preflight", refuse)
-    monkeypatch.setattr(experiment, "run_grid", refuse)
-
-
 def error_lines(capsys):
     captured = capsys.readouterr()
     return [line for line in captured.err.splitlines() if line.strip()]

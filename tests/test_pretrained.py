@@ -279,15 +279,6 @@ def experiment_args(tiny_data, out, *extra):
             "--batch_size", "8", "--workers", "0", *extra]
 
 
-@pytest.fixture
-def no_runs(monkeypatch):
-    def refuse(*args, **kwargs):
-        raise AssertionError("the settings were accepted")
-
-    monkeypatch.setattr(experiment, "preflight", refuse)
-    monkeypatch.setattr(experiment, "run_grid", refuse)
-
-
 def error_lines(capsys):
     return [line for line in capsys.readouterr().err.splitlines() if line.strip()]
 

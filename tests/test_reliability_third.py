@@ -236,15 +236,6 @@ def experiment_args(tiny_data, out, *extra):
             "--arch", LOOP_ARCH, *extra]
 
 
-@pytest.fixture
-def no_runs(monkeypatch):
-    def refuse(*args, **kwargs):
-        raise AssertionError("the settings were accepted")
-
-    monkeypatch.setattr(experiment, "preflight", refuse)
-    monkeypatch.setattr(experiment, "run_grid", refuse)
-
-
 def experiment_error(capsys, argv):
     capsys.readouterr()
     assert experiment.main(argv) == 2
