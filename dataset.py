@@ -542,6 +542,9 @@ def check_noise(noise_ratio, noise_scope, noise_model=annotator_noise.DEFAULT_MO
 # A batch whose images all fail to decode is drawn again; after this many undecodable images in a
 # row from one name the data is declared unreadable instead of being retried for ever.
 MAX_UNDECODABLE_RUN = 1000
+# the stream of --replay_data in Batch_Balanced_Dataset.names (no LMDB path component has parentheses
+# in --select_data's sense: it names no dataset under --train_data)
+REPLAY_STREAM = "(replay)"
 
 
 class Batch_Balanced_Dataset:
@@ -567,6 +570,13 @@ class Batch_Balanced_Dataset:
         check_noise(noise_ratio, noise_scope, noise_model)
         self.names = names
         self.rgb = bool(getattr(opt, "rgb", False))
+        replay_root = getattr(opt, "replay_data", "") or ""
+        replay = float(getattr(opt, "replay_ratio", 0.0) or 0.0) if replay_root else 0.0
+        self.replay_samples = 0  # labelled samples of --replay_data: drawn, never counted as the loop's labels
+
+        def batch_of(ratio):
+            return max(round(opt.batch_size * (1.0 - replay) * ratio), 1)
+
         self.num_samples = {}
         self.batch_sizes = {}
         self.corrupted = {}
@@ -622,7 +632,7 @@ class Batch_Balanced_Dataset:
                         and all(set_records.is_empty_query_set(os.path.join(root, rel)) for rel in rels)):
                     streams.append((name, ratio))
                     continue
-                skipped_batch += max(round(opt.batch_size * ratio), 1)
+                skipped_batch += batch_of(ratio)
                 self.warnings.append(f"--select_data {name}: the query set {', '.join(rels)} holds no sample (every "
                                      f"answer was unreadable; it only keeps those images out of later pools), so it is "
                                      f"skipped and its batch share {ratio:g} stays unused; drop it and its share from "
@@ -645,7 +655,7 @@ class Batch_Balanced_Dataset:
                         "left out there, so each is trained on once (log_dataset.txt: 'excluded ... already queried')")
 
         for k, (name, ratio) in enumerate(streams):
-            batch = max(round(opt.batch_size * ratio), 1)
+            batch = batch_of(ratio)
             dataset, leaf_log = hierarchical_dataset(root, opt, select_data=[name], split="labelled",
                                                      exclude=queried or None, noise_ratio=noise_ratio,
                                                      noise_scope=noise_scope, flag="--train_data",
@@ -693,27 +703,21 @@ class Batch_Balanced_Dataset:
                 # replacement so every batch keeps its mix instead of stopping the run.
                 lines.append(f"{name}: {len(shard)} labelled samples per process, fewer than its batch of "
                              f"{batch}; drawn with replacement")
-            lines.append(f"num samples of {name} per batch: {opt.batch_size} x {ratio} (batch_ratio) = {batch}")
+            lines.append(f"num samples of {name} per batch: {opt.batch_size} x {ratio} (batch_ratio)"
+                         + (f" x {1.0 - replay:g} (1 - replay_ratio)" if replay else "") + f" = {batch}")
             self.num_samples[name] = len(dataset)
             self.batch_sizes[name] = batch
             self.corrupted[name] = dataset.num_corrupted
             self.dropped[name] = dataset.num_dropped
             self.datasets[name] = dataset
-            sampler = batch_sampling.EpochBatchSampler(len(shard), batch, small, (opt.manualSeed, rank, k))
-            # The loader's own generator seeds its workers; without one it would draw from the global
-            # torch generator at every new epoch and so shift the model's random numbers.
-            loader = DataLoader(shard, batch_sampler=sampler, num_workers=int(opt.workers), collate_fn=collate,
-                                pin_memory=torch.cuda.is_available(), persistent_workers=int(opt.workers) > 0,
-                                worker_init_fn=batch_sampling.train_worker_init,
-                                generator=torch.Generator().manual_seed(batch_sampling.stream_seed(opt.manualSeed, rank, k)))
-            self.data_loader_list.append(loader)
-            self.samplers.append(sampler)
-            self.positions.append([0, 0])
-            self.iterators.append(None)  # started on first use, at the position then current
+            self.add_loader(opt, shard, batch, small, k, rank, collate)
         self.names = [name for name in self.names if name in self.datasets]
         if not self.names:
             raise UserError(f"--select_data {'-'.join(names)}: re-annotations (--relabel_policy agree) dropped every "
                             f"labelled sample; nothing to train on")
+        if replay:
+            skipped_batch += self.add_replay_stream(opt, replay_root, replay, len(streams), rank, world_size,
+                                                    collate, lines, rule)
         lines.append(rule)
         total = sum(self.batch_sizes.values())
         lines.append(f"Total_batch_size: {'+'.join(str(b) for b in self.batch_sizes.values())} = {total}")
@@ -728,6 +732,54 @@ class Batch_Balanced_Dataset:
         if log is not None:
             log.write(self.log_text)
             log.flush()
+
+    def add_replay_stream(self, opt, root, replay, k, rank, world_size, collate, lines, rule):
+        """Rehearsal: the stream REPLAY_STREAM draws `replay` of every batch from every labelled
+        sample below --replay_data (clean labels, whatever --noise_ratio: it is data the start was
+        trained on, not the loop's annotations). Its samples never join the pool or the loop's
+        label count. Returns the batch share left unused (0)."""
+        train_root = os.path.realpath(opt.train_data)
+        replay_real = os.path.realpath(root)
+        if os.path.commonpath([train_root, replay_real]) in (train_root, replay_real):
+            raise UserError(f"--replay_data {root}: overlaps --train_data {opt.train_data}, so pool or queried samples "
+                            "would be replayed with their labels; give a folder beside it (e.g. the source LMDBs)")
+        dataset, leaf_log = hierarchical_dataset(root, opt, select_data="/", flag="--replay_data")
+        batch = max(round(opt.batch_size * replay), 1)
+        lines.append(rule)
+        lines.append(leaf_log.rstrip("\n"))
+        lines.append(f"num total samples of --replay_data {root}: {len(dataset)} labelled (all of it, clean labels), "
+                     f"{dataset.num_filtered} filtered out; per batch: {opt.batch_size} x {replay:g} (replay_ratio) "
+                     f"= {batch}")
+        if len(dataset) == 0:
+            raise UserError(f"--replay_data {root}: no labelled sample after filtering; check --batch_max_length / "
+                            "--character, or give the LMDBs the start was trained on")
+        shard = batch_sampling.shard_dataset(dataset, rank, world_size, opt.manualSeed)
+        if batch_sampling.first_readable(shard) is None:
+            raise UserError(f"--replay_data {root}: none of its {len(shard)} images decodes; rebuild its LMDBs with "
+                            "create_lmdb_dataset.py")
+        small = len(shard) < batch
+        self.names.append(REPLAY_STREAM)
+        self.replay_samples = len(dataset)
+        self.batch_sizes[REPLAY_STREAM] = batch
+        self.corrupted[REPLAY_STREAM] = 0
+        self.dropped[REPLAY_STREAM] = 0
+        self.datasets[REPLAY_STREAM] = dataset
+        self.add_loader(opt, shard, batch, small, k, rank, collate)
+        return 0
+
+    def add_loader(self, opt, shard, batch, small, k, rank, collate):
+        """The shuffled loader of stream `k` (seeded by the run's seed, the rank and k)."""
+        sampler = batch_sampling.EpochBatchSampler(len(shard), batch, small, (opt.manualSeed, rank, k))
+        # The loader's own generator seeds its workers; without one it would draw from the global
+        # torch generator at every new epoch and so shift the model's random numbers.
+        loader = DataLoader(shard, batch_sampler=sampler, num_workers=int(opt.workers), collate_fn=collate,
+                            pin_memory=torch.cuda.is_available(), persistent_workers=int(opt.workers) > 0,
+                            worker_init_fn=batch_sampling.train_worker_init,
+                            generator=torch.Generator().manual_seed(batch_sampling.stream_seed(opt.manualSeed, rank, k)))
+        self.data_loader_list.append(loader)
+        self.samplers.append(sampler)
+        self.positions.append([0, 0])
+        self.iterators.append(None)  # started on first use, at the position then current
 
     @staticmethod
     def relabel_names(names, ratios, selected, relabel_sets, query_sets):
@@ -762,6 +814,8 @@ class Batch_Balanced_Dataset:
         the order of --select_data and the leaves."""
         records, seen = [], set()
         for name in self.names:
+            if name == REPLAY_STREAM:
+                continue
             for leaf in self.datasets[name].leaves:
                 if leaf.relpath not in seen:
                     seen.add(leaf.relpath)
@@ -798,7 +852,8 @@ class Batch_Balanced_Dataset:
                     break
                 undecodable_run += skipped
                 if undecodable_run >= MAX_UNDECODABLE_RUN:
-                    raise UserError(f"--select_data {name}: the last {undecodable_run} images drawn from it did not "
+                    source = "--replay_data" if name == REPLAY_STREAM else f"--select_data {name}"
+                    raise UserError(f"{source}: the last {undecodable_run} images drawn from it did not "
                                     "decode; rebuild its LMDB with create_lmdb_dataset.py or drop the name")
             images.append(batch_images)
             labels.extend(batch_labels)

@@ -34,7 +34,7 @@ import calibrators
 import options
 import pretrained
 import utils
-from dataset import Batch_Balanced_Dataset, hierarchical_dataset
+from dataset import REPLAY_STREAM, Batch_Balanced_Dataset, hierarchical_dataset
 from data_layer.batch_sampling import first_readable
 from measurement.evaluation import eval_loader, evaluate
 from model import (Model, carry_classes, freeze_stages, hold_frozen_in_eval, initialize_weights, load_trusted,
@@ -45,9 +45,9 @@ from model import (Model, carry_classes, freeze_stages, hold_frozen_in_eval, ini
 # from last.pth, so --saved_model, --FT and --model_preset are not read. Every other option must match.
 RESUME_MAY_CHANGE = ("num_iter", "workers", "device", "threads", "no_progress", "resume", "output_dir", "exp_name",
                      "dry_run", "saved_model", "FT", "model_preset")
-PATH_OPTIONS = ("train_data", "valid_data", "character_file")
+PATH_OPTIONS = ("train_data", "valid_data", "character_file", "replay_data")
 # Options added after checkpoints were written without them: the value such a checkpoint's run used.
-RESUME_DEFAULTS = {"noise_model": annotator_noise.DEFAULT_MODEL, "freeze": ""}
+RESUME_DEFAULTS = {"noise_model": annotator_noise.DEFAULT_MODEL, "freeze": "", "replay_data": "", "replay_ratio": 0.0}
 # What a run leaves in its folder that a new run there must not be mixed with: the earlier run's
 # records (metrics.jsonl, train_summary.json) and its best-calibrated model, which a new run only
 # replaces once it reads some words.
@@ -116,6 +116,12 @@ def get_args_parser():
                        help="stages to keep as --saved_model has them while fine-tuning, comma-separated (e.g. "
                             "FeatureExtraction or Transformation,FeatureExtraction): their parameters get no "
                             "gradient and their BatchNorm layers stay in eval mode (running statistics unchanged)")
+    group.add_argument("--replay_data", default="",
+                       help="rehearsal: a folder of labelled LMDBs (e.g. the data the --saved_model was trained on) "
+                            "whose samples fill --replay_ratio of every batch, all of them labelled, never pool, never "
+                            "noisy; keeps a pretrained start from forgetting while it fine-tunes on a few target words")
+    group.add_argument("--replay_ratio", type=float, default=0.0,
+                       help="share of every batch drawn from --replay_data, in [0, 1); --batch_ratio shares the rest")
     group.add_argument("--channels_last", action="store_true",
                        help="channels-last memory format for the convolutional stages (always on with --amp)")
     return parser
@@ -220,6 +226,9 @@ def check_data_paths(opt):
     for flag in ("train_data", "valid_data"):
         options.require_dir(getattr(opt, flag), f"--{flag}", "give the root folder of the LMDB datasets",
                             if_absent="run `make data` or point it at your LMDBs")
+    if getattr(opt, "replay_data", ""):
+        options.require_dir(opt.replay_data, "--replay_data", "give the root folder of the labelled LMDBs to replay",
+                            if_absent="point it at the LMDBs the start was trained on")
 
 
 def check_train_options(opt):
@@ -250,6 +259,13 @@ def check_train_options(opt):
     for name in ("alpha", "smooth_tail", "B", "t"):
         require(finite(name), name, "give a finite number")
     opt.freeze = ",".join(parse_stages(opt.freeze))  # recorded in opt.yaml in the model's order
+    require(finite("replay_ratio") and 0.0 <= opt.replay_ratio < 1.0, "replay_ratio",
+            "must lie in [0, 1): the share of every batch drawn from --replay_data")
+    require(opt.replay_ratio == 0.0 or opt.replay_data, "replay_ratio",
+            "needs --replay_data, the folder of labelled LMDBs to draw that share from")
+    if opt.replay_data and opt.replay_ratio == 0.0:
+        raise utils.UserError(f"--replay_data {opt.replay_data}: give --replay_ratio, the share of every batch drawn "
+                              "from it (e.g. 0.5)")
 
 
 def check_saved_model_charset(opt):
@@ -415,10 +431,12 @@ def describe_plan(opt, save_dir, train_dataset, valid_set, start_iter, world_siz
              + (f", {world_size} processes" if world_size > 1 else ""),
              "training data (labelled samples, images per batch and process):"]
     for name in train_dataset.names:
-        lines.append(f"  {name}: {train_dataset.num_samples[name]} labelled, "
+        count = train_dataset.num_samples.get(name, train_dataset.replay_samples)
+        lines.append(f"  {name}: {count} labelled{' (--replay_data)' if name == REPLAY_STREAM else ''}, "
                      f"{train_dataset.batch_sizes[name]} per batch")
-    lines.append(f"  total: {sum(train_dataset.num_samples.values())} labelled, "
-                 f"{sum(train_dataset.batch_sizes.values())} per batch")
+    lines.append(f"  total: {sum(train_dataset.num_samples.values())} labelled"
+                 + (" (--replay_data not counted)" if train_dataset.replay_samples else "")
+                 + f", {sum(train_dataset.batch_sizes.values())} per batch")
     lines.append(f"validation: {len(valid_set)} samples in {opt.valid_data}")
     return "\n".join(lines)
 
@@ -716,7 +734,8 @@ def train(opt, rank, world_size, local_rank, distributed):
             "labelled_samples": dict(train_dataset.num_samples),
             "labelled_total": sum(train_dataset.num_samples.values()),
             "corrupted_labels": train_dataset.num_corrupted, "select_data": opt.select_data,
-            "batch_ratio": opt.batch_ratio, "mode": opt.mode, "calibrator": opt.calibrator}, indent=2))
+            "batch_ratio": opt.batch_ratio, "mode": opt.mode, "calibrator": opt.calibrator,
+            "replay_samples": train_dataset.replay_samples, "replay_ratio": opt.replay_ratio}, indent=2))
     return save_dir
 
 
