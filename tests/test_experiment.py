@@ -239,6 +239,36 @@ def error_lines(capsys):
     return [line for line in captured.err.splitlines() if line.strip()]
 
 
+def test_noise_scope_reaches_the_rounds_training_and_sampling_and_is_recorded(tiny_data, tmp_path, monkeypatch,
+                                                                             capsys):
+    out = tmp_path / "scoped"
+    _, settings = experiment.parse(base_args(tiny_data, out, "--noise", "0.3", "--noise_scope", "all"))
+    assert settings["noise_scope"] == "all"
+    cell = next(c for c in experiment.build_units(str(out), settings)[1] if c.query == "uncali")
+    commands = []
+
+    def record(command, log):
+        commands.append(command)
+        if "data_sampling.py" in command[1]:  # what the query step leaves for the round's training
+            os.makedirs(cell.query_set(1), exist_ok=True)
+            with open(os.path.join(cell.query_set(1), "summary.json"), "w") as f:
+                json.dump({"next_select_data": "CVPR2016-NIPS2014-uncali_iter_1", "next_batch_ratio": "0.3-0.3-0.4"}, f)
+        return True
+
+    monkeypatch.setattr(experiment, "run_logged", record)
+    experiment.run_round(cell, 1, settings)
+    sampling, training = commands[0], commands[1]
+    assert "data_sampling.py" in sampling[1] and "train.py" in training[1]
+    for command in (sampling, training):
+        assert command[command.index("--noise_scope") + 1] == "all"
+        assert command[command.index("--noise_ratio") + 1] == "0.3"
+    # an experiment.json written before the setting ran the default
+    recorded = {k: v for k, v in settings.items() if k != "noise_scope"}
+    assert experiment.upgrade_recorded(recorded)["noise_scope"] == "queried"
+    assert experiment.main(base_args(tiny_data, tmp_path / "bad", "--noise_scope", "seed")) == 2
+    assert "--noise_scope seed: choose from queried, all" in error_lines(capsys)[0]
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--queries", "random,nosuch"], "--queries nosuch: unknown strategy"),
     (["--queries", ""], "--queries '': give one or more"),
@@ -376,7 +406,7 @@ def test_relabel_ratios_and_acquisitions_are_grid_axes_named_only_when_not_the_d
     # the flags a cell's data_sampling.py call gets
     flags = experiment.sampling_cell_args(grown, "softmax", 0.25, 0.3, "edit")
     assert flags == ["--acquisition", "softmax", "--relabel_ratio", "0.25", "--noise_ratio", "0.3", "--noise_model",
-                     "edit", "--acquisition_beta", "2"]
+                     "edit", "--noise_scope", "queried", "--acquisition_beta", "2"]
     # an experiment.json written before these settings ran the defaults: it continues and may grow
     recorded = {k: v for k, v in settings.items() if k not in ("relabel_ratios", "acquisitions", "sampling_args")}
     assert experiment.merge_with_recorded(out, recorded, settings) == settings

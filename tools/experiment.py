@@ -123,6 +123,9 @@ SETTINGS = {
                            "0's model (validated and tested, not trained) and N fine-tunes it on the labelled seed "
                            "set (--FT when the character set differs from the checkpoint's)"),
     "iters": ("1000", "iterations of each later round"),
+    "noise_scope": ("queried", "which labels the simulated annotator of the active-learning rounds gets wrong: "
+                               "queried (the queried words) or all (the labelled seed too); train.py and "
+                               "data_sampling.py --noise_scope. Round 0 trains on clean labels either way"),
     "al_start": ("warm", "what each later round trains from: warm (the previous round's model, as the original "
                          "does) or fresh (random weights, or --base_model when given, on every label so far; give --iters about "
                          "--base_iters)"),
@@ -142,6 +145,7 @@ DEFAULT_NOISE_MODEL = "substitute"  # train.py's default
 DEFAULT_RELABEL_RATIO = 0.0  # data_sampling.py's defaults
 DEFAULT_ACQUISITION = "topk"
 AL_STARTS = ("warm", "fresh")
+NOISE_SCOPES = ("queried", "all")  # train.py's choices
 # recorded beside the settings, derived from --base_model and --model_preset: the checkpoint's
 # architecture flags and its content hash (a resumed experiment refuses another checkpoint)
 DERIVED = ("base_arch", "base_model_sha256")
@@ -401,6 +405,9 @@ def resolve_settings(raw, arch_given=True):
                                                                    "--base_model: round 0 is then the checkpoint)")
     s["workers"] = _int("workers", raw["workers"], 0, "a whole number (0: load in the main process)")
     s["al_start"] = raw["al_start"].strip()
+    s["noise_scope"] = raw["noise_scope"].strip()
+    if s["noise_scope"] not in NOISE_SCOPES:
+        raise ConfigError(f"--noise_scope {raw['noise_scope']}: choose from {', '.join(NOISE_SCOPES)}")
     if s["al_start"] not in AL_STARTS:
         raise ConfigError(f"--al_start {raw['al_start']}: choose from {', '.join(AL_STARTS)}")
     s["label_ratio"] = _ratio("label_ratio", raw["label_ratio"])
@@ -489,13 +496,14 @@ def _comparable(name, value):
 
 def upgrade_recorded(recorded):
     """experiment.json's settings as this version reads them: one written before --noise_models,
-    --relabel_ratios, --acquisitions, --sampling_args or --al_start existed ran every cell with the
-    defaults."""
+    --relabel_ratios, --acquisitions, --sampling_args, --al_start or --noise_scope existed ran every
+    cell with the defaults."""
     return {"base_model": "", "model_preset": "", **{name: "" for name in DERIVED}, **recorded,
             "noise_models": recorded.get("noise_models") or [DEFAULT_NOISE_MODEL],
             "relabel_ratios": recorded.get("relabel_ratios") or [DEFAULT_RELABEL_RATIO],
             "acquisitions": recorded.get("acquisitions") or [DEFAULT_ACQUISITION],
-            "sampling_args": recorded.get("sampling_args") or "", "al_start": recorded.get("al_start") or "warm"}
+            "sampling_args": recorded.get("sampling_args") or "", "al_start": recorded.get("al_start") or "warm",
+            "noise_scope": recorded.get("noise_scope") or "queried"}
 
 
 def setting_label(name):
@@ -729,7 +737,8 @@ def sampling_cell_args(s, acquisition, relabel_ratio, noise, noise_model):
     """The data_sampling.py flags of a cell: the grid's and --sampling_args (training's noise
     flags, so that a re-annotation judges and redraws the labels training saw)."""
     return ["--acquisition", acquisition, "--relabel_ratio", repr(float(relabel_ratio)), "--noise_ratio",
-            repr(float(noise)), "--noise_model", noise_model, *shlex.split(s.get("sampling_args") or "")]
+            repr(float(noise)), "--noise_model", noise_model, "--noise_scope", s.get("noise_scope") or "queried",
+            *shlex.split(s.get("sampling_args") or "")]
 
 
 def preflight(s, base, calibrators, queries):
@@ -767,7 +776,7 @@ def preflight(s, base, calibrators, queries):
             for calibrator in calibrators:
                 train_checks.append((f"calibrator {calibrator}", train + [
                     "--calibrator", calibrator, "--mode", "al", "--noise_ratio", repr(max(s["noise"])),
-                    "--noise_model", s["noise_models"][-1],
+                    "--noise_model", s["noise_models"][-1], "--noise_scope", s["noise_scope"],
                     "--num_iter", str(s["iters"]), "--valInterval", str(s["val_interval"])]))
             return train_checks
 
@@ -953,7 +962,7 @@ def run_round(unit, k, s):
                                  "--mode", "al", "--num_iter", str(s["iters"]),
                                  "--valInterval", str(s["val_interval"]), "--query_iter",
                                  os.path.basename(unit.query_set(k)), "--noise_ratio", repr(unit.noise),
-                                 "--noise_model", unit.noise_model])
+                                 "--noise_model", unit.noise_model, "--noise_scope", s["noise_scope"]])
     evaluate_round(unit, k, s)
 
 
@@ -1233,7 +1242,7 @@ def link_bases(out, s, source):
 
 
 # what a round means: experiments that differ in one of these do not compare
-ROUND_SETTINGS = BASE_SETTINGS + ("iters", "al_start", "num_query", "query_ratio")
+ROUND_SETTINGS = BASE_SETTINGS + ("iters", "al_start", "num_query", "query_ratio", "noise_scope")
 
 
 def combine(out, sources):
