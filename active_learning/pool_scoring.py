@@ -115,6 +115,12 @@ def mutual_information(model, images, opt, temperature, mask, device):
     return utils.mean_entropy(mean_probs, mask) - mean_entropy
 
 
+def per_character(confidence, texts):
+    """Word confidences to the power 1 / characters of each reading (at least one character)."""
+    lengths = torch.tensor([max(len(text), 1) for text in texts], dtype=torch.float32, device=confidence.device)
+    return confidence.float().clamp(min=0.0) ** (1.0 / lengths)
+
+
 def score_batch(model, images, converter, opt, needs, temperature, device):
     """Predictions and the per-sample quantities in `needs` for one batch (all vectorised)."""
     with coreset.capture_embeddings(model, "embedding" in needs) as embeddings, \
@@ -123,6 +129,8 @@ def score_batch(model, images, converter, opt, needs, temperature, device):
     logits = logits.float()
     texts, confidence, _ = utils.decode_predictions(logits, converter)
     values = {"confidence": confidence}
+    if "char_confidence" in needs:
+        values["char_confidence"] = per_character(confidence, texts)
     scaling = calibration.as_scaling(temperature, getattr(opt, "calibration", None))
     scaled = scale(logits, scaling)
     if temperature is not None:

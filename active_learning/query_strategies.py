@@ -8,6 +8,9 @@ Scoring (data_sampling.py) computes only the per-sample quantities a strategy `n
                     alignments, exp(-CTC loss of that text); not a product of per-frame maxima
     cal_confidence  the same after temperature scaling (token level: of the logits divided by T;
                     word level: confidence ** (1 / T))
+    char_confidence per-character confidence: confidence ** (1 / characters of the reading), one
+                    character for an empty reading (a word's confidence falls with its length, so
+                    the lowest word confidences are mostly the longest words)
     margin          mean over counted tokens of top-1 minus top-2 probability
     entropy         mean over counted tokens of the token entropy
     mc              mutual information (BALD) from stochastic passes
@@ -22,7 +25,7 @@ import numpy as np
 
 from utils import UserError
 
-QUANTITIES = ("confidence", "cal_confidence", "margin", "entropy", "mc")
+QUANTITIES = ("confidence", "cal_confidence", "char_confidence", "margin", "entropy", "mc")
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 
 
@@ -79,6 +82,9 @@ register(Strategy("random", (), lambda s, p: [],
 register(Strategy("uncali", ("confidence",), lambda s, p: [s["confidence"]], "confidence",
                   help="lowest raw word confidence first (never temperature-scaled)",
                   informativeness=lambda s: 1.0 - np.asarray(s["confidence"], dtype=np.float64)))
+register(Strategy("uncali_char", ("char_confidence",), lambda s, p: [s["char_confidence"]], "char_confidence",
+                  help="lowest per-character confidence first (uncali without its pull towards long words)",
+                  informativeness=lambda s: 1.0 - np.asarray(s["char_confidence"], dtype=np.float64)))
 register(Strategy("margin", ("margin",), lambda s, p: [s["margin"]], "margin",
                   help="smallest mean top-1/top-2 probability margin first",
                   informativeness=lambda s: 1.0 - np.asarray(s["margin"], dtype=np.float64)))

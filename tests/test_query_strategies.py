@@ -138,3 +138,20 @@ def test_next_round_selection_adds_query_sets_not_named_in_select_data():
         "CVPR2016-NIPS2014-random_iter_1-random_iter_2-random_iter_3", "0.25-0.25-0.166667-0.166667-0.166667")
     names, _ = qs.next_round_selection(["A", "x_iter_2"], [0.5, 0.5], ["x_iter_1", "x_iter_2"], "x_iter_3")
     assert names == ["A", "x_iter_2", "x_iter_1", "x_iter_3"]  # named ones keep their place
+
+
+def test_per_character_confidence_undoes_the_pull_towards_long_words():
+    import torch
+
+    from active_learning import pool_scoring
+
+    # 0.9 per character over 10 characters is a word confidence of 0.9**10 = 0.3487; a 2-character
+    # word read at 0.5 has 0.5**(1/2) = 0.7071 per character; an empty reading counts as one character
+    confidence = torch.tensor([0.9 ** 10, 0.5, 0.25])
+    per_char = pool_scoring.per_character(confidence, ["abcdefghij", "ab", ""])
+    assert per_char.tolist() == pytest.approx([0.9, 0.5 ** 0.5, 0.25], abs=1e-6)
+    scores = {"confidence": confidence.numpy(), "char_confidence": per_char.numpy()}
+    ids = IDS[:3]
+    # uncali queries the long, fairly well read word before the short doubtful one; uncali_char the other way round
+    assert pick("uncali", scores, 2, ids=ids) == [2, 0]
+    assert pick("uncali_char", scores, 2, ids=ids) == [2, 1]
