@@ -28,6 +28,8 @@ usage: scripts/al_loop.sh [--name value ...]      (or the upper-case environment
   --noise_ratio R         simulated annotator noise on queried labels (0)
   --noise_model NAME      the simulated annotator's errors: substitute, confusable, edit,
                           mixed (train.py --noise_model)             (substitute)
+  --noise_scope SCOPE     queried: the noise touches the queried labels; all: the
+                          labelled seed too (train.py, data_sampling.py) (queried)
   --annotator KIND        simulated: the pool's labels answer the queries; human: each
                           round exports an annotation package and the loop stops until
                           its answers are imported                   (simulated)
@@ -106,6 +108,7 @@ NUM_QUERY=${NUM_QUERY:-}
 POOL_SUBSAMPLE=${POOL_SUBSAMPLE:-}
 NOISE_RATIO=${NOISE_RATIO:-0}
 NOISE_MODEL=${NOISE_MODEL:-substitute}
+NOISE_SCOPE=${NOISE_SCOPE:-queried}
 ANNOTATOR=${ANNOTATOR:-simulated}
 RELABEL_RATIO=${RELABEL_RATIO:-0}
 RELABEL_POLICY=${RELABEL_POLICY:-replace}
@@ -132,7 +135,8 @@ while [ $# -gt 0 ]; do
       var=$(printf '%s' "${1#--}" | tr '[:lower:]' '[:upper:]')
       case "$var" in
         TRAIN_DATA|VALID_DATA|TEST_DATA|SELECT_DATA|POOL_DATA|BATCH_RATIO|LABEL_RATIO|QUERY|BASE_CALIBRATOR|\
-        AL_CALIBRATOR|ROUNDS|QUERY_RATIO|NUM_QUERY|POOL_SUBSAMPLE|NOISE_RATIO|NOISE_MODEL|ANNOTATOR|RELABEL_RATIO|\
+        AL_CALIBRATOR|ROUNDS|QUERY_RATIO|NUM_QUERY|POOL_SUBSAMPLE|NOISE_RATIO|NOISE_MODEL|NOISE_SCOPE|ANNOTATOR|\
+        RELABEL_RATIO|\
         RELABEL_POLICY|BASE_ITERS|ITERS|VAL_INTERVAL|ARCH|BASE_MODEL|MODEL_PRESET|\
         TRAIN_ARGS|BATCH_SIZE|WORKERS|SEED|OUT|PYTHON) printf -v "$var" '%s' "$2"
           [ "$var" != ARCH ] || ARCH_GIVEN=given ;;
@@ -186,6 +190,7 @@ is_ratio "$RELABEL_RATIO" closed || fail "--relabel_ratio $RELABEL_RATIO: give a
 known=$("$PYTHON" -c 'from annotators import annotator_noise; print(", ".join(annotator_noise.NOISE_MODELS))') || \
   fail "cannot read the noise models of annotators/annotator_noise.py; run this script from the repository root"
 [[ ", $known, " == *", $NOISE_MODEL, "* ]] || fail "--noise_model $NOISE_MODEL: unknown; choose one of $known"
+case "$NOISE_SCOPE" in queried|all) ;; *) fail "--noise_scope $NOISE_SCOPE: choose queried or all" ;; esac
 known=$("$PYTHON" -c 'from active_learning import relabel_policies; print(relabel_policies.known())') || \
   fail "cannot read the relabel policies of active_learning/relabel_policies.py; run this script from the repository root"
 [[ ", $known, " == *", $RELABEL_POLICY, "* ]] || fail "--relabel_policy $RELABEL_POLICY: unknown; choose one of $known"
@@ -304,6 +309,7 @@ settings() {
   done
   # recorded only when not the default, so that a run made before the option still matches
   [ "$NOISE_MODEL" = substitute ] || printf 'NOISE_MODEL=%s\n' "$NOISE_MODEL"
+  [ "$NOISE_SCOPE" = queried ] || printf 'NOISE_SCOPE=%s\n' "$NOISE_SCOPE"
   [ "$ANNOTATOR" = simulated ] || printf 'ANNOTATOR=%s\n' "$ANNOTATOR"
   [ "$RELABEL_RATIO" = 0 ] || printf 'RELABEL_RATIO=%s\n' "$RELABEL_RATIO"
   [ "$RELABEL_POLICY" = replace ] || printf 'RELABEL_POLICY=%s\n' "$RELABEL_POLICY"
@@ -331,7 +337,7 @@ export_args=()
 [ -n "$NUM_QUERY" ] && query_size=(--num_query "$NUM_QUERY")
 # the labels a round judges are those training saw: data_sampling.py gets training's noise flags
 relabel_args=(--relabel_ratio "$RELABEL_RATIO" --relabel_policy "$RELABEL_POLICY" --noise_ratio "$NOISE_RATIO"
-              --noise_model "$NOISE_MODEL")
+              --noise_model "$NOISE_MODEL" --noise_scope "$NOISE_SCOPE")
 [ -n "$POOL_SUBSAMPLE" ] && query_size+=(--pool_subsample "$POOL_SUBSAMPLE")
 
 if [ -f "$SETTINGS_FILE" ]; then
@@ -385,7 +391,8 @@ else
   if [ "$ROUNDS" -ge 1 ]; then
     check "$PYTHON" train.py --dry_run --train_data "$scratch" "${COMMON[@]}" "${ARCH_ARGS[@]}" "${EXTRA_ARGS[@]}" \
       --select_data "$SELECT_DATA" --batch_ratio "$BATCH_RATIO" --calibrator "$AL_CALIBRATOR" --mode al \
-      --noise_ratio "$NOISE_RATIO" --noise_model "$NOISE_MODEL" --num_iter "$ITERS" --valInterval "$VAL_INTERVAL" \
+      --noise_ratio "$NOISE_RATIO" --noise_model "$NOISE_MODEL" --noise_scope "$NOISE_SCOPE" --num_iter "$ITERS" \
+      --valInterval "$VAL_INTERVAL" \
       --output_dir "$scratch/models"
     check "$PYTHON" data_sampling.py --dry_run --train_data "$scratch" "${COMMON[@]}" "${ARCH_ARGS[@]}" \
       --select_data "$SELECT_DATA" --batch_ratio "$BATCH_RATIO" --saved_model "$scratch/none.pth" \
@@ -494,7 +501,8 @@ for round in $(seq 0 "$ROUNDS"); do
     ratio=$("$PYTHON" -c 'import json,sys; print(json.load(open(sys.argv[1]))["next_batch_ratio"])' "$summary")
     train_round --select_data "$select" --batch_ratio "$ratio" --calibrator "$AL_CALIBRATOR" --mode al \
       --saved_model "$previous" --num_iter "$ITERS" --valInterval "$VAL_INTERVAL" \
-      --query_iter "${QUERY}_iter_${round}" --noise_ratio "$NOISE_RATIO" --noise_model "$NOISE_MODEL"
+      --query_iter "${QUERY}_iter_${round}" --noise_ratio "$NOISE_RATIO" --noise_model "$NOISE_MODEL" \
+      --noise_scope "$NOISE_SCOPE"
   fi
   evaluate_round
   record_time $(( $(date +%s) - start ))

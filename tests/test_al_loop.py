@@ -65,6 +65,7 @@ def test_a_failing_step_stops_the_loop_with_its_message(tiny_data, tmp_path):
     ("--label_ratio", "1.5", "--label_ratio 1.5: give a share in (0, 1]"),
     ("--noise_ratio", "nan", "--noise_ratio nan"),
     ("--noise_model", "typo", "--noise_model typo: unknown; choose one of substitute, confusable, edit, mixed"),
+    ("--noise_scope", "seed", "--noise_scope seed: choose queried or all"),
     ("--relabel_ratio", "1.5", "--relabel_ratio 1.5: give a share of the budget in [0, 1]"),
     ("--relabel_policy", "vote", "--relabel_policy vote: unknown; choose one of replace, agree"),
     ("--query", "nosuch", "nosuch"),
@@ -103,6 +104,10 @@ def test_the_same_command_again_continues_the_run(tiny_data, tmp_path):
     assert (run / "models" / "round1" / "train_summary.json").is_file()
     changed = run_loop(tiny_data, tmp_path, "--rounds", "1", "--seed", "5")
     assert changed.returncode == 2 and "other settings (--seed)" in changed.stderr
+    # the annotator's scope reaches round 1's sampling and training, and is part of the run's settings
+    assert again.stdout.count("--noise_scope queried") == 2
+    scoped = run_loop(tiny_data, tmp_path, "--rounds", "1", "--noise_scope", "all")
+    assert scoped.returncode == 2 and "other settings (--noise_scope)" in scoped.stderr
 
 
 def test_bad_flags_exit_2(tiny_data, tmp_path):
