@@ -288,8 +288,8 @@ def test_experiment_corrects_the_test_data_until_a_round_is_evaluated(tiny_data,
 
 @pytest.mark.parametrize("flag, value, message", [
     ("--query", "../../escape", "--query ../../escape: give a plain name (no '/', not starting with '.')"),
-    ("--query", "nosuch", "--query nosuch: unknown strategy; choose one of random, uncali, margin, entropy, bald, "
-                          "cali"),
+    ("--query", "nosuch", "--query nosuch: unknown strategy; choose one of random, uncali, uncali_char, margin, "
+                          "entropy, bald, cali"),
     ("--select_data", "../CVPR2016", "--select_data ../CVPR2016: give a plain name (no '/', not starting with '.')"),
 ])
 def test_al_loop_checks_names_before_using_them_as_paths(tiny_data, tmp_path, flag, value, message):

@@ -375,7 +375,7 @@ def error_cases(work, models):
         "no train_data": (without("--train_data"), "--train_data is required"),
         "ratio picks nothing": (base + ["--ratio", "0.001"], "picks nothing"),
         "everything labelled": (replaced("--total_data_usage_ratio", "1.0"), "the pool is empty"),
-        "unknown strategy": (base + ["--query", "coreset"], "random, uncali, margin, entropy, bald, cali"),
+        "unknown strategy": (base + ["--query", "coreset"], "random, uncali, uncali_char, margin, entropy, bald, cali"),
         "bad temperature": (base + ["--temperature", "warm"], "--temperature warm"),
         "calibration without auto": (base + ["--calibration", "word"], "--calibration word: it chooses how"),
     }
