@@ -59,3 +59,14 @@ def test_a_folder_that_is_no_experiment_is_one_error(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip() == f"error: --out {tmp_path}: no experiment.json there; name a tools/experiment.py " \
                                     "output folder"
+
+
+def test_the_csv_holds_the_rows_the_table_prints(folder, tmp_path, capsys):
+    target = tmp_path / "profile.csv"
+    pick_profile.main(pick_profile.get_args_parser().parse_args(["--out", str(folder), "--csv", str(target)]))
+    table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| uncali")]
+    assert table == ["| uncali | 1 | 2 | 25.0 / 50.0 | 0.020 | 8.5 / 4.8 | 75.0 / 25.0 |",
+                     "| uncali (power) | 1 | 1 | 100.0 / 40.0 | 0.900 | 3.0 / 4.8 | 0.0 / 25.0 |"]
+    lines = target.read_text().splitlines()
+    assert lines[0].startswith("strategy,round,seeds,picked_accuracy") and len(lines) == 3
+    assert lines[1].startswith("uncali,1,2,25.0,50.0,")

@@ -4,10 +4,10 @@ import os
 import subprocess
 import sys
 
-import lmdb
 import pytest
 
 import dataset
+from data_layer import lmdb_format
 from data_layer import lmdb_writing
 import train
 import utils
@@ -22,7 +22,8 @@ SMALL_ARCH = ["--Transformation", "None", "--FeatureExtraction", "VGG", "--Seque
 def replay_root(tiny_data, tmp_path_factory):
     """A folder beside the training data holding one LMDB of 30 decodable images labelled
     source0 .. source29 (no training label looks like these)."""
-    with lmdb.open(tiny_data.nips, readonly=True, lock=False) as env, env.begin() as txn:
+    # the process's shared environment: another test of this worker may hold the LMDB open already
+    with lmdb_format.shared_env(tiny_data.nips).begin() as txn:
         images = [bytes(txn.get(b"image-%09d" % k)) for k in range(1, REPLAY_COUNT + 1)]
     root = tmp_path_factory.mktemp("replay")
     lmdb_writing.write_lmdb(str(root / "source"), ((image, f"source{k}", None) for k, image in enumerate(images)))

@@ -14,12 +14,12 @@ import argparse
 import collections
 import csv
 import glob
+import io
 import json
 import os
 import statistics
 import sys
 
-import lmdb
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -43,7 +43,7 @@ def get_args_parser():
 
 def read_labels(path):
     """The labels of the LMDB at `path`, in index order."""
-    with lmdb.open(path, readonly=True, lock=False, readahead=False) as env, env.begin() as txn:
+    with lmdb_format.shared_env(path).begin() as txn:
         return [label for _, label in lmdb_format.iter_labels(txn, lmdb_format.read_num_samples(txn, path))]
 
 
@@ -127,8 +127,11 @@ def main(opt):
               f"{show(row['picked_long_share'], 1)} / {show(row['pool_long_share'], 1)} |")
     if opt.csv:
         from safe_files import atomic_io
-        lines = [",".join(rows[0])] + [",".join("" if v is None else str(v) for v in row.values()) for row in rows]
-        atomic_io.atomic_write_text(opt.csv, "\n".join(lines) + "\n")
+        text = io.StringIO()
+        writer = csv.DictWriter(text, fieldnames=list(rows[0]), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+        atomic_io.atomic_write_text(opt.csv, text.getvalue())
 
 
 if __name__ == "__main__":
