@@ -96,8 +96,8 @@ compare: $(STAMP) data
 # from the source-trained start on the `signage` target domain, half of every batch replayed from the
 # source words; docs/RESULTS.md section 11). It builds what is missing first: the embedded data
 # (about 2 minutes), the target domain (about 5) and the start (`make pretrain`, about 31 on a
-# shared 2-core CPU); the grid itself took 37 minutes with both cores (COMPARE_JOBS=2), so a first
-# run takes about 75 minutes. Running it again continues the same folder.
+# shared 2-core CPU); the grid itself took 30 minutes with both cores (COMPARE_JOBS=2, 2026-12-07), so a
+# first run takes about 70 minutes. Running it again continues the same folder.
 PRETRAINED_OUT ?= runs/compare-pretrained
 PRETRAINED_GRID ?= configs/pretrained.yaml
 
