@@ -716,8 +716,7 @@ class Batch_Balanced_Dataset:
             raise UserError(f"--select_data {'-'.join(names)}: re-annotations (--relabel_policy agree) dropped every "
                             f"labelled sample; nothing to train on")
         if replay:
-            skipped_batch += self.add_replay_stream(opt, replay_root, replay, len(streams), rank, world_size,
-                                                    collate, lines, rule)
+            self.add_replay_stream(opt, replay_root, replay, len(streams), rank, world_size, collate, lines, rule)
         lines.append(rule)
         total = sum(self.batch_sizes.values())
         lines.append(f"Total_batch_size: {'+'.join(str(b) for b in self.batch_sizes.values())} = {total}")
@@ -737,7 +736,7 @@ class Batch_Balanced_Dataset:
         """Rehearsal: the stream REPLAY_STREAM draws `replay` of every batch from every labelled
         sample below --replay_data (clean labels, whatever --noise_ratio: it is data the start was
         trained on, not the loop's annotations). Its samples never join the pool or the loop's
-        label count. Returns the batch share left unused (0)."""
+        label count."""
         train_root = os.path.realpath(opt.train_data)
         replay_real = os.path.realpath(root)
         if os.path.commonpath([train_root, replay_real]) in (train_root, replay_real):
@@ -765,7 +764,6 @@ class Batch_Balanced_Dataset:
         self.dropped[REPLAY_STREAM] = 0
         self.datasets[REPLAY_STREAM] = dataset
         self.add_loader(opt, shard, batch, small, k, rank, collate)
-        return 0
 
     def add_loader(self, opt, shard, batch, small, k, rank, collate):
         """The shuffled loader of stream `k` (seeded by the run's seed, the rank and k)."""

@@ -49,7 +49,6 @@ import utils
 
 CSV_NAME = "label_errors.csv"
 SUMMARY_NAME = "summary.json"
-NOISE_SCOPES = ("queried", "all")
 DEFAULT_NOISE_MODEL = "substitute"
 
 
@@ -86,7 +85,7 @@ def get_args_parser():
     noise.add_argument("--noise_ratio", type=float, default=0.0,
                        help="share of the labels the simulated annotator got wrong (train.py --noise_ratio); > 0 "
                             "rebuilds those wrong labels, scores them and measures the ranking against the truth")
-    noise.add_argument("--noise_scope", choices=NOISE_SCOPES, default="queried",
+    noise.add_argument("--noise_scope", choices=dataset.NOISE_SCOPES, default="queried",
                        help="which labels the noise touched: the query sets only, or all labelled samples")
     noise.add_argument("--noise_model", default=DEFAULT_NOISE_MODEL,
                        help="how a wrong label differs from the right one: " + ", ".join(noise_model_names()))
@@ -135,9 +134,7 @@ def check_inputs(opt):
     names = noise_model_names()
     if opt.noise_model not in names:
         raise utils.UserError(f"--noise_model {opt.noise_model}: unknown; choose one of {', '.join(names)}")
-    if opt.relabel_policy not in relabel_policies.POLICIES:
-        raise utils.UserError(f"--relabel_policy {opt.relabel_policy}: unknown; choose one of "
-                              f"{relabel_policies.known()}")
+    relabel.check_policy_flag(opt.relabel_policy)
     if not math.isfinite(opt.lock_timeout):
         raise utils.UserError(f"--lock_timeout {opt.lock_timeout}: give seconds (0: fail at once, -1: no limit)")
     if opt.export_annotation:

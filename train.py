@@ -34,7 +34,7 @@ import calibrators
 import options
 import pretrained
 import utils
-from dataset import REPLAY_STREAM, Batch_Balanced_Dataset, hierarchical_dataset
+from dataset import NOISE_SCOPES, REPLAY_STREAM, Batch_Balanced_Dataset, hierarchical_dataset
 from data_layer.batch_sampling import first_readable
 from measurement.evaluation import eval_loader, evaluate
 from model import (Model, carry_classes, freeze_stages, hold_frozen_in_eval, initialize_weights, load_trusted,
@@ -110,7 +110,7 @@ def get_args_parser():
                        help="the simulated annotator's errors: substitute (one character, the original's), "
                             "confusable (look-alike glyphs), edit (one insertion, deletion or substitution), "
                             "mixed (docs/noisy-labels.md)")
-    group.add_argument("--noise_scope", choices=("queried", "all"), default="queried",
+    group.add_argument("--noise_scope", choices=NOISE_SCOPES, default="queried",
                        help="which labels the simulated annotator noise touches")
     group.add_argument("--freeze", default="",
                        help="stages to keep as --saved_model has them while fine-tuning, comma-separated (e.g. "

@@ -73,12 +73,16 @@ def add_args(parser):
     return group
 
 
+def check_policy_flag(policy):
+    """A UserError naming --relabel_policy when `policy` is no name of relabel_policies.POLICIES."""
+    if policy not in relabel_policies.POLICIES:
+        raise utils.UserError(f"--relabel_policy {policy}: unknown; choose one of {relabel_policies.known()}")
+
+
 def check_args(opt):
     if not (math.isfinite(opt.relabel_ratio) and 0.0 <= opt.relabel_ratio <= 1.0):
         raise utils.UserError(f"--relabel_ratio {opt.relabel_ratio}: give a share of the budget in [0, 1]")
-    if opt.relabel_policy not in relabel_policies.POLICIES:
-        raise utils.UserError(f"--relabel_policy {opt.relabel_policy}: unknown; choose one of "
-                              f"{relabel_policies.known()}")
+    check_policy_flag(opt.relabel_policy)
     if not math.isfinite(opt.noise_ratio):
         raise utils.UserError(f"--noise_ratio {opt.noise_ratio}: must lie between 0 and 1")
     dataset.check_noise(opt.noise_ratio, opt.noise_scope, opt.noise_model)

@@ -87,6 +87,7 @@ from concurrent import futures
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+import dataset  # noqa: E402
 from measurement import comparison  # noqa: E402
 import options  # noqa: E402
 import pretrained  # noqa: E402
@@ -145,7 +146,6 @@ DEFAULT_NOISE_MODEL = "substitute"  # train.py's default
 DEFAULT_RELABEL_RATIO = 0.0  # data_sampling.py's defaults
 DEFAULT_ACQUISITION = "topk"
 AL_STARTS = ("warm", "fresh")
-NOISE_SCOPES = ("queried", "all")  # train.py's choices
 # recorded beside the settings, derived from --base_model and --model_preset: the checkpoint's
 # architecture flags and its content hash (a resumed experiment refuses another checkpoint)
 DERIVED = ("base_arch", "base_model_sha256")
@@ -406,8 +406,8 @@ def resolve_settings(raw, arch_given=True):
     s["workers"] = _int("workers", raw["workers"], 0, "a whole number (0: load in the main process)")
     s["al_start"] = raw["al_start"].strip()
     s["noise_scope"] = raw["noise_scope"].strip()
-    if s["noise_scope"] not in NOISE_SCOPES:
-        raise ConfigError(f"--noise_scope {raw['noise_scope']}: choose from {', '.join(NOISE_SCOPES)}")
+    if s["noise_scope"] not in dataset.NOISE_SCOPES:
+        raise ConfigError(f"--noise_scope {raw['noise_scope']}: choose from {', '.join(dataset.NOISE_SCOPES)}")
     if s["al_start"] not in AL_STARTS:
         raise ConfigError(f"--al_start {raw['al_start']}: choose from {', '.join(AL_STARTS)}")
     s["label_ratio"] = _ratio("label_ratio", raw["label_ratio"])
